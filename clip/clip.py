@@ -1,0 +1,229 @@
+"""Loading CLIP models (OpenAI archives, state dicts, training checkpoints) and tokenising text."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from agree.io import InputError
+from clip.model import CLIP, build_model, config_from_state_dict, convert_weights
+from clip.simple_tokenizer import SimpleTokenizer
+from clip.transform import image_transform
+
+__all__ = ["available_models", "create_model", "load", "load_checkpoint_state_dict", "model_config",
+           "normalize_model_name", "resolve_checkpoint", "tokenize"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# SHA-256 of the checkpoints OpenAI publishes (the digest is part of each download URL).
+OPENAI_SHA256 = {
+    "RN50.pt": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+    "RN101.pt": "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+    "RN50x4.pt": "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+    "RN50x16.pt": "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
+    "RN50x64.pt": "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
+    "ViT-B-32.pt": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+    "ViT-B-16.pt": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+    "ViT-L-14.pt": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+    "ViT-L-14-336px.pt": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+}
+
+_tokenizer: Optional[SimpleTokenizer] = None
+
+
+def normalize_model_name(name: str) -> str:
+    """'ViT-L/14' -> 'ViT-L-14' (the spelling of config and checkpoint file names)."""
+    return name.replace("/", "-")
+
+
+def available_models() -> list[str]:
+    """Names with a config in clip/model_configs (each also accepted with '/' instead of '-')."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def model_config(name: str) -> dict:
+    """Constructor arguments of the CLIP config `name` (e.g. 'ViT-B/32', 'tiny')."""
+    path = CONFIG_DIR / f"{normalize_model_name(name)}.json"
+    if not path.is_file():
+        raise InputError(f"unknown model name {name!r}; available: {', '.join(available_models())}")
+    return json.loads(path.read_text())
+
+
+def _cast(model: CLIP, device: Union[str, torch.device], precision: Optional[str]) -> CLIP:
+    device = torch.device(device)
+    if precision is None:
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "amp", "fp16"):
+        raise InputError(f"unknown precision {precision!r}; choose fp32, amp or fp16")
+    model = model.to(device)
+    if precision == "fp16":
+        convert_weights(model)
+    return model
+
+
+def create_model(name: str, device: Union[str, torch.device] = "cpu", precision: Optional[str] = "fp32") -> CLIP:
+    """A randomly initialised CLIP of config `name` on `device` (fp16 weights if precision='fp16')."""
+    return _cast(CLIP(**model_config(name)), device, precision)
+
+
+def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> Path:
+    """Find the checkpoint file for a model name (tmp/pretrained_models/, then ~/.cache/clip) or a path."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    stem = normalize_model_name(text)
+    if stem in available_models() or f"{stem}.pt" in OPENAI_SHA256:
+        candidates = [Path("tmp/pretrained_models") / f"{stem}.pt",
+                      REPO_ROOT / "tmp/pretrained_models" / f"{stem}.pt",
+                      Path("~/.cache/clip").expanduser() / f"{stem}.pt"]
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise InputError(
+            f"no checkpoint for model {text!r}: looked for {', '.join(str(c) for c in dict.fromkeys(candidates))}. "
+            f"Put OpenAI's {stem}.pt in tmp/pretrained_models/ (the README's 'Model preparation' "
+            "command downloads ViT-L-14.pt there), or pass the checkpoint's path.")
+    if any(sep in text for sep in ("/", os.sep)) or text.endswith((".pt", ".pth", ".bin")):
+        raise InputError(f"checkpoint file not found: {path}")
+    raise InputError(f"unknown model name {text!r}; available: {', '.join(available_models())}, "
+                     "or a path to a checkpoint file")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_openai_checkpoint(path: Path) -> None:
+    """If `path` is named like an OpenAI checkpoint, check its SHA-256 against OpenAI's digest."""
+    expected = OPENAI_SHA256.get(path.name)
+    if expected is not None and _sha256(path) != expected:
+        raise InputError(f"{path}: SHA-256 does not match OpenAI's published {path.name} (corrupt or partial "
+                         "download?). Download it again, or rename the file if it is your own checkpoint.")
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, Optional[torch.jit.ScriptModule]]:
+    """Return (raw object as a dict, TorchScript module or None) from a checkpoint file."""
+    try:
+        archive = torch.jit.load(str(path), map_location="cpu").eval()
+        return archive.state_dict(), archive
+    except (RuntimeError, ValueError):
+        pass
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a TorchScript archive or a PyTorch checkpoint "
+                         f"(truncated or corrupt file?): {first}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a state dict or a training checkpoint, got {type(obj).__name__}")
+    return obj, None
+
+
+def load_checkpoint_state_dict(path: Union[str, os.PathLike]) -> dict:
+    """State dict from an OpenAI archive, a plain state dict, or a training checkpoint ('module.' stripped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint file not found: {path}")
+    obj, _ = _read_checkpoint(path)
+    state_dict = obj.get("state_dict", obj)
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise InputError(f"{path}: no model weights found (expected a state dict or {{'state_dict': ...}})")
+    if all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    bad = [k for k, v in state_dict.items() if not torch.is_tensor(v)]
+    if bad:
+        raise InputError(f"{path}: entry {bad[0]!r} of the state dict is not a tensor")
+    return state_dict
+
+
+def load_state_dict_into(model: nn.Module, state_dict: dict, source: Union[str, os.PathLike]) -> None:
+    """Strictly load `state_dict` into `model`; a mismatch is an InputError naming `source`."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:4]) if len(lines) > 1 else lines[0]
+        raise InputError(f"{source}: weights do not fit the model: {detail}") from None
+
+
+def load(
+    name: Union[str, os.PathLike],
+    device: Union[str, torch.device] = "cuda" if torch.cuda.is_available() else "cpu",
+    jit: bool = False,
+    is_train: bool = False,
+    precision: Optional[str] = None,
+    verify: bool = True,
+):
+    """Load a CLIP model by name or path -> (model, train_transform, eval_transform).
+
+    Accepts an OpenAI TorchScript archive, a plain state dict, or a training checkpoint
+    ``{"epoch", "state_dict", ...}`` (``module.`` prefixes stripped); the architecture is
+    inferred from the weights. ``precision`` None gives fp16 weights on CUDA and fp32 on CPU
+    (OpenAI's behaviour); 'fp32' or 'amp' give fp32 weights, 'fp16' half weights.
+    With ``jit=True`` the TorchScript module stored in the archive is returned as is.
+    The model is in eval mode unless ``is_train``.
+    """
+    path = resolve_checkpoint(name)
+    if verify:
+        verify_openai_checkpoint(path)
+    if jit:
+        obj, archive = _read_checkpoint(path)
+        if archive is None:
+            raise InputError(f"{path}: jit=True needs a TorchScript archive; this file is a state dict")
+        resolution = config_from_state_dict(obj)["image_resolution"]
+        model = archive.to(device)
+    else:
+        state_dict = load_checkpoint_state_dict(path)
+        try:
+            model = build_model(state_dict)
+        except KeyError as e:
+            raise InputError(f"{path}: not a CLIP state dict (missing {e.args[0]!r})") from None
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise InputError(f"{path}: inconsistent CLIP state dict: {'; '.join(first[1:3]) or first[0]}") from None
+        model = _cast(model, device, precision)
+        resolution = model.visual.input_resolution
+    model.train(is_train)
+    return model, image_transform(resolution, is_train=True), image_transform(resolution, is_train=False)
+
+
+def get_tokenizer() -> SimpleTokenizer:
+    """The shared tokenizer instance (built on first use)."""
+    global _tokenizer
+    if _tokenizer is None:
+        _tokenizer = SimpleTokenizer()
+    return _tokenizer
+
+
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = True) -> torch.LongTensor:
+    """Token ids, (N, context_length), with start/end tokens and zero padding.
+
+    A text longer than the context is cut to ``context_length`` tokens with the end token kept
+    last (``truncate=False`` raises instead).
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    tok = get_tokenizer()
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = [tok.sot_token, *tok.encode(text), tok.eot_token]
+        if len(ids) > context_length:
+            if not truncate:
+                raise ValueError(f"input {text!r} is too long for context length {context_length}")
+            ids = ids[:context_length]
+            ids[-1] = tok.eot_token
+        result[i, :len(ids)] = torch.tensor(ids)
+    return result

@@ -1,0 +1,69 @@
+"""Lazy, fork-safe access to images stored in an `.npz` archive (one array per key)."""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agree.io import InputError
+from clip.transform import array_to_tensor
+
+
+class ImageArchive:
+    """Read single images from an `.npz` archive without loading the whole archive.
+
+    The zip handle is reopened in each process, so the object can be shared with
+    DataLoader workers.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str = "image archive"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{what} not found: {self.path}")
+        self._npz = None
+        self._pid = -1
+        try:
+            self._keys = list(self._handle().files)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise InputError(f"{self.path}: not a readable .npz archive ({e})") from None
+        self._key_set = set(self._keys)
+
+    def _handle(self) -> np.lib.npyio.NpzFile:
+        if self._npz is None or self._pid != os.getpid():
+            self._npz = np.load(self.path, allow_pickle=False)
+            self._pid = os.getpid()
+        return self._npz
+
+    def keys(self) -> list[str]:
+        """All image keys, in archive order."""
+        return list(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return str(key) in self._key_set
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        key = str(key)
+        if key not in self._key_set:
+            raise InputError(f"{self.path}: no image with key {key!r}")
+        try:
+            return self._handle()[key]
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise InputError(f"{self.path}: cannot read image {key!r} ({e})") from None
+
+    def load_tensor(self, key: object, resolution: int, is_train: bool = False) -> torch.Tensor:
+        """Image `key` preprocessed for a model of input size `resolution` (see array_to_tensor)."""
+        try:
+            return array_to_tensor(self[key], resolution, is_train)
+        except ValueError as e:
+            raise InputError(f"{self.path}: image {str(key)!r}: {e}") from None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_npz"], state["_pid"] = None, -1
+        return state

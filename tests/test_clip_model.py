@@ -1,0 +1,116 @@
+"""Our CLIP against OpenCLIP's OpenAI-style towers, and the model's call semantics."""
+import copy
+
+import pytest
+import torch
+
+open_clip = pytest.importorskip("open_clip")
+
+from clip.clip import create_model, model_config, tokenize
+from clip.model import CLIP, build_model, config_from_state_dict, convert_weights
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> None:
+    """Give every parameter and BN statistic random values, so no path is a no-op (e.g. zero-init bn3)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.state_dict().items():
+            if not p.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("logit_scale"):
+                p.fill_(2.0)
+            else:
+                p.copy_(p + torch.randn(p.shape, generator=g) * 0.02)
+
+
+@pytest.mark.parametrize("peer_name,resolution", [("ViT-B-32-quickgelu", 224), ("RN50-quickgelu", 224)])
+def test_parity_with_openclip(peer_name, resolution):
+    torch.manual_seed(0)
+    peer = open_clip.create_model(peer_name, pretrained=None)
+    _randomise(peer, seed=1)
+    peer.eval()
+    ours = build_model(peer.state_dict())  # strict=True inside
+    assert isinstance(ours, CLIP)
+    images = torch.randn(3, 3, resolution, resolution, generator=torch.Generator().manual_seed(2))
+    texts = ["a photo of a dog", "", "two small red circles left of a blue star, on a grey background"]
+    tokens = tokenize(texts)
+    assert torch.equal(tokens, open_clip.tokenize(texts))
+    with torch.no_grad():
+        img_diff = (ours.encode_image(images) - peer.encode_image(images)).abs().max().item()
+        txt_diff = (ours.encode_text(tokens) - peer.encode_text(tokens)).abs().max().item()
+    assert img_diff <= 1e-5, img_diff
+    assert txt_diff <= 1e-5, txt_diff
+
+
+def test_forward_semantics():
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    images = torch.randn(4, 3, 64, 64)
+    tokens = tokenize(["a red circle", "a blue star", "[MASK]", ""])
+    with torch.no_grad():
+        img, txt, scale = model(images, tokens)
+        raw_img = model(images, None)
+        raw_txt = model(None, tokens)
+    assert img.shape == (4, 128) and txt.shape == (4, 128)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(raw_img, model.encode_image(images))
+    torch.testing.assert_close(raw_txt, model.encode_text(tokens))
+    assert not torch.allclose(raw_img.norm(dim=-1), torch.ones(4))  # unnormalised
+    torch.testing.assert_close(img, raw_img / raw_img.norm(dim=-1, keepdim=True))
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_text_features_ignore_padding_after_end_token():
+    model = create_model("tiny").eval()
+    tokens = tokenize(["a red circle"])
+    noisy = tokens.clone()
+    eot = int(tokens.argmax())
+    noisy[0, eot + 1:] = 1234  # causal mask: positions after the end token cannot change its output
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), model.encode_text(noisy))
+
+
+@pytest.mark.parametrize("name", ["tiny", "ViT-B-32", "RN50"])
+def test_build_model_infers_config(name):
+    cfg = model_config(name)
+    model = CLIP(**cfg)
+    inferred = config_from_state_dict(model.state_dict())
+    if isinstance(cfg["vision_layers"], list):
+        inferred["vision_layers"] = list(inferred["vision_layers"])
+    assert inferred == cfg
+
+
+def test_model_names_accept_both_spellings():
+    assert model_config("ViT-B/32") == model_config("ViT-B-32")
+    assert model_config("ViT-L/14")["vision_width"] == 1024
+
+
+def test_convert_weights_to_fp16():
+    model = create_model("tiny")
+    convert_weights(model)
+    assert model.dtype == torch.float16
+    assert model.text_projection.dtype == torch.float16
+    assert model.visual.proj.dtype == torch.float16
+    assert model.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.float16
+    assert model.ln_final.weight.dtype == torch.float32  # LayerNorm stays fp32 (as OpenAI's)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "amp"])
+def test_cuda_precisions_match_fp32(precision):
+    torch.manual_seed(0)
+    ref = create_model("tiny").eval()
+    model = copy.deepcopy(ref).cuda()
+    if precision == "fp16":
+        convert_weights(model)
+    images = torch.randn(4, 3, 64, 64)
+    tokens = tokenize(["a red circle", "a blue star", "x", ""])
+    with torch.no_grad(), torch.autocast("cuda", enabled=precision == "amp"):
+        img, txt, _ = model(images.cuda(), tokens.cuda())
+    with torch.no_grad():
+        rimg, rtxt, _ = ref(images, tokens)
+    assert (img.float().cpu() - rimg).abs().max() < 2e-2
+    assert (txt.float().cpu() - rtxt).abs().max() < 2e-2
