@@ -1,0 +1,61 @@
+"""TBR re-ranking: `eval_back_retrieval.py IMG_GT IMG_PRED TXT_GT TXT_PRED IMG_OUT TXT_OUT`."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agree.io import run_cli  # noqa: E402
+from eval.metrics import recall, recall_list  # noqa: E402
+from eval.predictions import RankedLists, read_ranked_lists, write_ranked_lists  # noqa: E402
+from eval.tbr import tbr_rerank  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("image_gt", help="I2T ground truth (test images JSONL)")
+    p.add_argument("image_pred", help="I2T predictions (keyed by image_id)")
+    p.add_argument("text_gt", help="T2I ground truth (test texts JSONL)")
+    p.add_argument("text_pred", help="T2I predictions (keyed by query_id)")
+    p.add_argument("image_out", help="re-ranked I2T predictions to write")
+    p.add_argument("text_out", help="re-ranked T2I predictions to write")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    img_gt = read_ranked_lists(args.image_gt, "image_id", "ground truth")
+    txt_gt = read_ranked_lists(args.text_gt, "query_id", "ground truth")
+    img_pred = read_ranked_lists(args.image_pred, "image_id")
+    txt_pred = read_ranked_lists(args.text_pred, "query_id")
+
+    txt_rows = tbr_rerank(txt_pred, img_pred)
+    img_rows = tbr_rerank(img_pred, txt_pred)
+    txt_new = _as_lists(args.text_out, "query_id", txt_rows)
+    img_new = _as_lists(args.image_out, "image_id", img_rows)
+    # score everything before writing anything, so a bad input leaves no output behind
+    lines = [
+        ("T2I", "forward", recall(txt_gt, txt_pred)),
+        ("T2I", "re-ranked", recall(txt_gt, txt_new)),
+        ("I2T", "forward", recall(img_gt, img_pred)),
+        ("I2T", "re-ranked", recall(img_gt, img_new)),
+    ]
+    write_ranked_lists(args.image_out, "image_id", img_rows)
+    write_ranked_lists(args.text_out, "query_id", txt_rows)
+    for direction, which, r in lines:
+        print(f"{direction} {which} [mean, R@1, R@5, R@10]: {recall_list(r)}")
+    return 0
+
+
+def _as_lists(path: str, key: str, rows: list) -> RankedLists:
+    out = RankedLists(Path(path), key)
+    for i, (qid, items) in enumerate(rows):
+        out.index[str(qid)] = i
+        out.ids.append(qid)
+        out.items.append(items)
+        out.lines.append(i + 1)
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,70 @@
+"""Ranked-list files: ground truth and predictions (`{key: id, "item_ids": [...]}` per line)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from agree.io import InputError, iter_jsonl, write_jsonl
+
+QUERY_KEYS = ("query_id", "image_id")
+
+
+@dataclass
+class RankedLists:
+    """Rows of one file: query ids and item-id lists as given, plus a string-id index."""
+
+    path: Path
+    key: str
+    ids: list = field(default_factory=list)
+    items: list[list] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)  # str(query id) -> row
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get(self, query: Any) -> list | None:
+        """Item list of `query` (compared by string form), or None."""
+        row = self.index.get(str(query))
+        return None if row is None else self.items[row]
+
+
+def check_key(key: str) -> str:
+    """Validate a query key name (`query_id` or `image_id`)."""
+    if key not in QUERY_KEYS:
+        raise InputError(f"key must be one of {', '.join(QUERY_KEYS)}, got {key!r}")
+    return key
+
+
+def read_ranked_lists(path: str | os.PathLike, key: str, what: str = "predictions") -> RankedLists:
+    """Read ground truth or predictions; a list entry `[id, scores...]` counts as `id`."""
+    out = RankedLists(Path(path), key)
+    for lineno, rec in iter_jsonl(path, required=(key, "item_ids")):
+        items = rec["item_ids"]
+        if not isinstance(items, list):
+            raise InputError(f"{path}:{lineno}: 'item_ids' must be a list")
+        if any(isinstance(x, list) for x in items):
+            try:
+                items = [x[0] if isinstance(x, list) else x for x in items]
+            except IndexError:
+                raise InputError(f"{path}:{lineno}: empty entry in 'item_ids'") from None
+        qid = rec[key]
+        if isinstance(qid, (list, dict)) or qid is None:
+            raise InputError(f"{path}:{lineno}: {key!r} must be a string or a number, got {qid!r}")
+        s = str(qid)
+        if s in out.index:
+            raise InputError(f"{path}:{lineno}: duplicate {key} {qid!r} (first on line {out.lines[out.index[s]]})")
+        out.index[s] = len(out.ids)
+        out.ids.append(qid)
+        out.items.append(items)
+        out.lines.append(lineno)
+    if not out.ids:
+        raise InputError(f"{path}: no {what} (file is empty)")
+    return out
+
+
+def write_ranked_lists(path: str | os.PathLike, key: str, rows: Iterable[tuple[Any, list]]) -> int:
+    """Atomically write `{key: id, "item_ids": items}` lines; return the row count."""
+    return write_jsonl(path, ({key: qid, "item_ids": items} for qid, items in rows))
