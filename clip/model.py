@@ -330,7 +330,9 @@ def config_from_state_dict(state_dict: dict) -> dict:
 
 def build_model(state_dict: dict) -> CLIP:
     """Build a CLIP whose architecture is inferred from `state_dict` and load it strictly (fp32, eval mode)."""
-    state_dict = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    # OpenAI archives carry three scalar entries; TorchScript state dicts also hold the causal mask buffer
+    extras = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+    state_dict = {k: v for k, v in state_dict.items() if k not in extras}
     model = CLIP(**config_from_state_dict(state_dict))
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     return model.eval()
