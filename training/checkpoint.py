@@ -1,0 +1,95 @@
+"""Training checkpoints: atomic writes, RNG state, locating the newest one for --resume latest."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from agree.io import InputError, atomic_path
+
+LATEST = "epoch_latest.pt"
+_EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA random states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Optional[dict]) -> None:
+    """Restore what rng_state() captured (missing parts are left alone)."""
+    if not state:
+        return
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError, ValueError):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """torch.save to a temp file beside `path`, renamed into place only when complete."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make `dst` a copy of the finished checkpoint `src` (a hard link when possible), atomically."""
+    src, dst = Path(src), Path(dst)
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+            shutil.copyfile(src, tmp)
+
+
+def find_latest(checkpoint_dir: str | os.PathLike) -> Optional[Path]:
+    """epoch_latest.pt if present, else the epoch_N.pt with the largest N, else None."""
+    d = Path(checkpoint_dir)
+    if (d / LATEST).is_file():
+        return d / LATEST
+    best: tuple[int, Optional[Path]] = (-1, None)
+    if d.is_dir():
+        for p in d.iterdir():
+            m = _EPOCH_RE.match(p.name)
+            if m and int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), p)
+    return best[1]
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a training checkpoint to CPU; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--resume: checkpoint not found: {p}")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # corrupt or foreign file
+        raise InputError(f"--resume: cannot read checkpoint {p} ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise InputError(f"--resume: {p} is not a training checkpoint (no 'state_dict')")
+    return ckpt
+
+
+def strip_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Drop a leading 'module.' (checkpoints written from a DDP-wrapped model)."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict

@@ -1,0 +1,29 @@
+"""AGREE fine-tuning entry point: `python3 -u training/main_all.py ...` or `torchrun --nproc_per_node=N training/main_all.py ...`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from typing import Optional, Sequence  # noqa: E402
+
+from agree.io import run_cli  # noqa: E402
+from training.distributed import cleanup, init_distributed  # noqa: E402
+from training.engine import run  # noqa: E402
+from training.params import parse_args  # noqa: E402
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse flags, join the process group if launched by torchrun, train."""
+    args = parse_args(argv)
+    env = init_distributed(args.device, args.dist_backend, args.dist_url, args.gpu)
+    try:
+        run(args, env)
+    finally:
+        cleanup(env)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,171 @@
+"""Command-line flags of `training/main_all.py` (released names and defaults, plus AGREE additions)."""
+from __future__ import annotations
+
+import argparse
+from time import gmtime, strftime
+from typing import Optional, Sequence
+
+from agree.io import InputError
+
+LOSS_FLAGS = ("is_prompt", "is_mask", "is_da_loss", "is_da_mask", "is_vg")
+
+
+def default_hyperparams(model_name: str) -> dict:
+    """AdamW defaults when --lr/--beta1/--beta2/--eps are not given (spec 3.4)."""
+    name = model_name.replace("/", "-")
+    lr = 4.0e-4 if name.startswith("ViT-L") else 5.0e-4
+    return {"lr": lr, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (one flag per released option that still makes sense)."""
+    p = argparse.ArgumentParser(
+        prog="training/main_all.py",
+        description="AGREE fine-tuning of CLIP (global contrastive loss plus the five entity-alignment terms).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--train-data", type=str, default=None,
+                   help="Training captions + entities (flickr30k_train_pred.jsonl).")
+    d.add_argument("--val-data", type=str, default=None,
+                   help="Validation captions (flickr30k_val.json: list of {image, caption: [5 captions]}).")
+    d.add_argument("--dataset-type", choices=["auto", "json"], default="auto",
+                   help="Annotation format; 'auto' infers it from the file extension (.jsonl/.json).")
+    d.add_argument("--img-key", type=str, default="image", help="Record key holding the image path.")
+    d.add_argument("--caption-key", type=str, default="caption", help="Record key holding the caption(s).")
+    d.add_argument("--data-root", type=str, default=None,
+                   help="Flickr30k folder in the release layout (annotation/, objects/, grounding npz). "
+                        "Default: the folder above the annotation/ folder holding --train-data, "
+                        "else ./tmp/datasets/flickr30k_images.")
+    d.add_argument("--vg-root", type=str, default=None,
+                   help="Visual Genome folder (VG_images.224.npz, VG_mask_images.224.npz, "
+                        "vocab_VG_images_objs.jsonl). Default: <data-root>/../../VG, i.e. ./tmp/VG.")
+    d.add_argument("--train-images", type=str, default=None,
+                   help="Train image archive. Default: <data-root>/annotation/flickr30k_train_images.npz.")
+    d.add_argument("--val-images", type=str, default=None,
+                   help="Val image archive (key = index in --val-data). "
+                        "Default: <data-root>/annotation/flickr30k_val_images.npz.")
+    d.add_argument("--train-objects", type=str, default=None,
+                   help="Objects per train image (--is-da-loss/--is-da-mask). "
+                        "Default: <data-root>/objects/flickr30k_train_imgs_objs.jsonl.")
+    d.add_argument("--grounding-images", type=str, default=None,
+                   help="Images with a grounded entity masked (--is-vg). "
+                        "Default: <data-root>/flickr30k_visual_grounding.224.npz.")
+    d.add_argument("--vg-images", type=str, default=None,
+                   help="VG images (--is-da-loss/--is-da-mask). Default: <vg-root>/VG_images.224.npz.")
+    d.add_argument("--vg-mask-images", type=str, default=None,
+                   help="VG images with one object masked (--is-da-mask). Default: <vg-root>/VG_mask_images.224.npz.")
+    d.add_argument("--vg-vocab", type=str, default=None,
+                   help="Object word -> VG images (--is-da-loss/--is-da-mask). "
+                        "Default: <vg-root>/vocab_VG_images_objs.jsonl.")
+    d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes per rank.")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, default=64, help="Batch size per rank.")
+    o.add_argument("--batch-size-eval", type=int, default=None, help="Validation batch size (default: --batch-size).")
+    o.add_argument("--epochs", type=int, default=32, help="Number of epochs.")
+    o.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: 5e-4, 4e-4 for ViT-L/14).")
+    o.add_argument("--beta1", type=float, default=None, help="AdamW beta1 (default 0.9).")
+    o.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default 0.98).")
+    o.add_argument("--eps", type=float, default=None, help="AdamW epsilon (default 1e-6).")
+    o.add_argument("--wd", type=float, default=0.2, help="Weight decay (not applied to bn/ln/bias/logit_scale).")
+    o.add_argument("--warmup", type=int, default=10000, help="Linear warm-up steps before the cosine decay.")
+    o.add_argument("--skip-scheduler", action="store_true", help="Keep the learning rate constant at --lr.")
+    o.add_argument("--precision", choices=["amp", "fp16", "fp32"], default=None,
+                   help="amp (default on GPU), fp16 (fp16 weights, GPU only) or fp32 (default on CPU).")
+    o.add_argument("--seed", type=int, default=0, help="Seed for initialisation, shuffling and augmentation.")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", type=str, default="RN50",
+                   help="Model config: RN50, ViT-B/32, ViT-L/14 (or ViT-B-32, ViT-L-14), tiny.")
+    m.add_argument("--openai-pretrained", action="store_true",
+                   help="Start from the OpenAI checkpoint at --pretrained-path instead of random weights.")
+    m.add_argument("--pretrained-path", type=str, default=None,
+                   help="What --openai-pretrained loads. Default: tmp/pretrained_models/<model, '/'->'-'>.pt.")
+
+    a = p.add_argument_group("AGREE loss terms (each flag enables its own term only)")
+    a.add_argument("--is-prompt", action="store_true", help="Image vs entity prompt contrastive term (weight 0.03).")
+    a.add_argument("--is-mask", action="store_true", help="Caption vs entity-masked caption ranking term (0.10).")
+    a.add_argument("--is-da-loss", action="store_true", help="Visual Genome object contrastive term (0.03).")
+    a.add_argument("--is-da-mask", action="store_true", help="VG image vs object-masked VG image ranking term (0.15).")
+    a.add_argument("--is-vg", action="store_true", help="Image vs grounding-masked image ranking term (0.10).")
+    a.add_argument("--legacy-detached-rank", action="store_true",
+                   help="Reproduce the released code: the three ranking terms add to the loss value "
+                        "but carry no gradient (spec 5.1).")
+
+    t = p.add_argument_group("distributed")
+    t.add_argument("--dist-url", type=str, default="tcp://127.0.0.1:6100",
+                   help="Rendezvous URL when RANK/WORLD_SIZE are set without MASTER_ADDR (torchrun uses env://).")
+    t.add_argument("--dist-backend", type=str, default=None, help="nccl (default on GPU) or gloo (default on CPU).")
+    t.add_argument("--skip-aggregate", action="store_true",
+                   help="Do not gather features across ranks (each rank's terms see only its own batch).")
+    t.add_argument("--gather-with-grad", action="store_true",
+                   help="Send gradients through the features gathered from other ranks.")
+    t.add_argument("--use-bn-sync", action="store_true", help="Convert BatchNorm to SyncBatchNorm under DDP (RN50).")
+    t.add_argument("--device", type=str, default=None,
+                   help="cpu or cuda (default: cuda when available). Under torchrun each rank uses cuda:LOCAL_RANK.")
+    t.add_argument("--gpu", type=int, default=None, help="CUDA device index for a single-process run.")
+
+    b = p.add_argument_group("bookkeeping")
+    b.add_argument("--logs", type=str, default="./logs/", help="Where run directories are created.")
+    b.add_argument("--name", type=str, default=None,
+                   help="Run directory name (default: lr=.._wd=.._agg=.._model=.._batchsize=.._workers=.._date=..).")
+    b.add_argument("--save-frequency", type=int, default=1,
+                   help="Write checkpoints/epoch_N.pt every N epochs (and at the last epoch); 0 = never.")
+    b.add_argument("--save-most-recent", action="store_true", help="Also keep checkpoints/epoch_latest.pt.")
+    b.add_argument("--save-every-n-steps", type=int, default=0,
+                   help="Also write checkpoints/epoch_latest.pt every N steps inside an epoch (0 = off).")
+    b.add_argument("--resume", type=str, default=None,
+                   help="Checkpoint to continue from, or 'latest' (newest checkpoint of run --name).")
+    b.add_argument("--report-to", type=str, default="",
+                   help="'tensorboard', 'wandb', 'all' or '' (log file only).")
+    b.add_argument("--wandb-notes", type=str, default="", help="Notes for a wandb run.")
+    b.add_argument("--log-every-n-steps", type=int, default=100, help="Log line and scalars every N steps.")
+    b.add_argument("--debug", action="store_true", help="Verbose logging.")
+    return p
+
+
+def default_run_name(args: argparse.Namespace) -> str:
+    """The released default run name (lr, wd, aggregate, model, batch size, workers, UTC start time)."""
+    return strftime(
+        f"lr={args.lr}_wd={args.wd}_agg={args.aggregate}_model={args.model}_batchsize={args.batch_size}"
+        f"_workers={args.workers}_date=%Y-%m-%d-%H-%M-%S", gmtime())
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse flags, fill model-dependent defaults and check flag values."""
+    args = build_parser().parse_args(argv)
+    for key, value in default_hyperparams(args.model).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.aggregate = not args.skip_aggregate
+    if args.batch_size_eval is None:
+        args.batch_size_eval = args.batch_size
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--batch-size-eval", args.batch_size_eval, 1),
+                             ("--epochs", args.epochs, 1), ("--workers", args.workers, 0),
+                             ("--warmup", args.warmup, 0), ("--save-frequency", args.save_frequency, 0),
+                             ("--save-every-n-steps", args.save_every_n_steps, 0),
+                             ("--log-every-n-steps", args.log_every_n_steps, 1)):
+        if value < low:
+            raise InputError(f"{flag} must be >= {low}, got {value}")
+    report = {s.strip() for s in args.report_to.split(",") if s.strip()}
+    if "all" in report:
+        report = {"tensorboard", "wandb"}
+    unknown = report - {"tensorboard", "wandb"}
+    if unknown:
+        raise InputError(f"--report-to: unknown target(s) {sorted(unknown)} (use tensorboard, wandb or all)")
+    args.report = report
+    if args.train_data is None:
+        raise InputError("--train-data is required (path to flickr30k_train_pred.jsonl)")
+    if args.resume == "latest" and args.name is None:
+        raise InputError("--resume latest needs --name (the run whose newest checkpoint to continue)")
+    if args.name is None:
+        args.name = default_run_name(args)
+    return args
+
+
+def active_terms(args: argparse.Namespace) -> tuple[str, ...]:
+    """Names of the enabled AGREE terms (beyond the always-on global term)."""
+    names = {"is_prompt": "prompt", "is_mask": "text_mask", "is_da_loss": "da_contrastive",
+             "is_da_mask": "da_mask", "is_vg": "grounding_mask"}
+    return tuple(names[f] for f in LOSS_FLAGS if getattr(args, f))
