@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agree.io import run_cli  # noqa: E402
 from eval.metrics import recall, recall_list  # noqa: E402
-from eval.predictions import RankedLists, read_ranked_lists, write_ranked_lists  # noqa: E402
+from eval.predictions import as_ranked_lists, read_ranked_lists, write_ranked_lists  # noqa: E402
 from eval.tbr import tbr_rerank  # noqa: E402
 
 
@@ -31,8 +31,8 @@ def main(argv=None) -> int:
 
     txt_rows = tbr_rerank(txt_pred, img_pred)
     img_rows = tbr_rerank(img_pred, txt_pred)
-    txt_new = _as_lists(args.text_out, "query_id", txt_rows)
-    img_new = _as_lists(args.image_out, "image_id", img_rows)
+    txt_new = as_ranked_lists(args.text_out, "query_id", txt_rows)
+    img_new = as_ranked_lists(args.image_out, "image_id", img_rows)
     # score everything before writing anything, so a bad input leaves no output behind
     lines = [
         ("T2I", "forward", recall(txt_gt, txt_pred)),
@@ -40,21 +40,10 @@ def main(argv=None) -> int:
         ("I2T", "forward", recall(img_gt, img_pred)),
         ("I2T", "re-ranked", recall(img_gt, img_new)),
     ]
-    write_ranked_lists(args.image_out, "image_id", img_rows)
-    write_ranked_lists(args.text_out, "query_id", txt_rows)
+    write_ranked_lists((args.image_out, "image_id", img_rows), (args.text_out, "query_id", txt_rows))
     for direction, which, r in lines:
         print(f"{direction} {which} [mean, R@1, R@5, R@10]: {recall_list(r)}")
     return 0
-
-
-def _as_lists(path: str, key: str, rows: list) -> RankedLists:
-    out = RankedLists(Path(path), key)
-    for i, (qid, items) in enumerate(rows):
-        out.index[str(qid)] = i
-        out.ids.append(qid)
-        out.items.append(items)
-        out.lines.append(i + 1)
-    return out
 
 
 if __name__ == "__main__":

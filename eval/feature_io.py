@@ -306,3 +306,18 @@ def check_same_dim(*feats: Features) -> None:
     for f in feats[1:]:
         if f.dim != first.dim:
             raise InputError(f"{f.path}: feature dimension {f.dim} differs from {first.dim} in {first.path}")
+
+
+def read_retrieval_features(image_path: str | os.PathLike, text_path: str | os.PathLike) -> tuple[Features, Features]:
+    """Image (`image_id`) and text (`query_id`) features of one test set, same dimension."""
+    image = read_features(image_path, "image_id")
+    text = read_features(text_path, "query_id")
+    check_same_dim(image, text)
+    return image, text
+
+
+def read_slot_features(path: str | os.PathLike, text: Features) -> Features:
+    """Entity-slot features ([S, D] per query) aligned to `text`'s query order."""
+    slots = read_features(path, "query_id", slots=True)
+    check_same_dim(text, slots)
+    return align_slots(text, slots)

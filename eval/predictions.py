@@ -1,12 +1,13 @@
 """Ranked-list files: ground truth and predictions (`{key: id, "item_ids": [...]}` per line)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from agree.io import InputError, iter_jsonl, write_jsonl
+from agree.io import InputError, atomic_write, dumps, iter_jsonl
 
 QUERY_KEYS = ("query_id", "image_id")
 
@@ -65,6 +66,23 @@ def read_ranked_lists(path: str | os.PathLike, key: str, what: str = "prediction
     return out
 
 
-def write_ranked_lists(path: str | os.PathLike, key: str, rows: Iterable[tuple[Any, list]]) -> int:
-    """Atomically write `{key: id, "item_ids": items}` lines; return the row count."""
-    return write_jsonl(path, ({key: qid, "item_ids": items} for qid, items in rows))
+def write_ranked_lists(*outputs: tuple[str | os.PathLike, str, Iterable[tuple[Any, list]]]) -> None:
+    """Write each `(path, key, rows)` as `{key: id, "item_ids": items}` lines.
+
+    All files appear together at the end, or none of them if anything fails.
+    """
+    with contextlib.ExitStack() as stack:
+        for path, key, rows in outputs:
+            f = stack.enter_context(atomic_write(path))
+            f.write(b"".join(dumps({key: qid, "item_ids": items}) + b"\n" for qid, items in rows))
+
+
+def as_ranked_lists(path: str | os.PathLike, key: str, rows: list[tuple[Any, list]]) -> RankedLists:
+    """RankedLists view of rows built in memory (line numbers = row numbers)."""
+    out = RankedLists(Path(path), key)
+    for i, (qid, items) in enumerate(rows):
+        out.index[str(qid)] = i
+        out.ids.append(qid)
+        out.items.append(items)
+        out.lines.append(i + 1)
+    return out
