@@ -253,10 +253,14 @@ class CLIP(nn.Module):
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings taken at each sequence's end-of-text token, (B, embed_dim)."""
+        eot = text.argmax(dim=-1)  # the end token has the largest id in the vocabulary
+        if not torch.jit.is_tracing() and text.shape[0] > 0:
+            # Under the causal mask nothing after a sequence's end token reaches its output, so the
+            # batch is cut to its longest sequence: same features, ~5x less work for captions.
+            text = text[:, : int(eot.max()) + 1]
         n = text.shape[1]
         x = self.token_embedding(text).to(self.dtype) + self.positional_embedding[:n].to(self.dtype)
         x = self.ln_final(self.transformer(x, self.attn_mask[:n, :n]))
-        eot = text.argmax(dim=-1)  # the end token has the largest id in the vocabulary
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection.to(x.dtype)
 
     def forward(self, image: Optional[torch.Tensor], text: Optional[torch.Tensor]):

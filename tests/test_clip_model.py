@@ -63,14 +63,22 @@ def test_forward_semantics():
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
 
 
-def test_text_features_ignore_padding_after_end_token():
+def test_text_features_do_not_depend_on_batch_length():
+    """encode_text cuts a batch to its longest sequence; a short text must come out the same
+    whether it is alone (cut to a few tokens) or beside a full-length text (no cut)."""
+    torch.manual_seed(0)
     model = create_model("tiny").eval()
-    tokens = tokenize(["a red circle"])
-    noisy = tokens.clone()
-    eot = int(tokens.argmax())
-    noisy[0, eot + 1:] = 1234  # causal mask: positions after the end token cannot change its output
+    short = tokenize(["a red circle"])
+    long_ = tokenize(["red circle " * 60])
+    assert int(long_.argmax()) == 76
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_text(tokens), model.encode_text(noisy))
+        alone = model.encode_text(short)
+        beside = model.encode_text(torch.cat([short, long_]))[:1]
+        noisy = short.clone()
+        noisy[0, int(short.argmax()) + 1:] = 1234  # garbage after the end token
+        with_noise = model.encode_text(torch.cat([noisy, long_]))[:1]
+    torch.testing.assert_close(alone, beside, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone, with_noise, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["tiny", "ViT-B-32", "RN50"])
