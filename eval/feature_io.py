@@ -191,7 +191,7 @@ def _read_npy(path: Path, key: str, slots: bool) -> Features:
     ids = meta["ids"]
     if len(ids) != arr.shape[0]:
         raise InputError(f"{side}: {len(ids)} ids for {arr.shape[0]} feature rows in {path.name}")
-    data = np.ascontiguousarray(arr, dtype=np.float32)
+    data = np.array(arr, dtype=np.float32)  # in-memory, writable copy of the mapped file
     bad = ~np.isfinite(data.reshape(len(data), -1)).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -321,3 +321,29 @@ def read_slot_features(path: str | os.PathLike, text: Features) -> Features:
     slots = read_features(path, "query_id", slots=True)
     check_same_dim(text, slots)
     return align_slots(text, slots)
+
+
+def detect_layout(path: str | os.PathLike) -> tuple[str, bool]:
+    """(id key, slot file?) of a feature file, from its first record or its ids file."""
+    p = Path(path)
+    if is_binary(p):
+        meta = read_json(require_file(sidecar_path(p), f"ids file of {p.name}"))
+        key = meta.get("key") if isinstance(meta, dict) else None
+        try:
+            ndim = np.load(require_file(p, "feature file"), mmap_mode="r", allow_pickle=False).ndim
+        except (ValueError, OSError, EOFError) as e:
+            raise InputError(f"{p}: not a readable .npy file ({e})") from None
+        slots = ndim == 3
+    else:
+        for lineno, rec in iter_jsonl(p, required=("feature",)):
+            key = next((k for k in ("image_id", "query_id") if k in rec), None)
+            if key is None:
+                raise InputError(f"{p}:{lineno}: missing key 'image_id' or 'query_id'")
+            feat = rec["feature"]
+            slots = isinstance(feat, list) and bool(feat) and isinstance(feat[0], list)
+            break
+        else:
+            raise InputError(f"{p}: no features (file is empty)")
+    if key not in ("image_id", "query_id"):
+        raise InputError(f"{sidecar_path(p)}: 'key' must be image_id or query_id")
+    return key, slots
