@@ -158,6 +158,17 @@ def load_state_dict_into(model: nn.Module, state_dict: dict, source: Union[str, 
         raise InputError(f"{source}: weights do not fit the model: {detail}") from None
 
 
+def model_from_state_dict(state_dict: dict, source: Union[str, os.PathLike]) -> CLIP:
+    """build_model with errors that name `source` (missing keys, inconsistent shapes)."""
+    try:
+        return build_model(state_dict)
+    except KeyError as e:
+        raise InputError(f"{source}: not a CLIP state dict (missing {e.args[0]!r})") from None
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise InputError(f"{source}: inconsistent CLIP state dict: {'; '.join(lines[1:3]) or lines[0]}") from None
+
+
 def load(
     name: Union[str, os.PathLike],
     device: Union[str, torch.device] = "cuda" if torch.cuda.is_available() else "cpu",
@@ -185,15 +196,7 @@ def load(
         resolution = config_from_state_dict(obj)["image_resolution"]
         model = archive.to(device)
     else:
-        state_dict = load_checkpoint_state_dict(path)
-        try:
-            model = build_model(state_dict)
-        except KeyError as e:
-            raise InputError(f"{path}: not a CLIP state dict (missing {e.args[0]!r})") from None
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise InputError(f"{path}: inconsistent CLIP state dict: {'; '.join(first[1:3]) or first[0]}") from None
-        model = _cast(model, device, precision)
+        model = _cast(model_from_state_dict(load_checkpoint_state_dict(path), path), device, precision)
         resolution = model.visual.input_resolution
     model.train(is_train)
     return model, image_transform(resolution, is_train=True), image_transform(resolution, is_train=False)

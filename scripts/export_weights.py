@@ -1,0 +1,36 @@
+"""Write the bare model weights of a checkpoint (training checkpoint, archive or state dict) as a state dict.
+
+    python scripts/export_weights.py logs/run/checkpoints/epoch_10.pt tmp/pretrained_models/tiny.pt
+
+The result loads with `clip.clip.load`, `--openai-pretrained --pretrained-path` and the zero-shot extractor.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from agree.io import atomic_path, run_cli  # noqa: E402
+from clip.clip import load_checkpoint_state_dict, model_from_state_dict  # noqa: E402
+
+
+def main() -> int:
+    """Read the checkpoint, check that it builds a CLIP, write its state dict atomically."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="training checkpoint, OpenAI archive or state dict")
+    p.add_argument("output", help="where to write the state dict (.pt)")
+    args = p.parse_args()
+    state_dict = load_checkpoint_state_dict(args.checkpoint)
+    model_from_state_dict(state_dict, args.checkpoint)  # fails early if these are not CLIP weights
+    with atomic_path(args.output) as tmp:
+        torch.save(state_dict, tmp)
+    print(f"wrote {len(state_dict)} tensors to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
