@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from synth.world import Scene, between, regions, relations, weighted_index
+from synth.world import COLOURS, SHAPES, Scene, between, pick, regions, relations, weighted_index
 
 SIZE_WORDS_TARGET: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
 SIZE_WORDS_PRETRAIN: dict[str, tuple[str, ...]] = {"small": ("small",), "large": ("large",)}
@@ -56,21 +56,18 @@ class Caption:
                 "claims": self.claims, "chunks": self.chunks}
 
 
-def _pick(rng: np.random.Generator, seq):
-    return seq[int(rng.integers(len(seq)))]
-
-
 _FORM_WEIGHTS = {"full": 0.35, "colour": 0.35, "size": 0.15, "bare": 0.15}
 
 
-def _article(words: list[str], definite: bool) -> str:
+def article(words: list[str], definite: bool) -> str:
+    """'the', or 'a'/'an' by the first word's initial letter."""
     if definite:
         return "the"
     return "an" if words[0][0] in "aeiou" else "a"
 
 
 def refer(scene: Scene, i: int, rng: np.random.Generator, *, sizes: dict[str, tuple[str, ...]] = SIZE_WORDS_TARGET,
-          forms: Optional[tuple[str, ...]] = None, article: Optional[bool] = True,
+          forms: Optional[tuple[str, ...]] = None, with_article: bool = True,
           definite_prob: float = 0.15) -> str:
     """A referring expression for entity i that no other entity of the scene matches."""
     e = scene.entities[i]
@@ -82,13 +79,13 @@ def refer(scene: Scene, i: int, rng: np.random.Generator, *, sizes: dict[str, tu
     if forms is not None:
         avail = [f for f in avail if f in forms] or ["colour"]
     form = avail[weighted_index(rng, [_FORM_WEIGHTS[f] for f in avail])]
-    size_word = _pick(rng, sizes[e.size])
+    size_word = pick(rng, sizes[e.size])
     words = {"full": [size_word, e.colour, e.shape], "colour": [e.colour, e.shape],
              "size": [size_word, e.shape], "bare": [e.shape]}[form]
-    if article is None:
+    if not with_article:
         return " ".join(words)
     definite = bool(rng.random() < definite_prob)
-    return " ".join([_article(words, definite)] + words)
+    return " ".join([article(words, definite)] + words)
 
 
 def _join(phrases: list[str]) -> str:
@@ -122,8 +119,8 @@ def _with_regions(scene: Scene) -> list[int]:
 
 
 def _region_words(scene: Scene, i: int, rng: np.random.Generator) -> tuple[str, str]:
-    region = _pick(rng, regions(scene.entities[i], scene.resolution))
-    return region, _pick(rng, REGION_WORDS[region])
+    region = pick(rng, regions(scene.entities[i], scene.resolution))
+    return region, pick(rng, REGION_WORDS[region])
 
 
 Template = Callable[[Scene, np.random.Generator], Optional[Caption]]
@@ -134,9 +131,9 @@ def _relational(lead: Callable[[np.random.Generator], tuple[str, list[str]]], na
         pairs = _pairs(scene)
         if not pairs:
             return None
-        i, j, rel = _pick(rng, pairs)
+        i, j, rel = pick(rng, pairs)
         a, b = refer(scene, i, rng), refer(scene, j, rng)
-        words = _pick(rng, REL_WORDS[rel])
+        words = pick(rng, REL_WORDS[rel])
         prefix, chunks = lead(rng)
         text = f"{prefix}{a} {words} {b}."
         return Caption(text, name, [(a, i), (b, j)], [["rel", i, rel, j]], chunks + _rel_chunk(words))
@@ -152,7 +149,7 @@ def _lead_there(rng: np.random.Generator) -> tuple[str, list[str]]:
 
 
 def _lead_scene(rng: np.random.Generator) -> tuple[str, list[str]]:
-    lead = _pick(rng, ("a scene with", "a picture showing"))
+    lead = pick(rng, ("a scene with", "a picture showing"))
     return lead + " ", [" ".join(lead.split()[:2])]
 
 
@@ -161,9 +158,9 @@ def t_rel_region(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     triples = [(i, j, rel, k) for i, j, rel in _pairs(scene) for k in _with_regions(scene) if k not in (i, j)]
     if not triples:
         return None
-    i, j, rel, k = _pick(rng, triples)
+    i, j, rel, k = pick(rng, triples)
     a, b, c = refer(scene, i, rng), refer(scene, j, rng), refer(scene, k, rng)
-    words = _pick(rng, REL_WORDS[rel])
+    words = pick(rng, REL_WORDS[rel])
     region, rwords = _region_words(scene, k, rng)
     text = f"{a} {words} {b}, with {c} {rwords}."
     return Caption(text, "rel_region", [(a, i), (b, j), (c, k)], [["rel", i, rel, j], ["region", k, region]],
@@ -192,7 +189,7 @@ def t_there_region(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     cands = _with_regions(scene)
     if not cands:
         return None
-    k = int(_pick(rng, cands))
+    k = int(pick(rng, cands))
     p = refer(scene, k, rng)
     region, rwords = _region_words(scene, k, rng)
     return Caption(f"there is {p} {rwords}.", "there_region", [(p, k)], [["region", k, region]], _region_chunk(rwords))
@@ -215,10 +212,10 @@ def t_compare(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     pairs = [(i, j) for i in range(len(ents)) for j in range(len(ents)) if ents[i].size != ents[j].size]
     if not pairs:
         return None
-    i, j = _pick(rng, pairs)
+    i, j = pick(rng, pairs)
     a = refer(scene, i, rng, forms=("colour", "bare"))
     b = refer(scene, j, rng, forms=("colour", "bare"))
-    word = _pick(rng, ("bigger", "larger")) if ents[i].size == "large" else "smaller"
+    word = pick(rng, ("bigger", "larger")) if ents[i].size == "large" else "smaller"
     claim = ["larger", i, j] if ents[i].size == "large" else ["larger", j, i]
     return Caption(f"{a} is {word} than {b}.", "compare", [(a, i), (b, j)], [claim], [])
 
@@ -231,7 +228,7 @@ def t_between(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
                if len({i, j, k}) == 3 and between(ents[i], ents[j], ents[k], r)]
     if not triples:
         return None
-    i, j, k = _pick(rng, triples)
+    i, j, k = pick(rng, triples)
     if rng.random() < 0.5:
         j, k = k, j
     a, b, c = refer(scene, i, rng), refer(scene, j, rng), refer(scene, k, rng)
@@ -305,7 +302,7 @@ def _pretrain_list(scene: Scene, rng: np.random.Generator, prefix: str, suffix: 
     for k in order:
         forms = ("full",) if rng.random() < 0.25 else ("colour",)
         phrases.append(refer(scene, k, rng, sizes=SIZE_WORDS_PRETRAIN, forms=forms,
-                             article=True if articles else None, definite_prob=0.0))
+                             with_article=articles, definite_prob=0.0))
     listed = _join(phrases) if articles else ", ".join(phrases)
     return Caption(f"{prefix}{listed}{suffix}", name, list(zip(phrases, order)), [["count", n]], [])
 
@@ -322,7 +319,7 @@ def make_captions(scene: Scene, rng: np.random.Generator, n: int, templates: dic
     for _ in range(200):
         if len(out) == n:
             break
-        name = names[unused.pop(0)] if unused else _pick(rng, names)
+        name = names[unused.pop(0)] if unused else pick(rng, names)
         cap = templates[name](scene, rng)
         if cap is not None and cap.text not in seen:
             seen.add(cap.text)
@@ -346,7 +343,7 @@ def segs_for(caption: Caption, rng: np.random.Generator) -> list[str]:
     """Chunker-like `segs`: entity phrases, non-entity chunks, the whole caption, maybe a head noun."""
     segs = [p for p, _ in caption.mentions] + caption.chunks + [caption.text]
     if rng.random() < 0.3:
-        segs.append(_pick(rng, [p for p, _ in caption.mentions]).split()[-1])
+        segs.append(pick(rng, [p for p, _ in caption.mentions]).split()[-1])
     uniq = list(dict.fromkeys(segs))
     return [uniq[int(k)] for k in rng.permutation(len(uniq))]
 
@@ -387,8 +384,6 @@ def first_grounded(preds: list[dict]) -> Optional[str]:
 
 def entity_words(caption_text: str) -> list[tuple[Optional[str], Optional[str], str]]:
     """Parse (colour, size class, shape) for every shape word of a caption, from its adjectives."""
-    from synth.world import COLOURS, SHAPES
-
     words = caption_text.replace(",", " ").replace(".", " ").replace(":", " ").split()
     out = []
     for k, w in enumerate(words):

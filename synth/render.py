@@ -1,6 +1,7 @@
 """Numpy rasteriser for synthetic scenes, box masking, and the two on-disk image formats."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -58,61 +59,74 @@ def shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def entity_alpha(e: Entity, resolution: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
-    """Coverage in [0, 1] of every pixel by the entity (anti-aliased by supersampling), shape (R, R)."""
-    alpha = np.zeros((resolution, resolution), dtype=np.float32)
+def _alpha_window(e: Entity, resolution: int, supersample: int) -> tuple[np.ndarray, int, int]:
+    """Coverage on the window around the entity: (alpha (h, w), x0, y0)."""
     reach = 1.3 * e.half + 1.0
     x0, x1 = max(0, int(math.floor(e.cx - reach))), min(resolution, int(math.ceil(e.cx + reach)) + 1)
     y0, y1 = max(0, int(math.floor(e.cy - reach))), min(resolution, int(math.ceil(e.cy + reach)) + 1)
     if x0 >= x1 or y0 >= y1:
-        return alpha
+        return np.zeros((0, 0), np.float32), 0, 0
     offs = (np.arange(supersample, dtype=np.float32) + 0.5) / supersample
     xs = ((np.arange(x0, x1, dtype=np.float32)[:, None] + offs[None, :]).ravel() - e.cx) / e.half
     ys = ((np.arange(y0, y1, dtype=np.float32)[:, None] + offs[None, :]).ravel() - e.cy) / e.half
     c, s = np.float32(math.cos(e.angle)), np.float32(math.sin(e.angle))
     u = xs[None, :] * c + ys[:, None] * s
     v = ys[:, None] * c - xs[None, :] * s
-    inside = shape_inside(e.shape, u, v).astype(np.float32)
+    inside = shape_inside(e.shape, u, v)
     h, w = y1 - y0, x1 - x0
-    cov = inside.reshape(h, supersample, w, supersample).mean(axis=(1, 3))
-    alpha[y0:y1, x0:x1] = cov
+    cov = inside.reshape(h, supersample, w, supersample).sum(axis=(1, 3), dtype=np.float32)
+    return cov / np.float32(supersample * supersample), x0, y0
+
+
+def entity_alpha(e: Entity, resolution: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """Coverage in [0, 1] of every pixel by the entity (anti-aliased by supersampling), shape (R, R)."""
+    alpha = np.zeros((resolution, resolution), dtype=np.float32)
+    win, x0, y0 = _alpha_window(e, resolution, supersample)
+    alpha[y0:y0 + win.shape[0], x0:x0 + win.shape[1]] = win
     return alpha
 
 
-def _upsample_bilinear(grid: np.ndarray, resolution: int) -> np.ndarray:
-    g = grid.shape[0]
-    pos = (np.arange(resolution) + 0.5) / resolution * (g - 1)
+@functools.lru_cache(maxsize=8)
+def _unit_grid(r: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:r, 0:r].astype(np.float32) / np.float32(max(r - 1, 1))
+    return yy, xx
+
+
+@functools.lru_cache(maxsize=8)
+def _interp_matrix(g: int, r: int) -> np.ndarray:
+    """(r, g) matrix of bilinear weights taking g coarse samples (spanning the image) to r pixels."""
+    pos = (np.arange(r) + 0.5) / r * (g - 1)
     i0 = np.clip(np.floor(pos).astype(int), 0, g - 2)
-    t = (pos - i0)[:, None]
-    rows = grid[i0] * (1 - t[:, :, None]) + grid[i0 + 1] * t[:, :, None]  # (R, g, 3)
-    tc = (pos - i0)[None, :, None]
-    return rows[:, i0] * (1 - tc) + rows[:, i0 + 1] * tc
+    t = pos - i0
+    w = np.zeros((r, g), np.float32)
+    w[np.arange(r), i0] = 1 - t
+    w[np.arange(r), i0 + 1] = t
+    return w
 
 
 def render_background(scene: Scene) -> np.ndarray:
-    """Background as float32 (R, R, 3) in 0-255, a pure function of the scene's background parameters."""
+    """Background as float32 (3, R, R) in 0-255, a pure function of the scene's background parameters."""
     bg, r = scene.background, scene.resolution
     rng = np.random.default_rng(bg.seed)
-    base = np.array(bg.base, dtype=np.float64)
-    yy, xx = np.mgrid[0:r, 0:r].astype(np.float64) / max(r - 1, 1)
-    if bg.kind == "flat":
-        field = np.zeros((r, r))
-    elif bg.kind == "linear":
-        field = (xx - 0.5) * math.cos(bg.theta) + (yy - 0.5) * math.sin(bg.theta)
-        field = field * 1.4
-    elif bg.kind == "radial":
-        cx, cy = 0.5 + 0.3 * math.cos(bg.theta), 0.5 + 0.3 * math.sin(bg.theta)
-        field = np.hypot(xx - cx, yy - cy) - 0.5
-    else:  # blobs: smooth random colour field
-        field = None
-    if field is None:
-        coarse = rng.normal(0.0, 0.45, size=(4, 4, 3))
-        img = base + bg.amp * _upsample_bilinear(coarse, r)
+    base = np.array(bg.base, dtype=np.float32)[:, None, None]
+    yy, xx = _unit_grid(r)
+    if bg.kind == "blobs":  # smooth random colour field
+        coarse = rng.normal(0.0, 0.45, size=(3, 4, 4)).astype(np.float32)
+        w = _interp_matrix(4, r)
+        img = base + np.float32(bg.amp) * (w @ coarse @ w.T)
     else:
-        direction = np.array([1.0, 0.9 + 0.2 * math.sin(bg.theta), 0.9 + 0.2 * math.cos(bg.theta)])
-        img = base + bg.amp * field[:, :, None] * direction
-    img = img + rng.normal(0.0, bg.noise, size=(r, r, 3))
-    return np.clip(img, 0.0, 255.0).astype(np.float32)
+        if bg.kind == "flat":
+            field = np.zeros((r, r), np.float32)
+        elif bg.kind == "linear":
+            field = ((xx - 0.5) * math.cos(bg.theta) + (yy - 0.5) * math.sin(bg.theta)) * np.float32(1.4)
+        else:  # radial
+            cx, cy = 0.5 + 0.3 * math.cos(bg.theta), 0.5 + 0.3 * math.sin(bg.theta)
+            field = np.hypot(xx - np.float32(cx), yy - np.float32(cy)) - np.float32(0.5)
+        direction = np.array([1.0, 0.9 + 0.2 * math.sin(bg.theta), 0.9 + 0.2 * math.cos(bg.theta)], np.float32)
+        img = base + (np.float32(bg.amp) * direction)[:, None, None] * field[None]
+    img += rng.standard_normal((3, r, r), dtype=np.float32) * np.float32(bg.noise)
+    np.clip(img, 0.0, 255.0, out=img)
+    return img
 
 
 @dataclass
@@ -125,21 +139,28 @@ class Rendered:
 
 def render_scene(scene: Scene) -> Rendered:
     """Rasterise the scene (painter's order); also sets each entity's bbox and the scene's covers."""
+    r = scene.resolution
     img = render_background(scene)
     alphas = []
     for e in scene.entities:
-        a = entity_alpha(e, scene.resolution)
-        colour = np.array(e.rgb, dtype=np.float32)
-        img = img * (1.0 - a[:, :, None]) + colour * a[:, :, None]
-        ys, xs = np.nonzero(a > 0)
-        e.bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        alphas.append(a)
+        win, x0, y0 = _alpha_window(e, r, SUPERSAMPLE)
+        ys, xs = np.nonzero(win > 0)
+        e.bbox = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+        h, w = win.shape
+        sub = img[:, y0:y0 + h, x0:x0 + w]
+        sub += (np.array(e.rgb, dtype=np.float32)[:, None, None] - sub) * win[None]
+        full = np.zeros((r, r), np.float32)
+        full[y0:y0 + h, x0:x0 + w] = win
+        alphas.append(full)
     scene.covers = []
-    for i, ai in enumerate(alphas):
+    for i, ei in enumerate(scene.entities):
         for j in range(i):
-            if int(np.count_nonzero((ai > 0.5) & (alphas[j] > 0.5))) >= COVER_MIN_PIXELS:
+            bi, bj = ei.bbox, scene.entities[j].bbox
+            if bi[0] >= bj[2] or bj[0] >= bi[2] or bi[1] >= bj[3] or bj[1] >= bi[3]:
+                continue
+            if int(np.count_nonzero((alphas[i] > 0.5) & (alphas[j] > 0.5))) >= COVER_MIN_PIXELS:
                 scene.covers.append((i, j))
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    image = np.ascontiguousarray(np.rint(img).astype(np.uint8).transpose(1, 2, 0))
     return Rendered(image, alphas)
 
 

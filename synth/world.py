@@ -106,20 +106,26 @@ class Scene:
                 "covers": [list(c) for c in self.covers]}
 
 
-def _pick(rng: np.random.Generator, seq):
+def pick(rng: np.random.Generator, seq):
+    """One element of `seq`, uniformly."""
     return seq[int(rng.integers(len(seq)))]
 
 
 def weighted_index(rng: np.random.Generator, weights) -> int:
     """Index drawn with probability proportional to `weights` (cheaper than Generator.choice with p)."""
-    cum = np.cumsum(weights)
-    return min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(cum) - 1)
+    x = rng.random() * sum(weights)
+    acc = 0.0
+    for k, w in enumerate(weights):
+        acc += w
+        if x < acc:
+            return k
+    return len(weights) - 1
 
 
 def _jitter_rgb(rng: np.random.Generator, colour: str) -> tuple[int, int, int]:
-    base = np.array(COLOURS[colour], dtype=np.int64)
-    rgb = np.clip(base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3), 0, 255)
-    return (int(rgb[0]), int(rgb[1]), int(rgb[2]))
+    jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3).tolist()
+    r, g, b = (min(255, max(0, c + d)) for c, d in zip(COLOURS[colour], jitter))
+    return (r, g, b)
 
 
 def sample_background(rng: np.random.Generator) -> Background:
@@ -127,7 +133,7 @@ def sample_background(rng: np.random.Generator) -> Background:
     level = rng.uniform(80.0, 165.0)
     tint = rng.normal(0.0, 10.0, size=3)
     base = tuple(float(np.clip(level + t, 60.0, 185.0)) for t in tint)
-    return Background(kind=_pick(rng, BACKGROUND_KINDS), base=base, amp=float(rng.uniform(15.0, 45.0)),
+    return Background(kind=pick(rng, BACKGROUND_KINDS), base=base, amp=float(rng.uniform(15.0, 45.0)),
                       theta=float(rng.uniform(0.0, 2 * math.pi)), noise=float(rng.uniform(2.0, 8.0)),
                       seed=int(rng.integers(0, 2**31 - 1)))
 
@@ -137,11 +143,11 @@ def sample_specs(rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]
     specs: list[tuple[str, str, str]] = []
     used: set[tuple[str, str]] = set()
     for _ in range(n):
-        shape = _pick(rng, SHAPES)
+        shape = pick(rng, SHAPES)
         free = [c for c in COLOUR_NAMES if (shape, c) not in used]
-        colour = _pick(rng, free)
+        colour = pick(rng, free)
         used.add((shape, colour))
-        specs.append((shape, colour, _pick(rng, SIZES)))
+        specs.append((shape, colour, pick(rng, SIZES)))
     return specs
 
 
@@ -176,7 +182,7 @@ def sample_scene(rng: np.random.Generator, resolution: int) -> Scene:
 
 def sample_single(rng: np.random.Generator, shape: str, resolution: int) -> Scene:
     """A one-entity scene of the given shape (the Visual-Genome stand-in)."""
-    colour = _pick(rng, COLOUR_NAMES)
+    colour = pick(rng, COLOUR_NAMES)
     size = "large" if rng.random() < 0.7 else "small"
     entities = layout(rng, [(shape, colour, size)], resolution)
     return Scene(resolution, entities, sample_background(rng))
@@ -232,7 +238,7 @@ def _recolour_partner(rng: np.random.Generator, scene: Scene) -> Scene:
     k = int(rng.integers(len(scene.entities)))
     used = {(e.shape, e.colour) for e in scene.entities}
     target = scene.entities[k]
-    colour = _pick(rng, [c for c in COLOUR_NAMES if (target.shape, c) not in used])
+    colour = pick(rng, [c for c in COLOUR_NAMES if (target.shape, c) not in used])
     ents = list(scene.entities)
     ents[k] = Entity(target.shape, colour, target.size, target.cx, target.cy, target.half, target.angle,
                      _jitter_rgb(rng, colour))
@@ -242,7 +248,7 @@ def _recolour_partner(rng: np.random.Generator, scene: Scene) -> Scene:
 def make_partner(rng: np.random.Generator, scene: Scene, index: int) -> Scene:
     """A hard negative of `scene`: same objects with another attribute binding, sizes, or mirrored layout."""
     kinds = ["binding", "binding", "size", "mirror"] if len(scene.entities) >= 2 else ["recolour"]
-    kind = _pick(rng, kinds)
+    kind = pick(rng, kinds)
     partner = None
     if kind == "binding":
         partner = _binding_partner(rng, scene)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from agree.io import atomic_path, atomic_write, dumps
 from synth import captions as C
 from synth.render import mask_box, masked_copy, render_scene, to_storage
-from synth.world import COLOUR_NAMES, SHAPES, Scene, iter_split_scenes, regions, sample_single
+from synth.world import COLOUR_NAMES, SHAPES, Scene, iter_split_scenes, pick, regions, sample_single
 
 FORMAT_VERSION = 1
 SPLIT_CODES = {"train": 1, "val": 2, "test": 3, "pretrain": 4, "vg": 5}
@@ -141,13 +141,13 @@ def objects_for(scene: Scene, rng: np.random.Generator) -> list[str]:
 def vg_description(scene: Scene, rng: np.random.Generator) -> str:
     """A Visual-Genome-like region description of a single-entity scene."""
     e = scene.entities[0]
-    size = C._pick(rng, C.SIZE_WORDS_TARGET[e.size])
+    size = pick(rng, C.SIZE_WORDS_TARGET[e.size])
     options = [f"{e.colour} {e.shape}", f"{size} {e.colour} {e.shape}",
-               f"{C._article([e.colour], False)} {e.colour} {e.shape}"]
+               f"{C.article([e.colour], False)} {e.colour} {e.shape}"]
     reg = regions(e, scene.resolution)
     if reg:
-        options.append(f"{e.colour} {e.shape} {C._pick(rng, C.REGION_WORDS[C._pick(rng, reg)])}")
-    return C._pick(rng, options)
+        options.append(f"{e.colour} {e.shape} {pick(rng, C.REGION_WORDS[pick(rng, reg)])}")
+    return pick(rng, options)
 
 
 def _progress(it, total: int, desc: str, enabled: bool):
