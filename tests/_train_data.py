@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 from clip.transform import MEAN, STD
 
@@ -105,3 +107,12 @@ def train_argv(paths: dict, logs: Path, name: str, *extra: str, batch_size: int 
             "--caption-key", "caption", "--dataset-type", "json", "--model", "tiny", "--batch-size", str(batch_size),
             "--epochs", str(epochs), "--workers", "0", "--warmup", "2", "--lr", "1e-3", "--wd", "0.1",
             "--logs", str(logs), "--name", name, "--device", "cpu", "--log-every-n-steps", "1", *extra]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The test machine is shared: one intra-op thread avoids oversubscription (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _train_data import make_dataset
+from _train_data import make_dataset, one_torch_thread  # noqa: F401 (autouse fixture)
 from agree.io import InputError
 from clip.clip import tokenize
 from clip.transform import array_to_tensor

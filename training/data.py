@@ -234,8 +234,10 @@ def _image(archive: ImageArchive, key: str, arr: Optional[np.ndarray], resolutio
     if arr is None:
         arr = archive[key]
     try:
+        if not (is_train and arr.dtype == np.uint8):      # deterministic preprocessing: no RNG involved
+            return array_to_tensor(arr, resolution, is_train)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)    # CPU generator only (torch.manual_seed also seeds CUDA)
             return array_to_tensor(arr, resolution, is_train)
     except ValueError as e:
         raise InputError(f"{archive.path}: image {key!r}: {e}") from None
