@@ -41,7 +41,8 @@ def chunked_topk(
     """For each chunk of queries yield `(start, scores, indices, extra_scores)`.
 
     `scores`/`indices` are [B, k]: the k items with the largest dot product, ordered
-    by score descending, ties by item index. `extras` ([Q, E, D], optional) are
+    by score descending, ties by item index (which of several items tied at the
+    k-th score gets in is not specified). `extras` ([Q, E, D], optional) are
     more query vectors scored against the same items; `extra_scores` [B, k, E] are
     their dot products with the selected items (computed in the same matrix product).
     Memory is bounded by `chunk x item_chunk`, never by the full score matrix.

@@ -1,0 +1,224 @@
+"""Top-k, EGR, TBR, recall and feature I/O against independent reference computations."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.egr import egr_lists, order_by_a_then_b, pair_slot_dots
+from eval.feature_io import FeatureWriter, Features, align_slots, detect_layout, read_features, sidecar_path
+from eval.metrics import recall
+from eval.predictions import as_ranked_lists
+from eval.tbr import tbr_rerank
+from eval.topk import chunked_topk
+
+CPU = torch.device("cpu")
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_chunked_topk_equals_full_sort_across_query_and_item_chunks():
+    g = torch.Generator().manual_seed(0)
+    q, items, extras = torch.randn(23, 8, generator=g), torch.randn(50, 8, generator=g), torch.randn(23, 2, 8, generator=g)
+    full = q @ items.T
+    ref_s, ref_i = full.sort(dim=1, descending=True)
+    got = list(chunked_topk(q, items, k=9, chunk=5, extras=extras, item_chunk=7))
+    assert [start for start, *_ in got] == [0, 5, 10, 15, 20]
+    s = torch.cat([t[1] for t in got])
+    i = torch.cat([t[2] for t in got])
+    x = torch.cat([t[3] for t in got])
+    assert torch.equal(i, ref_i[:, :9])
+    torch.testing.assert_close(s, ref_s[:, :9])
+    ref_x = torch.einsum("qed,qkd->qke", extras, items[i])
+    torch.testing.assert_close(x, ref_x, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_topk_orders_ties_by_item_index():
+    items = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    (_, s, i, _), = chunked_topk(torch.tensor([[1.0, 0.0]]), items, k=5, chunk=8, item_chunk=2)
+    assert i.tolist() == [[1, 3, 0, 2, 4]]
+    assert s.tolist() == [[1.0, 1.0, 0.0, 0.0, 0.0]]
+
+
+def test_pair_slot_dots_equals_direct_products_with_split_groups_and_padding():
+    g = torch.Generator().manual_seed(1)
+    left, right_a, right_b = torch.randn(30, 6, generator=g), torch.randn(12, 3, 6, generator=g), torch.randn(12, 5, 6, generator=g)
+    right_idx = torch.cat([torch.full((40,), 4), torch.randint(0, 12, (60,), generator=g)])  # row 4 is a "hub"
+    left_idx = torch.randint(0, 30, (100,), generator=g)
+    out_a, out_b = pair_slot_dots(left, left_idx, right_idx, [right_a, right_b], block=6 * 8)  # groups of <= 8 pairs
+    torch.testing.assert_close(out_a, torch.einsum("psd,pd->ps", right_a[right_idx], left[left_idx]))
+    torch.testing.assert_close(out_b, torch.einsum("psd,pd->ps", right_b[right_idx], left[left_idx]))
+
+
+def test_order_by_a_then_b_is_two_stable_descending_sorts():
+    a = torch.tensor([[1.0, 2.0, 2.0, 3.0]])
+    b = torch.tensor([[5.0, 5.0, 5.0, 4.0]])
+    # by a: [3, 1, 2, 0]; then by b (stable): b = [4, 5, 5, 5] -> [1, 2, 0, 3]
+    assert order_by_a_then_b(a, b).tolist() == [[1, 2, 0, 3]]
+
+
+def reference_egr(txt, img, prm, msk, n_real, real_only, pool, top_k):
+    """Spec 4.3 with plain Python loops in float64 (test oracle)."""
+    txt, img, prm, msk = (np.asarray(x, dtype=np.float64) for x in (txt, img, prm, msk))
+    n_slots = prm.shape[1]
+
+    def slots_of(t):
+        return range(n_real[t]) if real_only else range(n_slots)
+
+    def rank(cands):  # cands: (item, s, a, b) in s order
+        by_a = sorted(cands, key=lambda c: -c[2])
+        return sorted(by_a, key=lambda c: -c[3])[:top_k]
+
+    t2i, i2t = [], []
+    for t in range(len(txt)):
+        s_all = img @ txt[t]
+        cand = sorted(range(len(img)), key=lambda i: (-s_all[i], i))[:pool]
+        rows = []
+        for i in cand:
+            s = s_all[i]
+            js = list(slots_of(t))
+            a = 0.9 * s + 0.1 * sum(s - msk[t, j] @ img[i] for j in js)
+            p = sum(prm[t, j] @ img[i] for j in js) / len(js) if js else s
+            rows.append((i, s, a, 0.99 * a + 0.01 * p))
+        t2i.append(rank(rows))
+    for i in range(len(img)):
+        s_all = txt @ img[i]
+        cand = sorted(range(len(txt)), key=lambda t: (-s_all[t], t))[:pool]
+        rows = []
+        for t in cand:
+            s = s_all[t]
+            js = list(slots_of(t))
+            p = sum(prm[t, j] @ img[i] for j in js) / len(js) if js else s
+            a = 0.8 * s + 0.2 * p
+            rows.append((t, s, a, 0.98 * a + 0.02 * sum(min(0.0, s - msk[t, j] @ img[i]) for j in js)))
+        i2t.append(rank(rows))
+    return t2i, i2t
+
+
+@pytest.mark.parametrize("real_only", [False, True])
+def test_egr_matches_a_loop_implementation_of_the_spec(real_only):
+    rng = np.random.default_rng(3)
+    n_img, n_txt, n_slots, dim = 9, 20, 4, 8
+    img = unit(rng.standard_normal((n_img, dim))).astype(np.float32)
+    txt = unit(rng.standard_normal((n_txt, dim))).astype(np.float32)
+    n_real = rng.integers(0, n_slots + 1, size=n_txt)
+    n_real[0] = 0  # a caption without entities
+    pad = unit(rng.standard_normal(dim))
+    prm, msk = (
+        np.where(np.arange(n_slots)[None, :, None] < n_real[:, None, None],
+                 unit(rng.standard_normal((n_txt, n_slots, dim))), pad).astype(np.float32)
+        for _ in range(2)
+    )
+    img_ids = [f"img{i}" for i in range(n_img)]
+    txt_ids = list(range(100, 100 + n_txt))
+    feats = dict(
+        text=Features(Path("t"), "query_id", txt_ids, txt),
+        image=Features(Path("i"), "image_id", img_ids, img),
+        prompt=Features(Path("p"), "query_id", txt_ids, prm, n_real),
+        mask=Features(Path("m"), "query_id", txt_ids, msk, n_real),
+    )
+    t2i, i2t = egr_lists(**feats, top_k=5, chunk=4, device=CPU, real_only=real_only, pool=7)
+    ref_t2i, ref_i2t = reference_egr(txt, img, prm, msk, n_real, real_only, pool=7, top_k=5)
+    for got_rows, ref_rows, q_ids, it_ids in ((t2i, ref_t2i, txt_ids, img_ids), (i2t, ref_i2t, img_ids, txt_ids)):
+        assert [q for q, _ in got_rows] == q_ids
+        for (_, got), ref in zip(got_rows, ref_rows):
+            assert [e[0] for e in got] == [it_ids[r[0]] for r in ref]
+            np.testing.assert_allclose([e[1:] for e in got], [r[1:] for r in ref], rtol=0, atol=1e-6)
+
+
+def test_real_slots_only_changes_the_ranking_when_pads_dominate():
+    # three "" pad mask slots equal to image a's feature penalise a under the released formula
+    img = np.eye(3, dtype=np.float32)
+    txt = unit(np.array([[1.0, 0.9, 0.0]], dtype=np.float32))
+    e1, e3 = [1.0, 0, 0], [0, 0, 1.0]
+    prm = np.array([[e3] * 4], dtype=np.float32)
+    msk = np.array([[e3, e1, e1, e1]], dtype=np.float32)
+    feats = dict(
+        text=Features(Path("t"), "query_id", [0], txt), image=Features(Path("i"), "image_id", ["a", "b", "c"], img),
+        prompt=Features(Path("p"), "query_id", [0], prm, np.array([1])),
+        mask=Features(Path("m"), "query_id", [0], msk, np.array([1])),
+    )
+    plain = egr_lists(**feats, top_k=3, chunk=1, device=CPU)[0][0][1]
+    real = egr_lists(**feats, top_k=3, chunk=1, device=CPU, real_only=True)[0][0][1]
+    s_a = float(txt[0, 0])
+    assert [e[0] for e in plain] == ["b", "a", "c"]  # a = 0.9 s + 0.1 ((s - 0) + 3 (s - 1)) for image a
+    assert plain[1][2] == pytest.approx(0.9 * s_a + 0.1 * (4 * s_a - 3), abs=1e-6)
+    assert [e[0] for e in real] == ["a", "b", "c"]
+    assert real[0][2] == pytest.approx(s_a, abs=1e-6)  # 0.9 s + 0.1 (s - 0)
+
+
+def lists(key, rows):
+    return as_ranked_lists("mem", key, rows)
+
+
+def test_tbr_rule_on_a_hand_example():
+    # text 1 -> images [A, B, C]; B and C rank text 1 higher than A does
+    fwd = lists("query_id", [(1, ["A", "B", "C"]), (2, ["A", "C"])])
+    back = lists("image_id", [("A", [2, 7, 9]), ("B", [1, 2]), ("C", [1, 2])])
+    # q=1: top item A ranks q nowhere -> scores A (0+10000)/2, B (1+0)/2, C (2+0)/2 -> [B, C, A]
+    # q=2: top item A ranks q first -> kept as is
+    assert tbr_rerank(fwd, back) == [(1, ["B", "C", "A"]), (2, ["A", "C"])]
+
+
+def test_tbr_ties_keep_forward_order_and_ids_compare_as_strings():
+    fwd = lists("image_id", [("7", [3, 4, 5])])
+    back = lists("query_id", [(3, [8]), ("4", ["7"]), (5, [9, 7])])  # 4 given as a string: same id
+    # scores: 3 -> (0+10000)/2, 4 -> (1+0)/2 = 0.5, 5 -> (2+1)/2 = 1.5
+    assert tbr_rerank(fwd, back) == [("7", [4, 5, 3])]
+    fwd = lists("image_id", [("7", [3, 4])])
+    back = lists("query_id", [(3, [1, 7]), (4, [7])])  # scores 0.5 and 0.5: tie, forward order
+    assert tbr_rerank(fwd, back) == [("7", [3, 4])]
+
+
+def test_recall_counts_first_gold_hit_and_compares_ids_as_strings():
+    gt = lists("query_id", [(0, [10]), (1, [11, 12]), (2, ["13"]), (3, [14])])
+    ranked = list(range(100, 120))
+    pred = lists("query_id", [
+        ("0", [10] + ranked),  # R@1
+        (1, ranked[:3] + ["12"] + ranked),  # rank 4 -> R@5
+        (2, ranked[:7] + [13]),  # rank 8 -> R@10
+        (3, ranked),  # miss
+    ])
+    r = recall(gt, pred)
+    assert (r["r1"], r["r5"], r["r10"]) == (25.0, 50.0, 75.0)
+    assert r["mean"] == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "npy"])
+def test_feature_files_round_trip_with_ids_as_given(tmp_path, ext):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    ids = [3, "x", 5, "007", 9]
+    path = tmp_path / f"f.{ext}"
+    with FeatureWriter(path, "query_id", slots=True) as w:
+        w.add(ids[:2], data[:2], [1, 3])
+        w.add(ids[2:], data[2:], [0, 2, 3])
+    assert detect_layout(path) == ("query_id", True)
+    f = read_features(path, "query_id", slots=True)
+    assert f.ids == ids
+    assert f.n_real.tolist() == [1, 3, 0, 2, 3]
+    np.testing.assert_array_equal(f.data, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [path.name] + ([sidecar_path(path).name] if ext == "npy" else []))
+
+
+def test_align_slots_follows_the_text_feature_order():
+    text = Features(Path("t"), "query_id", [2, 0, 1], np.zeros((3, 2), np.float32))
+    data = np.arange(3, dtype=np.float32)[:, None, None] * np.ones((3, 2, 2), np.float32)
+    slots = Features(Path("s"), "query_id", ["0", "1", "2"], data, np.array([0, 1, 2]))
+    out = align_slots(text, slots)
+    assert out.ids == ["2", "0", "1"]
+    assert out.data[:, 0, 0].tolist() == [2.0, 0.0, 1.0]
+    assert out.n_real.tolist() == [2, 0, 1]
+
+
+def test_writer_leaves_nothing_when_interrupted(tmp_path):
+    for ext in ("jsonl", "npy"):
+        with pytest.raises(RuntimeError):
+            with FeatureWriter(tmp_path / f"f.{ext}", "image_id") as w:
+                w.add(["a"], np.ones((1, 3), np.float32))
+                raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
