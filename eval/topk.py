@@ -66,7 +66,7 @@ def chunked_topk(
             if best_s is not None:  # merge with the best of the earlier item chunks
                 s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
                 x = torch.cat([best_x, x], 1) if n_extra else None
-                s, sel = s.topk(k, dim=1)
+                s, sel = s.topk(min(k, s.shape[1]), dim=1)
                 i = i.gather(1, sel)
                 x = x.gather(1, sel[..., None].expand(-1, -1, n_extra)) if n_extra else None
             best_s, best_i, best_x = s, i, x
