@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -116,13 +117,18 @@ def verify_openai_checkpoint(path: Path) -> None:
 def _read_checkpoint(path: Path) -> tuple[dict, Optional[torch.jit.ScriptModule]]:
     """Return (raw object as a dict, TorchScript module or None) from a checkpoint file."""
     try:
-        archive = torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.9 deprecates torch.jit.load
+            archive = torch.jit.load(str(path), map_location="cpu").eval()
         return archive.state_dict(), archive
     except (RuntimeError, ValueError):
         pass
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises many kinds of error on damaged files
+        if "Weights only load failed" in str(e):
+            raise InputError(f"{path}: holds Python objects other than tensors, which are not loaded for safety "
+                             "(torch.load weights_only=True); save the model's state dict alone") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path}: not a TorchScript archive or a PyTorch checkpoint "
                          f"(truncated or corrupt file?): {first}") from None
