@@ -66,7 +66,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.A
         if p.requires_grad:
             (no_decay if any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": args.wd}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, foreach=True)
+    on_cuda = all(p.is_cuda for p in decay + no_decay)
+    fast = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, **fast)
 
 
 def write_params(args: argparse.Namespace, path: Path) -> None:

@@ -1,0 +1,131 @@
+"""Time one training step: (a) plain contrastive, (b) full AGREE, (c) the towers' lower bound for (b).
+
+(c) is one forward + backward of the image tower over every image of an AGREE step (image, VG image,
+VG masked image, grounding-masked image) and of the text tower over every text (caption, 5 prompts,
+5 masked captions, VG prompt), with a trivial loss and no optimiser step. Target: (b) <= 1.15 x (c).
+Prints numbers only; runs the tiny model on the CPU, and ViT-B-32 too when a GPU is present.
+
+    python scripts/bench_train.py [--models tiny ViT-B-32] [--batch-size 32] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from clip.clip import create_model, tokenize  # noqa: E402
+from training.distributed import DistEnv  # noqa: E402
+from training.engine import build_optimizer, resolve_precision  # noqa: E402
+from training.params import parse_args  # noqa: E402
+from training.train import StepConfig, autocast, input_dtype, train_step, trim_context  # noqa: E402
+
+ALL_TERMS = ("prompt", "text_mask", "da_contrastive", "da_mask", "grounding_mask")
+WORDS = "man woman dog shirt red blue street ball tree car hat young old small tall running".split()
+
+
+def make_batch(b: int, resolution: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A synthetic AGREE batch: random images, caption-like texts with entity prompts and masks."""
+    g = torch.Generator().manual_seed(seed)
+
+    def words(n: int) -> str:
+        return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (n,), generator=g))
+
+    captions = [f"a {words(3)} is next to a {words(4)} on the {words(2)}" for _ in range(b)]
+    segs = [[words(2), words(3), words(1)] for _ in range(b)]
+    prompts = [[f"a photo containing {s}" for s in ss] + ["", ""] for ss in segs]
+    masked = [[c.replace(s, "[MASK]") for s in ss] + ["", ""] for c, ss in zip(captions, segs)]
+    img = lambda: torch.randn(b, 3, resolution, resolution, generator=g)  # noqa: E731
+    return {"image": img(), "da_image": img(), "da_image_masked": img(), "vg_masked": img(),
+            "text": tokenize(captions), "prompts": tokenize(sum(prompts, [])).view(b, 5, -1),
+            "masked": tokenize(sum(masked, [])).view(b, 5, -1), "da_text": tokenize([f"a photo containing {words(1)}"
+                                                                                     for _ in range(b)])}
+
+
+def _time(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench(model_name: str, batch_size: int, device: torch.device, repeats: int, precision: str | None) -> dict:
+    """Median seconds of (a), (b), (c) for one model."""
+    precision = resolve_precision(precision, device)
+    torch.manual_seed(0)
+    model = create_model(model_name, device=device, precision="fp16" if precision == "fp16" else "fp32")
+    args = parse_args(["--train-data", "unused.jsonl", "--model", model_name])
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
+    env = DistEnv(device=device)
+    full = make_batch(batch_size, model.visual.input_resolution)
+    plain = {k: full[k] for k in ("image", "text")}
+    cfg_plain = StepConfig(terms=(), env=env, precision=precision)
+    cfg_full = StepConfig(terms=ALL_TERMS, env=env, precision=precision)
+
+    images = torch.cat([full[k] for k in ("image", "da_image", "da_image_masked", "vg_masked")])
+    texts = trim_context(torch.cat([full["text"], full["prompts"].flatten(0, 1), full["masked"].flatten(0, 1),
+                                    full["da_text"]]))
+    images = images.to(device, input_dtype(precision))
+    texts = texts.to(device)
+
+    def lower_bound() -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast(precision, device):
+            loss = model.encode_image(images).float().sum() + model.encode_text(texts).float().sum()
+        loss.backward()
+
+    out = {
+        "a_plain_step": _time(lambda: train_step(model, plain, optimizer, scaler, cfg_plain), device, repeats),
+        "b_agree_step": _time(lambda: train_step(model, full, optimizer, scaler, cfg_full), device, repeats),
+        "c_towers_lower_bound": _time(lower_bound, device, repeats),
+    }
+    out["images_per_step"], out["texts_per_step"] = images.shape[0], texts.shape[0]
+    out["text_tokens_kept"] = texts.shape[1]
+    out["precision"] = precision
+    return out
+
+
+def main() -> int:
+    """Parse flags, run the benchmarks, print one block per model."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=None, help="default: tiny, plus ViT-B-32 on a GPU")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=["amp", "fp16", "fp32"], default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on the CPU")
+    a = p.parse_args()
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    models = a.models or (["tiny", "ViT-B-32"] if device.type == "cuda" else ["tiny"])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; batch size {a.batch_size}; median of {a.repeats}")
+    for m in models:
+        r = bench(m, a.batch_size, device, a.repeats, a.precision)
+        print(f"[{m}] precision {r['precision']}: {r['images_per_step']} images + {r['texts_per_step']} texts "
+              f"({r['text_tokens_kept']} token columns) per AGREE step")
+        print(f"  (a) plain contrastive step : {r['a_plain_step'] * 1000:9.1f} ms")
+        print(f"  (b) full AGREE step        : {r['b_agree_step'] * 1000:9.1f} ms")
+        print(f"  (c) towers lower bound     : {r['c_towers_lower_bound'] * 1000:9.1f} ms")
+        print(f"  (b)/(c) = {r['b_agree_step'] / r['c_towers_lower_bound']:.3f} (target <= 1.15);  "
+              f"(b)/(a) = {r['b_agree_step'] / r['a_plain_step']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
