@@ -6,16 +6,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agree.io import run_cli  # noqa: E402
+from eval.cli import add_prediction_args  # noqa: E402
+from eval.device import resolve_device  # noqa: E402
 from eval.egr import POOL, egr_lists  # noqa: E402
 from eval.feature_io import read_retrieval_features, read_slot_features  # noqa: E402
-from eval.make_topk_predictions import add_common_args  # noqa: E402
 from eval.predictions import write_ranked_lists  # noqa: E402
-from eval.topk import resolve_device  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    add_common_args(p)
+    add_prediction_args(p)
     p.add_argument("--mask-feats", required=True, help="masked-caption slot features per query")
     p.add_argument("--prompt-feats", required=True, help="prompt slot features per query")
     p.add_argument("--pool-size", type=int, default=POOL, help="candidates re-ranked per query (release: 128)")

@@ -12,19 +12,6 @@ from eval.feature_io import Features
 ITEM_CHUNK = 65536  # items scored at once per query chunk: memory ~ chunk x ITEM_CHUNK x (1 + extras)
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """`None`/"auto" -> CUDA when available else CPU; an unavailable CUDA request is an InputError."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available")
-    return dev
-
-
 def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """float32 tensor on `device` (shares memory with `array` on CPU)."""
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)

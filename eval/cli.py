@@ -1,0 +1,33 @@
+"""Command-line flags shared by several eval scripts (defined once)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_prediction_args(p: argparse.ArgumentParser) -> None:
+    """Flags of make_topk_predictions.py, shared with make_topk_predictions_mask+prompt.py."""
+    p.add_argument("--image-feats", required=True, help="image features (.jsonl, or .npy + .ids.json)")
+    p.add_argument("--text-feats", required=True, help="text features (.jsonl, or .npy + .ids.json)")
+    p.add_argument("--top-k", type=int, default=10, help="items kept per query")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="queries scored at once (bounds memory)")
+    p.add_argument("--output-images", required=True, help="I2T predictions to write (keyed by image_id)")
+    p.add_argument("--output-texts", required=True, help="T2I predictions to write (keyed by query_id)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def add_extraction_args(p: argparse.ArgumentParser, resume_help: str) -> None:
+    """Flags of extract_features.py, shared with extract_features_zs_mask+prompt.py."""
+    p.add_argument("--extract-image-feats", action="store_true", help="write image features")
+    p.add_argument("--extract-text-feats", action="store_true", help="write caption features")
+    p.add_argument("--image-data", default=None, help="test images (.npz, key = image id)")
+    p.add_argument("--text-data", default=None, help="test captions JSONL (query_id, query_text)")
+    p.add_argument("--img-batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--text-batch-size", type=int, default=32, help="captions per forward pass")
+    p.add_argument("--resume", required=True, help=resume_help)
+    p.add_argument("--image-feat-output-path", default=None, help="image features to write (.jsonl, or .npy)")
+    p.add_argument("--text-feat-output-path", default=None, help="caption features to write (.jsonl, or .npy)")
+    p.add_argument("--model", default=None, help="model config, e.g. ViT-L-14, ViT-B-32 (or ViT-L/14)")
+    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None,
+                   help="default: fp16 weights on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images")

@@ -1,0 +1,28 @@
+"""Image and caption features from a fine-tuned checkpoint (spec section 4.1)."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agree.io import InputError, run_cli  # noqa: E402
+from eval.cli import add_extraction_args  # noqa: E402
+from eval.device import resolve_device  # noqa: E402
+from eval.extraction import load_finetuned, plan_extraction, run_extraction  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_extraction_args(p, "fine-tuned training checkpoint (checkpoints/epoch_N.pt), built with --model")
+    args = p.parse_args(argv)
+    if not args.model:
+        raise InputError("--model is required (the config the checkpoint was trained with, e.g. ViT-L-14)")
+    device = resolve_device(args.device)
+    plan = plan_extraction(args)
+    model = load_finetuned(args.resume, args.model, device, args.precision)
+    run_extraction(plan, model, args, device)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

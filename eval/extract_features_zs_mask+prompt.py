@@ -1,0 +1,33 @@
+"""Zero-shot features from an OpenAI checkpoint: images, captions, and entity prompt / mask slots (spec 4.1)."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agree.io import run_cli  # noqa: E402
+from eval.cli import add_extraction_args  # noqa: E402
+from eval.device import resolve_device  # noqa: E402
+from eval.extraction import N_SLOTS, PROMPT_TEMPLATE, load_zero_shot, plan_extraction, run_extraction  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_extraction_args(p, "OpenAI CLIP checkpoint (e.g. tmp/pretrained_models/ViT-L-14.pt) or a model name")
+    p.add_argument("--extract-mask-feats", action="store_true", help="write masked-caption slot features")
+    p.add_argument("--extract-prompt-feats", action="store_true", help="write prompt slot features")
+    p.add_argument("--prompt-data", default=None, help="textual entities per caption (..._texts_segs.jsonl)")
+    p.add_argument("--mask-feat-output-path", default=None, help="masked-caption slot features to write")
+    p.add_argument("--prompt-feat-output-path", default=None, help="prompt slot features to write")
+    p.add_argument("--slots", type=int, default=N_SLOTS, help="entity slots per caption, padded with \"\" (release: 10)")
+    p.add_argument("--prompt-template", default=PROMPT_TEMPLATE, help="prompt built from each entity")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    plan = plan_extraction(args, slots=True)
+    model = load_zero_shot(args.resume, args.model, device, args.precision)
+    run_extraction(plan, model, args, device)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

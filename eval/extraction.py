@@ -1,0 +1,292 @@
+"""Feature extraction with CLIP: model loading, batched image / text / entity-slot encoding (spec 4.1)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from agree.io import InputError, iter_jsonl
+from clip.clip import (create_model, load, load_checkpoint_state_dict, load_state_dict_into, model_config,
+                       normalize_model_name, tokenize)
+from clip.image_archive import ImageArchive
+from clip.model import CLIP, config_from_state_dict, convert_weights
+from eval.feature_io import FeatureWriter
+
+N_SLOTS = 10  # entity slots per caption (release value)
+PROMPT_TEMPLATE = "a photo containing {}"
+MASK_TOKEN = "[MASK]"
+PRECISIONS = ("fp32", "amp", "fp16")
+
+
+# ---------------------------------------------------------------- models
+
+def _place(model: CLIP, device: torch.device, precision: str | None) -> CLIP:
+    """Move to `device`; fp16 weights for 'fp16' (default on CUDA), fp32 otherwise; eval mode."""
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    model = model.to(device).eval()
+    if resolved_precision(device, precision) == "fp16":
+        convert_weights(model)
+    return model
+
+
+def resolved_precision(device: torch.device, precision: str | None) -> str:
+    """None -> fp16 on CUDA, fp32 on CPU; fp16 on CPU is served in fp32 (CPU half matmuls are slow or missing)."""
+    if precision is None:
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision if device.type == "cuda" else "fp32"
+
+
+def load_finetuned(resume: str | os.PathLike, model_name: str, device: torch.device, precision: str | None) -> CLIP:
+    """Model of config `model_name` with the weights of a training checkpoint (or any CLIP state dict)."""
+    model = create_model(model_name, device="cpu", precision="fp32")
+    load_state_dict_into(model, load_checkpoint_state_dict(resume), resume)
+    return _place(model, device, precision)
+
+
+def load_zero_shot(resume: str | os.PathLike, model_name: str | None, device: torch.device, precision: str | None) -> CLIP:
+    """An OpenAI checkpoint (TorchScript archive or state dict); `model_name`, if given, must match it."""
+    model, _, _ = load(resume, device="cpu", jit=False, precision="fp32")
+    if model_name:
+        want = {k: v for k, v in model_config(model_name).items() if k != "transformer_heads"}
+        got = config_from_state_dict(model.state_dict())
+        diff = [k for k, v in want.items() if got.get(k) != v]
+        if diff:
+            raise InputError(
+                f"{resume}: weights are not a {normalize_model_name(model_name)} model "
+                f"({', '.join(f'{k} {got.get(k)} != {want[k]}' for k in diff[:3])}); check --model"
+            )
+    return _place(model, device, precision)
+
+
+def _autocast(device: torch.device, precision: str | None):
+    if device.type == "cuda" and precision == "amp":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _normalised(x: torch.Tensor) -> np.ndarray:
+    x = x.float()
+    return (x / x.norm(dim=-1, keepdim=True)).cpu().numpy()
+
+
+# ---------------------------------------------------------------- images
+
+class _ArchiveImages(Dataset):
+    """Images of an archive as model inputs; errors travel back as strings (no worker tracebacks)."""
+
+    def __init__(self, archive: ImageArchive, keys: Sequence[str], resolution: int):
+        self.archive, self.keys, self.resolution = archive, list(keys), resolution
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.archive.load_tensor(self.keys[i], self.resolution)
+        except InputError as e:
+            return str(e)
+
+
+def _collate(batch: list):
+    errors = [b for b in batch if isinstance(b, str)]
+    return errors[0] if errors else torch.stack(batch)
+
+
+def open_images(path: str | os.PathLike) -> ImageArchive:
+    """Open an image archive; it must hold at least one image."""
+    archive = ImageArchive(path)
+    if len(archive) == 0:
+        raise InputError(f"{path}: image archive is empty")
+    return archive
+
+
+def encode_images(
+    model: CLIP, archive: ImageArchive, batch_size: int, device: torch.device, precision: str | None, workers: int = 0
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Yield (npz keys, L2-normalised float32 features) batch by batch, in archive order; images are read lazily."""
+    keys = archive.keys()
+    loader = DataLoader(_ArchiveImages(archive, keys, model.visual.input_resolution), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate)
+    start = 0
+    with torch.no_grad(), _autocast(device, precision):
+        for batch in tqdm(loader, desc="images", unit="batch", dynamic_ncols=True):
+            if isinstance(batch, str):
+                raise InputError(batch)
+            feats = model.encode_image(batch.to(device=device, dtype=model.dtype))
+            yield keys[start : start + len(batch)], _normalised(feats)
+            start += len(batch)
+
+
+# ---------------------------------------------------------------- texts
+
+@dataclass
+class Query:
+    """One test caption: id as given, text, textual entities (segs file only)."""
+
+    id: object
+    text: str
+    items: list[str]
+
+
+def read_queries(path: str | os.PathLike, with_items: bool = False) -> list[Query]:
+    """Test captions (`query_id`, `query_text`[, `items`]); errors name file and line."""
+    required = ("query_id", "query_text") + (("items",) if with_items else ())
+    out: list[Query] = []
+    seen: dict[str, int] = {}
+    for lineno, rec in iter_jsonl(path, required=required):
+        text = rec["query_text"]
+        if not isinstance(text, str):
+            raise InputError(f"{path}:{lineno}: 'query_text' must be a string")
+        items = rec.get("items", []) if with_items else []
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise InputError(f"{path}:{lineno}: 'items' must be a list of strings")
+        qid = rec["query_id"]
+        if str(qid) in seen:
+            raise InputError(f"{path}:{lineno}: duplicate query_id {qid!r} (first on line {seen[str(qid)]})")
+        seen[str(qid)] = lineno
+        out.append(Query(qid, text, items))
+    if not out:
+        raise InputError(f"{path}: no queries (file is empty)")
+    return out
+
+
+def slot_texts(q: Query, n_slots: int = N_SLOTS, template: str = PROMPT_TEMPLATE) -> tuple[list[str], list[str], int]:
+    """(prompts, masked captions, real slot count): entities truncated or padded with "" to n_slots."""
+    items = q.items[:n_slots]
+    pad = [""] * (n_slots - len(items))
+    prompts = [template.format(x) for x in items] + pad
+    masks = [q.text.replace(x, MASK_TOKEN) for x in items] + pad
+    return prompts, masks, len(items)
+
+
+def encode_texts(model: CLIP, texts: Sequence[str], device: torch.device, precision: str | None) -> np.ndarray:
+    """L2-normalised float32 features of `texts` in one forward pass (repeated texts encoded once)."""
+    unique = list(dict.fromkeys(texts))
+    tokens = tokenize(unique, context_length=model.context_length).to(device)
+    with torch.no_grad(), _autocast(device, precision):
+        feats = _normalised(model.encode_text(tokens))
+    if len(unique) == len(texts):
+        return feats
+    where = {t: i for i, t in enumerate(unique)}
+    return feats[[where[t] for t in texts]]
+
+
+def batches(seq: Sequence, size: int, desc: str) -> Iterator[Sequence]:
+    """Consecutive slices of `seq` with a tqdm progress bar."""
+    for start in tqdm(range(0, len(seq), size), desc=desc, unit="batch", dynamic_ncols=True):
+        yield seq[start : start + size]
+
+
+def check_batch_size(name: str, value: int) -> int:
+    """A batch size flag must be positive."""
+    if value < 1:
+        raise InputError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def require_paths(**paths: str | None) -> None:
+    """Every named flag must be given (InputError naming the missing ones)."""
+    missing = [name for name, value in paths.items() if not value]
+    if missing:
+        raise InputError(f"missing {', '.join('--' + m.replace('_', '-') for m in missing)}")
+
+
+def output_dir_ok(*paths: str | None) -> None:
+    """Fail early (before the slow part) when an output's folder cannot be created."""
+    for p in paths:
+        if p:
+            try:
+                Path(p).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(f"cannot create the folder of {p}: {e}") from None
+
+
+# ---------------------------------------------------------------- whole runs
+
+@dataclass
+class ExtractionPlan:
+    """What one extraction run reads and writes (validated before the model is loaded)."""
+
+    archive: ImageArchive | None = None
+    image_out: str | None = None
+    queries: list[Query] | None = None
+    text_out: str | None = None
+    slot_queries: list[Query] | None = None
+    prompt_out: str | None = None
+    mask_out: str | None = None
+    n_slots: int = N_SLOTS
+    template: str = PROMPT_TEMPLATE
+
+
+def plan_extraction(args, slots: bool = False) -> ExtractionPlan:
+    """Check the flags and read the (small) caption files; open the image archive lazily."""
+    plan = ExtractionPlan()
+    want_prompt = slots and args.extract_prompt_feats
+    want_mask = slots and args.extract_mask_feats
+    if not (args.extract_image_feats or args.extract_text_feats or want_prompt or want_mask):
+        flags = "--extract-image-feats, --extract-text-feats" + (", --extract-prompt-feats, --extract-mask-feats" if slots else "")
+        raise InputError(f"nothing to extract: give at least one of {flags}")
+    check_batch_size("--img-batch-size", args.img_batch_size)
+    check_batch_size("--text-batch-size", args.text_batch_size)
+    if args.extract_image_feats:
+        require_paths(image_data=args.image_data, image_feat_output_path=args.image_feat_output_path)
+        plan.archive, plan.image_out = open_images(args.image_data), args.image_feat_output_path
+    if args.extract_text_feats:
+        require_paths(text_data=args.text_data, text_feat_output_path=args.text_feat_output_path)
+        plan.queries, plan.text_out = read_queries(args.text_data), args.text_feat_output_path
+    if want_prompt or want_mask:
+        if args.slots < 1:
+            raise InputError(f"--slots must be at least 1, got {args.slots}")
+        if "{}" not in args.prompt_template:
+            raise InputError(f"--prompt-template must contain {{}} (got {args.prompt_template!r})")
+        require_paths(prompt_data=args.prompt_data)
+        if want_prompt:
+            require_paths(prompt_feat_output_path=args.prompt_feat_output_path)
+            plan.prompt_out = args.prompt_feat_output_path
+        if want_mask:
+            require_paths(mask_feat_output_path=args.mask_feat_output_path)
+            plan.mask_out = args.mask_feat_output_path
+        plan.slot_queries = read_queries(args.prompt_data, with_items=True)
+        plan.n_slots, plan.template = args.slots, args.prompt_template
+    output_dir_ok(plan.image_out, plan.text_out, plan.prompt_out, plan.mask_out)
+    return plan
+
+
+def run_extraction(plan: ExtractionPlan, model: CLIP, args, device: torch.device) -> None:
+    """Encode and write everything in `plan`; the output files appear together at the end, or none."""
+    precision = args.precision
+    with contextlib.ExitStack() as outputs:
+        if plan.archive is not None:
+            w = outputs.enter_context(FeatureWriter(plan.image_out, "image_id"))
+            for keys, feats in encode_images(model, plan.archive, args.img_batch_size, device, precision, args.workers):
+                w.add(keys, feats)
+        if plan.queries is not None:
+            w = outputs.enter_context(FeatureWriter(plan.text_out, "query_id"))
+            for batch in batches(plan.queries, args.text_batch_size, "captions"):
+                w.add([q.id for q in batch], encode_texts(model, [q.text for q in batch], device, precision))
+        if plan.slot_queries is not None:
+            wp = outputs.enter_context(FeatureWriter(plan.prompt_out, "query_id", slots=True)) if plan.prompt_out else None
+            wm = outputs.enter_context(FeatureWriter(plan.mask_out, "query_id", slots=True)) if plan.mask_out else None
+            s = plan.n_slots
+            for batch in batches(plan.slot_queries, args.text_batch_size, "entity slots"):
+                texts: list[str] = []
+                n_real = []
+                for q in batch:
+                    prompts, masks, n = slot_texts(q, s, plan.template)
+                    texts += (prompts if wp else []) + (masks if wm else [])
+                    n_real.append(n)
+                # every prompt and mask slot of the batch in one forward pass
+                feats = encode_texts(model, texts, device, precision).reshape(len(batch), (wp is not None) + (wm is not None), s, -1)
+                ids = [q.id for q in batch]
+                if wp:
+                    wp.add(ids, feats[:, 0], n_real)
+                if wm:
+                    wm.add(ids, feats[:, -1], n_real)

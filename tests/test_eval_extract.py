@@ -1,0 +1,157 @@
+"""Feature extraction scripts with a tiny random CLIP: outputs, entity slots, bad input."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agree.io import InputError
+from clip.clip import create_model, tokenize
+from clip.transform import array_to_tensor
+from eval.feature_io import read_features
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(rel: str):
+    path = ROOT / rel
+    spec = importlib.util.spec_from_file_location("script_" + path.stem.replace("+", "_"), path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+FT = load_script("eval/extract_features.py")
+ZS = load_script("eval/extract_features_zs_mask+prompt.py")
+
+ITEMS = [[], ["a dog"], ["a dog", "a cat"], [f"thing{i}" for i in range(12)]]
+
+
+def caption(q):
+    return f"a dog and a cat near thing1 number {q}"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("extract")
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    sd = model.state_dict()
+    torch.save(sd, d / "tiny_openai.pt")
+    torch.save({"epoch": 2, "name": "t", "state_dict": {"module." + k: v for k, v in sd.items()}}, d / "epoch_2.pt")
+    rng = np.random.default_rng(0)
+    images = {str(9000 + i): rng.standard_normal((3, 64, 64)).astype(np.float32) for i in range(5)}
+    images["77"] = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # raw RGB: normalised on the fly
+    np.savez(d / "images.npz", **images)
+    (d / "texts.jsonl").write_text("".join(
+        json.dumps({"query_id": q, "query_text": caption(q), "item_ids": [9000]}) + "\n" for q in range(7)))
+    (d / "segs.jsonl").write_text("".join(
+        json.dumps({"query_id": q, "query_text": caption(q), "items": ITEMS[q % 4]}) + "\n" for q in range(7)))
+    return {"dir": d, "model": model, "images": images}
+
+
+def encode_text(model, texts):
+    with torch.no_grad():
+        f = model.encode_text(tokenize(texts)).float()
+    return (f / f.norm(dim=-1, keepdim=True)).numpy()
+
+
+def ft_args(d, out, **over):
+    args = {"image-data": d / "images.npz", "text-data": d / "texts.jsonl", "img-batch-size": 4, "text-batch-size": 3,
+            "resume": d / "epoch_2.pt", "image-feat-output-path": out / "img.jsonl",
+            "text-feat-output-path": out / "txt.jsonl", "model": "tiny", "device": "cpu"}
+    args.update(over)
+    return ["--extract-image-feats", "--extract-text-feats"] + [f"--{k}={v}" for k, v in args.items()]
+
+
+def test_finetuned_extraction_matches_direct_encoding(env, tmp_path):
+    d, model = env["dir"], env["model"]
+    assert FT.main(ft_args(d, tmp_path)) == 0
+    img = read_features(tmp_path / "img.jsonl", "image_id")
+    assert img.ids == list(env["images"])  # npz key order, keys as strings
+    with torch.no_grad():
+        for key, row in zip(img.ids, img.data):
+            f = model.encode_image(array_to_tensor(env["images"][key], 64)[None]).float()[0]
+            np.testing.assert_allclose(row, (f / f.norm()).numpy(), atol=2e-5)
+    txt = read_features(tmp_path / "txt.jsonl", "query_id")
+    assert txt.ids == list(range(7))
+    np.testing.assert_allclose(txt.data, encode_text(model, [caption(q) for q in range(7)]), atol=2e-5)
+
+
+def test_zero_shot_slots_follow_the_spec(env, tmp_path):
+    d, model = env["dir"], env["model"]
+    assert ZS.main([
+        "--extract-text-feats", "--extract-mask-feats", "--extract-prompt-feats",
+        f"--text-data={d / 'texts.jsonl'}", f"--prompt-data={d / 'segs.jsonl'}", "--text-batch-size=3",
+        f"--resume={d / 'tiny_openai.pt'}", "--model=tiny", "--device=cpu",
+        f"--text-feat-output-path={tmp_path / 'txt.jsonl'}", f"--mask-feat-output-path={tmp_path / 'mask.jsonl'}",
+        f"--prompt-feat-output-path={tmp_path / 'prompt.npy'}",
+    ]) == 0
+    prompt = read_features(tmp_path / "prompt.npy", "query_id", slots=True)
+    mask = read_features(tmp_path / "mask.jsonl", "query_id", slots=True)
+    for f in (prompt, mask):
+        assert f.ids == list(range(7)) and f.data.shape[1] == 10
+        assert f.n_real.tolist() == [min(len(ITEMS[q % 4]), 10) for q in range(7)]
+    for q in (0, 2, 3):
+        items = ITEMS[q % 4][:10]
+        pad = [""] * (10 - len(items))
+        want_p = encode_text(model, [f"a photo containing {x}" for x in items] + pad)
+        want_m = encode_text(model, [caption(q).replace(x, "[MASK]") for x in items] + pad)
+        np.testing.assert_allclose(prompt.data[q], want_p, atol=2e-5)
+        np.testing.assert_allclose(mask.data[q], want_m, atol=2e-5)
+
+
+def test_extracted_features_run_through_real_slot_egr(env, tmp_path):
+    d = env["dir"]
+    assert ZS.main([
+        "--extract-image-feats", "--extract-text-feats", "--extract-mask-feats", "--extract-prompt-feats",
+        f"--image-data={d / 'images.npz'}", f"--text-data={d / 'texts.jsonl'}", f"--prompt-data={d / 'segs.jsonl'}",
+        f"--resume={d / 'tiny_openai.pt'}", "--device=cpu",
+        *(f"--{n}-feat-output-path={tmp_path / n}.jsonl" for n in ("image", "text", "mask", "prompt")),
+    ]) == 0
+    egr = load_script("eval/make_topk_predictions_mask+prompt.py")
+    out = tmp_path / "pred"
+    assert egr.main([f"--image-feats={tmp_path / 'image.jsonl'}", f"--text-feats={tmp_path / 'text.jsonl'}",
+                     f"--mask-feats={tmp_path / 'mask.jsonl'}", f"--prompt-feats={tmp_path / 'prompt.jsonl'}",
+                     "--top-k=4", "--real-slots-only", "--device=cpu",
+                     f"--output-images={out / 'i.jsonl'}", f"--output-texts={out / 't.jsonl'}"]) == 0
+    rows = [json.loads(x) for x in (out / "t.jsonl").read_text().splitlines()]
+    assert [r["query_id"] for r in rows] == list(range(7))
+    assert all(len(r["item_ids"]) == 4 and all(e[0] in env["images"] for e in r["item_ids"]) for r in rows)
+
+
+def test_wrong_model_name_for_the_weights(env, tmp_path):
+    with pytest.raises(InputError, match="ViT-B-32"):
+        ZS.main(["--extract-text-feats", f"--text-data={env['dir'] / 'texts.jsonl'}", "--device=cpu",
+                 f"--resume={env['dir'] / 'tiny_openai.pt'}", "--model=ViT-B/32",
+                 f"--text-feat-output-path={tmp_path / 't.jsonl'}"])
+    with pytest.raises(InputError, match="epoch_2.pt"):
+        FT.main(ft_args(env["dir"], tmp_path, model="ViT-B-32"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_image_leaves_no_output(env, tmp_path):
+    images = dict(env["images"], bad=np.zeros((5, 5), np.float32))
+    np.savez(tmp_path / "bad.npz", **images)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"bad\.npz.*'bad'"):
+        FT.main(ft_args(env["dir"], out, **{"image-data": tmp_path / "bad.npz"}))
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_bad_caption_files_name_file_and_line(env, tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"query_id": 0, "query_text": "x"}\n{"query_id": 1}\n')
+    with pytest.raises(InputError, match=r"texts\.jsonl:2: missing key 'query_text'"):
+        FT.main(ft_args(env["dir"], tmp_path / "o", **{"text-data": texts}))
+    segs = tmp_path / "segs.jsonl"
+    segs.write_text('{"query_id": 0, "query_text": "x", "items": "a dog"}\n')
+    with pytest.raises(InputError, match=r"segs\.jsonl:1: 'items' must be a list"):
+        ZS.main(["--extract-prompt-feats", f"--prompt-data={segs}", f"--resume={env['dir'] / 'tiny_openai.pt'}",
+                 f"--prompt-feat-output-path={tmp_path / 'o' / 'p.jsonl'}", "--device=cpu"])
+    with pytest.raises(InputError, match="--text-feat-output-path"):
+        FT.main(["--extract-text-feats", f"--text-data={env['dir'] / 'texts.jsonl'}", "--model=tiny",
+                 f"--resume={env['dir'] / 'epoch_2.pt'}", "--device=cpu"])
+    assert not (tmp_path / "o").exists()
