@@ -17,7 +17,7 @@ from clip.clip import create_model, load
 from training import checkpoint as C
 from training.data import build_train_dataset, resolve_paths
 from training.distributed import DistEnv
-from training.engine import build_optimizer, run
+from training.engine import build_optimizer, resolve_precision, run
 from training.params import active_terms, parse_args
 from training.scheduler import lr_at
 from training.train import StepConfig, compute_loss, retrieval_metrics, train_step
@@ -48,7 +48,7 @@ def medium(tmp_path_factory):
                                               ("--is-da-mask", "da_mask", 0.15), ("--is-vg", "grounding_mask", 0.10)])
 def test_each_flag_alone_trains(small, tmp_path, flag, term, weight):
     args = parse_args(train_argv(small, tmp_path, "run", flag, batch_size=2, epochs=2))
-    res = run(args, DistEnv())
+    res = run(args, DistEnv(), keep_history=True)
     assert [s for s, _ in res.history] == [1, 2]
     for _, losses in res.history:
         assert set(losses) == {"loss", "global", term}
@@ -109,7 +109,7 @@ def test_tiny_overfit_drives_the_loss_down(tmp_path):
     argv += ["--lr", "5e-4", "--warmup", "3", "--save-frequency", "0"]
     argv.remove("--val-data")
     argv.remove(str(paths["val"]))
-    res = run(parse_args(argv), DistEnv())
+    res = run(parse_args(argv), DistEnv(), keep_history=True)
     losses = [h["loss"] for _, h in res.history]
     assert len(losses) == 30
     # chance level of the global term for 4 pairs is ln 4 = 1.386
@@ -247,7 +247,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(medium, tmp_path):
     flags = ("--is-prompt", "--is-da-mask", "--is-vg")
     common = ["--save-frequency", "1", "--save-every-n-steps", "3"]
     # uninterrupted: 2 epochs x 4 steps
-    ref = run(parse_args(train_argv(medium, tmp_path, "ref", *flags, *common, batch_size=2, epochs=2)), DistEnv())
+    ref = run(parse_args(train_argv(medium, tmp_path, "ref", *flags, *common, batch_size=2, epochs=2)), DistEnv(),
+              keep_history=True)
     ref_losses = log_losses(tmp_path / "ref" / "out.log")
     assert sorted(ref_losses) == list(range(1, 9)) and len(ref.history) == 8
 
@@ -270,7 +271,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(medium, tmp_path):
     assert killed_at < 8
 
     res = run(parse_args(train_argv(medium, tmp_path, "killed", *flags, *common, "--resume", "latest",
-                                    batch_size=2, epochs=2)), DistEnv())
+                                    batch_size=2, epochs=2)), DistEnv(), keep_history=True)
     assert [s for s, _ in res.history] == list(range(saved["step"] + 1, 9))
     resumed = log_losses(log)          # the log is appended to: steps before the kill, then the resumed ones
     for step in range(1, 9):
@@ -279,3 +280,23 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(medium, tmp_path):
     a = torch.load(tmp_path / "ref" / "checkpoints" / "epoch_2.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "killed" / "checkpoints" / "epoch_2.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precision_defaults_and_cpu_fallbacks():
+    assert resolve_precision(None, torch.device("cpu")) == "fp32"
+    assert resolve_precision(None, torch.device("cuda", 0)) == "amp"
+    assert resolve_precision("fp16", torch.device("cuda", 0)) == "fp16"
+    assert resolve_precision("amp", torch.device("cpu")) == "fp32"
+    with pytest.raises(InputError, match="--precision fp16 needs a CUDA device"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_flag_value_errors(small, tmp_path):
+    with pytest.raises(InputError, match="--batch-size must be >= 1"):
+        parse_args(["--train-data", "x.jsonl", "--batch-size", "0"])
+    with pytest.raises(InputError, match="--report-to"):
+        parse_args(["--train-data", "x.jsonl", "--report-to", "mlflow"])
+    with pytest.raises(InputError, match="--train-data is required"):
+        parse_args([])
+    with pytest.raises(InputError, match="fewer than one global batch"):
+        run(parse_args(train_argv(small, tmp_path, "big", batch_size=64)), DistEnv())

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -97,17 +97,16 @@ def _reporters(args: argparse.Namespace, run_dir: Path, env: DistEnv) -> tuple[A
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     if "wandb" in args.report:
-        try:
-            import wandb as wandb_module
-        except ImportError:
-            raise InputError("--report-to wandb needs the wandb package (pip install wandb)") from None
+        import wandb as wandb_module
         wandb = wandb_module
         wandb.init(project="agree", name=args.name, notes=args.wandb_notes, config=vars(args), dir=str(run_dir))
     return writer, wandb
 
 
-def run(args: argparse.Namespace, env: DistEnv) -> RunResult:
-    """Train as the flags say; rank 0 writes the run directory. Returns the run's history."""
+def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> RunResult:
+    """Train as the flags say; rank 0 writes the run directory. `keep_history`: record every step's losses."""
+    if "wandb" in args.report and importlib.util.find_spec("wandb") is None:
+        raise InputError("--report-to wandb needs the wandb package (pip install wandb)")
     paths = resolve_paths(args)
     check_files(args, paths)
     precision = resolve_precision(args.precision, env.device)
@@ -190,8 +189,9 @@ def run(args: argparse.Namespace, env: DistEnv) -> RunResult:
         ctx = TrainContext(model=model, optimizer=optimizer, scaler=scaler, set_lr=set_lr, cfg=cfg,
                            steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                            global_batch=args.batch_size * env.world_size, log_every=args.log_every_n_steps,
-                           writer=writer, wandb=wandb, on_step_end=on_step_end)
-        result = RunResult(run_dir=run_dir, history=ctx.history, final_step=start_step)
+                           writer=writer, wandb=wandb, on_step_end=on_step_end,
+                           history=[] if keep_history else None)
+        result = RunResult(run_dir=run_dir, history=ctx.history if ctx.history is not None else [], final_step=start_step)
         step = start_step
         for epoch in range(start_step // steps_per_epoch, args.epochs):
             first = max(step, epoch * steps_per_epoch)

@@ -5,7 +5,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -151,7 +151,7 @@ class TrainContext:
     writer: Any = None           # TensorBoard SummaryWriter (rank 0) or None
     wandb: Any = None            # wandb module (rank 0) or None
     on_step_end: Optional[Callable[[int, int], None]] = None   # (epoch, steps done) -> e.g. checkpointing
-    history: list = field(default_factory=list)                # (step, losses) of this process, for tests
+    history: Optional[list] = None     # if a list: (step, losses) of every step is appended (tests, benchmarks)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -175,7 +175,8 @@ def train_one_epoch(ctx: TrainContext, loader: Iterable, epoch: int, first_step:
         step += 1
         n_since += 1
         steps_timed += 1
-        ctx.history.append((step, losses))
+        if ctx.history is not None:
+            ctx.history.append((step, losses))
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v
         if not all(math.isfinite(v) for v in losses.values()):
