@@ -237,6 +237,10 @@ def test_find_latest_and_resume_errors(tmp_path, small):
         parse_args(["--train-data", "x.jsonl", "--resume", "latest"])
     with pytest.raises(InputError, match="--resume latest: no checkpoint"):
         run(parse_args(train_argv(small, tmp_path, "fresh", "--resume", "latest")), DistEnv())
+    wrong = tmp_path / "rn50.pt"
+    torch.save({"epoch": 1, "state_dict": {"visual.conv1.weight": torch.zeros(3)}}, wrong)
+    with pytest.raises(InputError, match="--resume: .*rn50.pt does not fit --model tiny"):
+        run(parse_args(train_argv(small, tmp_path, "wrong", "--resume", str(wrong), batch_size=2)), DistEnv())
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "out.log").write_text("")
     with pytest.raises(InputError, match="already exists"):

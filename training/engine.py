@@ -155,9 +155,13 @@ def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> R
         start_step = 0
         if resume_path is not None:
             ckpt = ckpt_io.load_checkpoint(resume_path)
-            unwrap(model).load_state_dict(ckpt_io.strip_module_prefix(ckpt["state_dict"]))
-            if "optimizer" in ckpt:
-                optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                unwrap(model).load_state_dict(ckpt_io.strip_module_prefix(ckpt["state_dict"]))
+                if "optimizer" in ckpt:
+                    optimizer.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise InputError(f"--resume: {resume_path} does not fit --model {args.model} "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
             if scaler is not None and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             start_step = int(ckpt.get("step", ckpt.get("epoch", 0) * steps_per_epoch))

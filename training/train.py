@@ -58,10 +58,11 @@ def encode_batch(model: nn.Module, batch: dict[str, Tensor], device: torch.devic
     img_slots = [k for k in IMAGE_SLOTS if k in batch]
     txt_slots = [k for k in TEXT_SLOTS if k in batch]
     b = batch["image"].shape[0]
-    images = torch.stack([batch[k] for k in img_slots], dim=1)
+    # each slot goes to the device as collated (pinned), then is stacked there
+    images = torch.stack([batch[k].to(device=device, dtype=dtype, non_blocking=True) for k in img_slots], dim=1)
     texts = torch.cat([batch[k] if batch[k].dim() == 3 else batch[k][:, None] for k in txt_slots], dim=1)
     widths = [batch[k].shape[1] if batch[k].dim() == 3 else 1 for k in txt_slots]
-    images = images.flatten(0, 1).to(device=device, dtype=dtype, non_blocking=True)
+    images = images.flatten(0, 1)
     texts = trim_context(texts.flatten(0, 1)).to(device=device, non_blocking=True)
     img_f, txt_f, scale = model(images, texts)
     img_f = img_f.float().view(b, len(img_slots), -1)
