@@ -188,8 +188,8 @@ def test_retrieval_metrics_by_hand():
     # T2I ranks of the own image: 0, 1 (image 1 wins), 0, 0, 1 -> R@1 = 3/5
     assert m["text_to_image_R@1"] == pytest.approx(60.0)
     assert m["text_to_image_R@5"] == pytest.approx(100.0)
-    # I2T: image 0's best own caption is #0 (score 1): rank 0; image 1: best own #2 (0.9) but #1 scores 1 -> rank 1;
-    # image 2: own caption #4 (0.3) below #3 (0.2)? no: scores for image 2 are [0,0,.1,.2,.3] -> rank 0
+    # I2T: image 0's best own caption #0 (1.0) is first: rank 0; image 1's best own #2 (0.9) is beaten by
+    # #1 (1.0): rank 1; image 2 scores the captions [0, 0, .1, .2, .3], its own #4 first: rank 0
     assert m["image_to_text_R@1"] == pytest.approx(200.0 / 3)
     assert m["image_to_text_R@5"] == pytest.approx(100.0)
     # loss: pairs (img0,cap0),(img1,cap2),(img2,cap4) then (img0,cap1),(img1,cap3)
