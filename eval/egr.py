@@ -15,14 +15,17 @@ descending) and the first `top_k` kept.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from agree.io import InputError
 from eval.feature_io import Features
-from eval.topk import as_tensor, chunked_topk
+from eval.topk import as_tensor, chunked_topk, shared_scores, topk_of_scores
 
 POOL = 128  # candidates re-ranked per query (release value)
 PAIR_BLOCK = 1 << 21  # floats per gathered block in pair_slot_dots (8 MB in float32: cache-sized)
@@ -50,15 +53,24 @@ def slot_weights(n_slots: int, n_rows: int, n_real: np.ndarray | None, real_only
     return (np.arange(n_slots)[None, :] < n_real[:, None]).astype(np.float32)
 
 
-def order_by_a_then_b(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Permutation [Q, P]: stable sort by a descending, then stable sort of that by b descending."""
-    first = a.argsort(dim=1, descending=True, stable=True)
-    second = b.gather(1, first).argsort(dim=1, descending=True, stable=True)
-    return first.gather(1, second)
+def order_by_a_then_b(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """First k of the permutation given by a stable sort on a (descending), then a stable sort on b (descending).
+
+    That is the order (b desc, a desc, position asc); rows without ties in b take a topk fast path.
+    """
+    k = b.shape[1] if k is None else min(k, b.shape[1])
+    v, perm = b.topk(k, dim=1)
+    tied = (v[:, 1:] == v[:, :-1]).any(dim=1) | ((b >= v[:, -1:]).sum(dim=1) > k)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        first = a[rows].argsort(dim=1, descending=True, stable=True)
+        second = b[rows].gather(1, first).argsort(dim=1, descending=True, stable=True)
+        perm[rows] = first.gather(1, second)[:, :k]
+    return perm
 
 
 def _finish(s: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, top_k: int) -> tuple:
-    perm = order_by_a_then_b(a, b)[:, :top_k]
+    perm = order_by_a_then_b(a, b, top_k)
     return tuple(t.gather(1, perm).cpu().numpy() for t in (idx, s, a, b))
 
 
@@ -77,15 +89,19 @@ def egr_text_to_image(
     top_k: int,
     chunk: int,
     pool: int = POOL,
+    scores_out: torch.Tensor | None = None,
 ) -> Ranked:
-    """T2I EGR for every text query. Tensors: text [Q, D], image [N, D], slots [Q, S, D], weights [Q, S]."""
+    """T2I EGR for every text query. Tensors: text [Q, D], image [N, D], slots [Q, S, D], weights [Q, S].
+
+    `scores_out` ([Q, N], optional) receives all text-image scores (see topk.shared_scores).
+    """
     # The T2I terms are linear in the slot features, so the weighted slot sums score all
     # candidates in the same matrix product as s (sum_j w_j m_j . x == (sum_j w_j m_j) . x).
     n_m = w_mask.sum(1).double()
     n_p = w_prompt.sum(1).double()
     extras = torch.cat([torch.bmm(w_mask[:, None], mask), torch.bmm(w_prompt[:, None], prompt)], 1)  # [Q, 2, D]
     parts = []
-    for start, s, idx, x in chunked_topk(text, image, pool, chunk, extras=extras):
+    for start, s, idx, x in chunked_topk(text, image, pool, chunk, extras=extras, scores_out=scores_out):
         s = s.double()
         m_sum, p_sum = x[..., 0].double(), x[..., 1].double()
         nm, np_ = n_m[start : start + len(s), None].to(s.device), n_p[start : start + len(s), None].to(s.device)
@@ -107,12 +123,19 @@ def egr_image_to_text(
     chunk: int,
     pool: int = POOL,
     queries_per_pass: int = 8192,
+    scores: torch.Tensor | None = None,
 ) -> Ranked:
-    """I2T EGR for every image query. Tensors: image [Q, D], text [N, D], slots [N, S, D], weights [N, S]."""
+    """I2T EGR for every image query. Tensors: image [Q, D], text [N, D], slots [N, S, D], weights [N, S].
+
+    `scores` ([Q, N], optional): image-text scores already computed (no second product).
+    """
     parts = []
     for q0 in range(0, image.shape[0], queries_per_pass):
         q_img = image[q0 : q0 + queries_per_pass]
-        tops = list(chunked_topk(q_img, text, pool, chunk))
+        if scores is not None:
+            tops = list(topk_of_scores(scores[q0 : q0 + queries_per_pass], pool, chunk))
+        else:
+            tops = list(chunked_topk(q_img, text, pool, chunk))
         s_all = torch.cat([t[1] for t in tops])
         idx_all = torch.cat([t[2] for t in tops])
         n_q, n_c = idx_all.shape
@@ -203,13 +226,26 @@ def egr_lists(
     m = as_tensor(mask.data, device)
     wp = as_tensor(slot_weights(prompt.n_slots, len(prompt), prompt.n_real, real_only, prompt.path), device)
     wm = as_tensor(slot_weights(mask.n_slots, len(mask), mask.n_real, real_only, mask.path), device)
-    t2i = egr_text_to_image(t, i, p, m, wp, wm, top_k, chunk, pool)
-    i2t = egr_image_to_text(i, t, p, m, wp, wm, top_k, chunk, pool)
+    kept = shared_scores(len(text), len(image), device)  # one text-image product serves both directions
+    t2i = egr_text_to_image(t, i, p, m, wp, wm, top_k, chunk, pool, scores_out=kept)
+    i2t = egr_image_to_text(i, t, p, m, wp, wm, top_k, chunk, pool, scores=None if kept is None else kept.T)
     return _rows(text.ids, image.ids, t2i), _rows(image.ids, text.ids, i2t)
 
 
 def _rows(query_ids: list, item_ids: list, r: Ranked) -> list[tuple[object, list]]:
-    out = []
-    for qid, idx, s, a, b in zip(query_ids, r.index.tolist(), r.s.tolist(), r.a.tolist(), r.b.tolist()):
-        out.append((qid, [[item_ids[j], sj, aj, bj] for j, sj, aj, bj in zip(idx, s, a, b)]))
-    return out
+    with _gc_paused():  # ~10^5 small lists: the cyclic GC would rescan torch's objects many times
+        return [
+            (qid, [[item_ids[j], sj, aj, bj] for j, sj, aj, bj in zip(idx, s, a, b)])
+            for qid, idx, s, a, b in zip(query_ids, r.index.tolist(), r.s.tolist(), r.a.tolist(), r.b.tolist())
+        ]
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

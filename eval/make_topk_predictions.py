@@ -19,8 +19,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     image, text = read_retrieval_features(args.image_feats, args.text_feats)
-    t2i = topk_lists(text, image, args.top_k, args.eval_batch_size, device)
-    i2t = topk_lists(image, text, args.top_k, args.eval_batch_size, device)
+    t2i, i2t = topk_lists(text, image, args.top_k, args.eval_batch_size, device)
     write_ranked_lists((args.output_images, "image_id", i2t), (args.output_texts, "query_id", t2i))
     print(f"wrote {len(t2i)} text and {len(i2t)} image queries' top-{args.top_k} lists")
     return 0

@@ -10,7 +10,8 @@ from eval.feature_io import FeatureWriter, Features, align_slots, detect_layout,
 from eval.metrics import recall
 from eval.predictions import as_ranked_lists
 from eval.tbr import tbr_rerank
-from eval.topk import chunked_topk
+from eval import topk as topk_module
+from eval.topk import chunked_topk, topk_lists
 
 CPU = torch.device("cpu")
 
@@ -42,6 +43,20 @@ def test_chunked_topk_orders_ties_by_item_index():
     assert s.tolist() == [[1.0, 1.0, 0.0, 0.0, 0.0]]
 
 
+@pytest.mark.parametrize("keep_scores", [True, False])
+def test_topk_lists_both_directions_equal_full_sorts(keep_scores, monkeypatch):
+    if not keep_scores:
+        monkeypatch.setattr(topk_module, "SHARED_SCORES_MAX", 0)
+    rng = np.random.default_rng(5)
+    txt, img = rng.standard_normal((13, 6)).astype(np.float32), rng.standard_normal((7, 6)).astype(np.float32)
+    text = Features(Path("t"), "query_id", list(range(13)), txt)
+    image = Features(Path("i"), "image_id", [f"i{j}" for j in range(7)], img)
+    t2i, i2t = topk_lists(text, image, k=4, chunk=5, device=CPU)
+    s = txt.astype(np.float64) @ img.T.astype(np.float64)
+    assert t2i == [(q, [f"i{j}" for j in np.argsort(-s[q], kind="stable")[:4]]) for q in range(13)]
+    assert i2t == [(f"i{j}", [int(q) for q in np.argsort(-s[:, j], kind="stable")[:4]]) for j in range(7)]
+
+
 def test_pair_slot_dots_equals_direct_products_with_split_groups_and_padding():
     g = torch.Generator().manual_seed(1)
     left, right_a, right_b = torch.randn(30, 6, generator=g), torch.randn(12, 3, 6, generator=g), torch.randn(12, 5, 6, generator=g)
@@ -57,6 +72,18 @@ def test_order_by_a_then_b_is_two_stable_descending_sorts():
     b = torch.tensor([[5.0, 5.0, 5.0, 4.0]])
     # by a: [3, 1, 2, 0]; then by b (stable): b = [4, 5, 5, 5] -> [1, 2, 0, 3]
     assert order_by_a_then_b(a, b).tolist() == [[1, 2, 0, 3]]
+
+
+@pytest.mark.parametrize("levels", [3, 1000000])  # many ties / almost none
+def test_order_by_a_then_b_fast_path_agrees_with_python_stable_sorts(levels):
+    g = torch.Generator().manual_seed(levels)
+    a = torch.randint(0, levels, (40, 25), generator=g).double()
+    b = torch.randint(0, levels, (40, 25), generator=g).double()
+    got = order_by_a_then_b(a, b, 7)
+    for r in range(40):
+        by_a = sorted(range(25), key=lambda j: -a[r, j].item())
+        want = sorted(by_a, key=lambda j: -b[r, j].item())[:7]
+        assert got[r].tolist() == want
 
 
 def reference_egr(txt, img, prm, msk, n_real, real_only, pool, top_k):
@@ -97,8 +124,10 @@ def reference_egr(txt, img, prm, msk, n_real, real_only, pool, top_k):
     return t2i, i2t
 
 
-@pytest.mark.parametrize("real_only", [False, True])
-def test_egr_matches_a_loop_implementation_of_the_spec(real_only):
+@pytest.mark.parametrize("real_only,keep_scores", [(False, True), (True, True), (False, False)])
+def test_egr_matches_a_loop_implementation_of_the_spec(real_only, keep_scores, monkeypatch):
+    if not keep_scores:  # the large-input path: each direction computes its own products
+        monkeypatch.setattr(topk_module, "SHARED_SCORES_MAX", 0)
     rng = np.random.default_rng(3)
     n_img, n_txt, n_slots, dim = 9, 20, 4, 8
     img = unit(rng.standard_normal((n_img, dim))).astype(np.float32)
