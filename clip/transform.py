@@ -1,11 +1,11 @@
 """CLIP image preprocessing for PIL images and for the arrays stored in `.npz` archives."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import (CenterCrop, Compose, InterpolationMode, Normalize, RandomResizedCrop,
-                                    Resize, ToTensor)
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -15,13 +15,37 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_transform(resolution: int, is_train: bool = False) -> Compose:
-    """PIL image -> normalised (3, R, R) tensor; train: RandomResizedCrop(scale 0.9-1), eval: Resize + CenterCrop."""
-    if is_train:
-        resize = [RandomResizedCrop(resolution, scale=(0.9, 1.0), interpolation=InterpolationMode.BICUBIC)]
-    else:
-        resize = [Resize(resolution, interpolation=InterpolationMode.BICUBIC), CenterCrop(resolution)]
-    return Compose([*resize, _to_rgb, ToTensor(), Normalize(MEAN, STD)])
+class ImageTransform:
+    """PIL image -> normalised (3, R, R) tensor; train: RandomResizedCrop(scale 0.9-1), eval: Resize + CenterCrop.
+
+    The torchvision pipeline is built on first use: importing torchvision costs ~2 s, which
+    scripts that only read preprocessed or right-sized arrays never need to pay.
+    """
+
+    def __init__(self, resolution: int, is_train: bool = False):
+        self.resolution, self.is_train = resolution, is_train
+        self._pipeline: Optional[Callable] = None
+
+    def _build(self) -> Callable:
+        from torchvision.transforms import (CenterCrop, Compose, InterpolationMode, Normalize, RandomResizedCrop,
+                                            Resize, ToTensor)
+        r, bicubic = self.resolution, InterpolationMode.BICUBIC
+        resize = [RandomResizedCrop(r, scale=(0.9, 1.0), interpolation=bicubic)] if self.is_train \
+            else [Resize(r, interpolation=bicubic), CenterCrop(r)]
+        return Compose([*resize, _to_rgb, ToTensor(), Normalize(MEAN, STD)])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self._pipeline is None:
+            self._pipeline = self._build()
+        return self._pipeline(image)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(resolution={self.resolution}, is_train={self.is_train})"
+
+
+def image_transform(resolution: int, is_train: bool = False) -> ImageTransform:
+    """CLIP's preprocessing for PIL images at input size `resolution` (see ImageTransform)."""
+    return ImageTransform(resolution, is_train)
 
 
 _MEAN_T = torch.tensor(MEAN).view(3, 1, 1)
