@@ -18,6 +18,10 @@ TRAIN_IMAGES="${TRAIN_IMAGES:-2000}"
 TEST_IMAGES="${TEST_IMAGES:-200}"
 VAL_IMAGES="${VAL_IMAGES:-100}"
 PRETRAIN_IMAGES="${PRETRAIN_IMAGES:-4000}"
+TRAIN_CAPTIONS="${TRAIN_CAPTIONS:-5}"
+VG_PER_OBJECT="${VG_PER_OBJECT:-20}"
+PRETRAIN_BATCH="${PRETRAIN_BATCH:-64}"
+FINETUNE_BATCH="${FINETUNE_BATCH:-32}"
 PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-6}"
 FINETUNE_EPOCHS="${FINETUNE_EPOCHS:-1}"
 PARTS="${PARTS:-zeroshot,finetune,ablation}"
@@ -30,7 +34,7 @@ rm -rf "$DEMO"
 echo "=========== 1. Synthetic dataset ==========="
 "$PY" scripts/make_synthetic_dataset.py --out "$DEMO" --seed "$SEED" --quiet \
     --train-images "$TRAIN_IMAGES" --val-images "$VAL_IMAGES" --test-images "$TEST_IMAGES" \
-    --pretrain-images "$PRETRAIN_IMAGES"
+    --pretrain-images "$PRETRAIN_IMAGES" --train-captions "$TRAIN_CAPTIONS" --vg-per-object "$VG_PER_OBJECT"
 
 echo "=========== 2. Pre-training the tiny CLIP ==========="
 "$PY" -u training/main_all.py \
@@ -39,7 +43,7 @@ echo "=========== 2. Pre-training the tiny CLIP ==========="
     --val-data="$DATA/annotation/flickr30k_val.json" \
     --data-root="$DATA" \
     --model tiny --device "$DEVICE" --seed "$SEED" \
-    --epochs="$PRETRAIN_EPOCHS" --batch-size=64 --lr=1e-3 --wd=0.1 --warmup=100 --workers=0 \
+    --epochs="$PRETRAIN_EPOCHS" --batch-size="$PRETRAIN_BATCH" --lr=1e-3 --wd=0.1 --warmup=100 --workers=0 \
     --save-frequency="$PRETRAIN_EPOCHS" --log-every-n-steps=50 \
     --logs="$DEMO/runs" --name=pretrain
 "$PY" scripts/export_weights.py "$DEMO/runs/pretrain/checkpoints/epoch_${PRETRAIN_EPOCHS}.pt" "$PRETRAINED"
@@ -48,7 +52,7 @@ echo "=========== 3. Tables: zero-shot re-ranking, fine-tuning, ablation =======
 "$PY" -u scripts/reproduce_tables.py \
     --data-root "$DATA" --vg-root "$DEMO/VG" --pretrained "$PRETRAINED" --model tiny --device "$DEVICE" \
     --out "$DEMO/results" --overwrite --parts "$PARTS" --seed "$SEED" \
-    --epochs "$FINETUNE_EPOCHS" --batch-size 32 --lr 1e-4 --wd 0.1 --warmup 20 --workers 0 --batch-size-eval 100
+    --epochs "$FINETUNE_EPOCHS" --batch-size "$FINETUNE_BATCH" --lr 1e-4 --wd 0.1 --warmup 20 --workers 0 --batch-size-eval 100
 cp "$DEMO/results/results.md" "$DEMO/results.md"
 [ -f "$DEMO/results/retrieval_examples.png" ] && cp "$DEMO/results/retrieval_examples.png" "$DEMO/retrieval_examples.png"
 
