@@ -53,7 +53,7 @@ def iter_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> Iterato
     p = require_file(path)
     with open(p, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
+            if line.isspace():  # blank line; isspace() stops at the first character, strip() would copy
                 continue
             try:
                 rec = loads(line)

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
                                  text=True).stdout.split()[-1])
     t_import = min(run_stage(py + ["-c", "import torch"], 1)[0] for _ in range(3))
 
-    print(f"\n| features | stage | wall s | peak RSS MB |\n|---|---|---:|---:|")
+    print("\n| features | stage | wall s | peak RSS MB |\n|---|---|---:|---:|")
     for ext, name, t, mem in results:
         print(f"| {'JSONL' if ext == 'jsonl' else 'binary .npy'} | {name} | {t:.2f} | {mem:.0f} |")
     print(f"| in memory | EGR compute both ways (no file I/O) | {egr_t:.2f} | |")

@@ -1,5 +1,4 @@
 """Bad input: a clear error naming the file (and line), non-zero exit, no traceback, no output left."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,16 +8,10 @@ import numpy as np
 import pytest
 
 from agree.io import InputError
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_script(rel: str):
-    path = ROOT / rel
-    spec = importlib.util.spec_from_file_location("script_" + path.stem.replace("+", "_"), path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 EGR = load_script("eval/make_topk_predictions_mask+prompt.py")

@@ -1,7 +1,5 @@
 """Feature extraction scripts with a tiny random CLIP: outputs, entity slots, bad input."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +9,9 @@ from agree.io import InputError
 from clip.clip import create_model, tokenize
 from clip.transform import array_to_tensor
 from eval.feature_io import read_features
+from _scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_script(rel: str):
-    path = ROOT / rel
-    spec = importlib.util.spec_from_file_location("script_" + path.stem.replace("+", "_"), path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 FT = load_script("eval/extract_features.py")

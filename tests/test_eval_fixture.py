@@ -1,25 +1,17 @@
 """The evaluation chain reproduces what the released scripts wrote for tests/fixtures/rerank_small."""
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "rerank_small"
 INP, EXP = FIX / "inputs", FIX / "expected"
 TOL = 1e-6
 
-
-def load_script(rel: str):
-    """Import an entry script (names like `make_topk_predictions_mask+prompt.py` are not importable)."""
-    path = ROOT / rel
-    spec = importlib.util.spec_from_file_location("script_" + path.stem.replace("+", "_"), path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def rows(path: Path) -> list[dict]:
