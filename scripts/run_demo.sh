@@ -14,15 +14,15 @@ DEVICE="${DEVICE:-cpu}"
 SEED="${SEED:-0}"
 PRETRAINED="${PRETRAINED:-tmp/pretrained_models/tiny.pt}"
 # Sizes of the synthetic world and the two trainings (the defaults fit ~10 minutes on 2 CPU cores).
-TRAIN_IMAGES="${TRAIN_IMAGES:-2000}"
+TRAIN_IMAGES="${TRAIN_IMAGES:-1000}"
 TEST_IMAGES="${TEST_IMAGES:-200}"
 VAL_IMAGES="${VAL_IMAGES:-100}"
 PRETRAIN_IMAGES="${PRETRAIN_IMAGES:-4000}"
-TRAIN_CAPTIONS="${TRAIN_CAPTIONS:-5}"
+TRAIN_CAPTIONS="${TRAIN_CAPTIONS:-1}"
 VG_PER_OBJECT="${VG_PER_OBJECT:-20}"
 PRETRAIN_BATCH="${PRETRAIN_BATCH:-64}"
 FINETUNE_BATCH="${FINETUNE_BATCH:-32}"
-PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-6}"
+PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-3}"
 FINETUNE_EPOCHS="${FINETUNE_EPOCHS:-1}"
 PARTS="${PARTS:-zeroshot,finetune,ablation}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
@@ -52,7 +52,7 @@ echo "=========== 3. Tables: zero-shot re-ranking, fine-tuning, ablation =======
 "$PY" -u scripts/reproduce_tables.py \
     --data-root "$DATA" --vg-root "$DEMO/VG" --pretrained "$PRETRAINED" --model tiny --device "$DEVICE" \
     --out "$DEMO/results" --overwrite --parts "$PARTS" --seed "$SEED" \
-    --epochs "$FINETUNE_EPOCHS" --batch-size "$FINETUNE_BATCH" --lr 1e-4 --wd 0.1 --warmup 20 --workers 0 --batch-size-eval 100
+    --epochs "$FINETUNE_EPOCHS" --batch-size "$FINETUNE_BATCH" --lr 2e-5 --wd 0.1 --warmup 5 --workers 0 --batch-size-eval 100
 cp "$DEMO/results/results.md" "$DEMO/results.md"
 [ -f "$DEMO/results/retrieval_examples.png" ] && cp "$DEMO/results/retrieval_examples.png" "$DEMO/retrieval_examples.png"
 
