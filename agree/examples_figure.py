@@ -1,6 +1,7 @@
 """A picture of retrieval results: each caption's top-5 images before and after re-ranking."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ def draw_retrieval_examples(texts_gt: Path, images_npz: Path, before_pred: Path,
     queries = pick_examples(gold, before, after, n)
     archive = ImageArchive(images_npz)
 
-    fig, axes = plt.subplots(2 * len(queries), 5, figsize=(10, 4.4 * len(queries)), squeeze=False)
+    fig, axes = plt.subplots(2 * len(queries), 5, figsize=(7.5, 3.3 * len(queries)), squeeze=False)
     for row, q in enumerate(queries):
         for half, (name, ranked) in enumerate((("before", before[q]), ("after EGR + TBR", after[q]))):
             for col in range(5):
@@ -69,7 +70,9 @@ def draw_retrieval_examples(texts_gt: Path, images_npz: Path, before_pred: Path,
             if half == 0:
                 axes[2 * row][0].set_title(f"“{captions[q]['query_text']}”", loc="left", fontsize=10, x=0)
     fig.suptitle("Top-5 images per caption; the correct image is framed green", fontsize=11)
-    fig.tight_layout()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tight_layout may warn about long captions
+        fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
