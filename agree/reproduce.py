@@ -155,8 +155,9 @@ class TableRunner:
         runs = self.out / "runs"
         launcher: Sequence[str] = ()
         if a.nproc > 1:
+            # '--' ends torchrun's own options: its --logs-specs would make our --logs ambiguous
             launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}",
-                        f"--master_port={_free_port()}"]
+                        f"--master_port={_free_port()}", "--"]
         flags = [f"--save-frequency={a.epochs}", f"--train-data={self.ann / 'flickr30k_train_pred.jsonl'}",
                  f"--val-data={self.ann / 'flickr30k_val.json'}", "--img-key", "image", "--caption-key", "caption",
                  "--dataset-type", "json", *terms, f"--dist-url=tcp://127.0.0.1:{_free_port()}",
@@ -206,7 +207,8 @@ class TableRunner:
                  "device": a.device or "auto", "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
                  "wd": a.wd, "warmup": a.warmup, "seed": a.seed}
         header = ("# AGREE tables\n\n"
-                  f"Model `{a.model}` from `{a.pretrained}`, data `{a.data_root}`; fine-tuning: {a.epochs} epochs, "
+                  f"Model `{a.model}` from `{a.pretrained}`, data `{a.data_root}`; fine-tuning: {a.epochs} "
+                  f"epoch{'s' if a.epochs != 1 else ''}, "
                   f"batch {a.batch_size}, lr {a.lr}, wd {a.wd}, warm-up {a.warmup}. "
                   "T→I: text query retrieves images; I→T: image query retrieves texts. Recall in percent.\n\n")
         with atomic_write(self.out / "results.md", "w") as f:
