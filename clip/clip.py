@@ -107,11 +107,17 @@ def _sha256(path: Path) -> str:
 
 
 def verify_openai_checkpoint(path: Path) -> None:
-    """If `path` is named like an OpenAI checkpoint, check its SHA-256 against OpenAI's digest."""
+    """If `path` is named like an OpenAI checkpoint, check its SHA-256 against OpenAI's digest.
+
+    AGREE_SKIP_CHECKSUM=1 in the environment turns the check off (e.g. for a re-saved mirror copy).
+    """
     expected = OPENAI_SHA256.get(path.name)
-    if expected is not None and _sha256(path) != expected:
+    if expected is None or os.environ.get("AGREE_SKIP_CHECKSUM") == "1":
+        return
+    if _sha256(path) != expected:
         raise InputError(f"{path}: SHA-256 does not match OpenAI's published {path.name} (corrupt or partial "
-                         "download?). Download it again, or rename the file if it is your own checkpoint.")
+                         "download?). Download it again, rename the file if it is your own checkpoint, or set "
+                         "AGREE_SKIP_CHECKSUM=1 to load it anyway.")
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, Optional[torch.jit.ScriptModule]]:
