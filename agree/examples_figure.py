@@ -9,6 +9,7 @@ import numpy as np
 from agree.io import atomic_path, read_jsonl
 from clip.image_archive import ImageArchive
 from clip.transform import MEAN, STD
+from eval.predictions import RankedLists, read_ranked_lists
 
 
 def _displayable(arr: np.ndarray) -> np.ndarray:
@@ -19,8 +20,8 @@ def _displayable(arr: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def _ids(record: dict) -> list[str]:
-    return [str(x[0] if isinstance(x, list) else x) for x in record["item_ids"]]
+def _as_strings(lists: RankedLists) -> dict[str, list[str]]:
+    return {str(q): [str(x) for x in items] for q, items in zip(lists.ids, lists.items)}
 
 
 def pick_examples(gold: dict[str, set[str]], before: dict[str, list[str]], after: dict[str, list[str]],
@@ -45,8 +46,8 @@ def draw_retrieval_examples(texts_gt: Path, images_npz: Path, before_pred: Path,
 
     captions = {str(r["query_id"]): r for r in read_jsonl(texts_gt, ["query_id", "query_text", "item_ids"])}
     gold = {q: {str(i) for i in r["item_ids"]} for q, r in captions.items()}
-    before = {str(r["query_id"]): _ids(r) for r in read_jsonl(before_pred, ["query_id", "item_ids"])}
-    after = {str(r["query_id"]): _ids(r) for r in read_jsonl(after_pred, ["query_id", "item_ids"])}
+    before = _as_strings(read_ranked_lists(before_pred, "query_id"))
+    after = _as_strings(read_ranked_lists(after_pred, "query_id"))
     queries = pick_examples(gold, before, after, n)
     archive = ImageArchive(images_npz)
 
