@@ -133,11 +133,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write(dumps(obj))
 
 
+def is_input_error(e: BaseException) -> bool:
+    """InputError, or clip's LoadError (checked without importing clip, and so torch, when it is not loaded)."""
+    clip_api = sys.modules.get("clip.clip")
+    return isinstance(e, InputError) or (clip_api is not None and isinstance(e, clip_api.LoadError))
+
+
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run an entry point: InputError -> 'error: ...' on stderr and exit status 2, no traceback."""
+    """Run an entry point: InputError (or clip's LoadError) -> 'error: ...' on stderr, exit status 2, no traceback."""
     try:
         rc = main()
-    except InputError as e:
+    except Exception as e:
+        if not is_input_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Our CLIP package: model, BPE tokenizer, checkpoint loading, preprocessing."""
-from clip.clip import available_models, create_model, load, tokenize
+"""Our CLIP package: model, BPE tokenizer, checkpoint loading, preprocessing. Imports nothing of the project."""
+from clip.clip import LoadError, available_models, create_model, load, tokenize
 
-__all__ = ["available_models", "create_model", "load", "tokenize"]
+__all__ = ["LoadError", "available_models", "create_model", "load", "tokenize"]

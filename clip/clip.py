@@ -11,16 +11,15 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from agree.io import InputError
 from clip.model import CLIP, build_model, config_from_state_dict, convert_weights
 from clip.simple_tokenizer import SimpleTokenizer
 from clip.transform import image_transform
 
-__all__ = ["available_models", "create_model", "load", "load_checkpoint_state_dict", "model_config",
+__all__ = ["LoadError", "available_models", "create_model", "load", "load_checkpoint_state_dict", "model_config",
            "normalize_model_name", "resolve_checkpoint", "tokenize"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DOWNLOAD_ROOT = Path("~/.cache/clip")
 
 # SHA-256 of the checkpoints OpenAI publishes (the digest is part of each download URL).
 OPENAI_SHA256 = {
@@ -38,6 +37,10 @@ OPENAI_SHA256 = {
 _tokenizer: Optional[SimpleTokenizer] = None
 
 
+class LoadError(ValueError):
+    """A model name, checkpoint file or state dict that cannot be loaded; the message names the culprit."""
+
+
 def normalize_model_name(name: str) -> str:
     """'ViT-L/14' -> 'ViT-L-14' (the spelling of config and checkpoint file names)."""
     return name.replace("/", "-")
@@ -52,7 +55,7 @@ def model_config(name: str) -> dict:
     """Constructor arguments of the CLIP config `name` (e.g. 'ViT-B/32', 'tiny')."""
     path = CONFIG_DIR / f"{normalize_model_name(name)}.json"
     if not path.is_file():
-        raise InputError(f"unknown model name {name!r}; available: {', '.join(available_models())}")
+        raise LoadError(f"unknown model name {name!r}; available: {', '.join(available_models())}")
     return json.loads(path.read_text())
 
 
@@ -61,7 +64,7 @@ def _cast(model: CLIP, device: Union[str, torch.device], precision: Optional[str
     if precision is None:
         precision = "fp16" if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "amp", "fp16"):
-        raise InputError(f"unknown precision {precision!r}; choose fp32, amp or fp16")
+        raise LoadError(f"unknown precision {precision!r}; choose fp32, amp or fp16")
     model = model.to(device)
     if precision == "fp16":
         convert_weights(model)
@@ -73,28 +76,37 @@ def create_model(name: str, device: Union[str, torch.device] = "cpu", precision:
     return _cast(CLIP(**model_config(name)), device, precision)
 
 
-def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> Path:
-    """Find the checkpoint file for a model name (tmp/pretrained_models/, then ~/.cache/clip) or a path."""
+def _roots(download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> list[Path]:
+    if download_root is None:
+        return [DEFAULT_DOWNLOAD_ROOT.expanduser()]
+    if isinstance(download_root, (str, os.PathLike)):
+        download_root = [download_root]
+    return [Path(r).expanduser() for r in download_root]
+
+
+def resolve_checkpoint(name_or_path: Union[str, os.PathLike],
+                       download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]] = None) -> Path:
+    """The checkpoint file of a path, or of a model name looked up as `<name>.pt` in `download_root`.
+
+    `download_root` is a folder or a list of folders searched in order (default ~/.cache/clip).
+    """
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_file():
         return path
     stem = normalize_model_name(text)
     if stem in available_models() or f"{stem}.pt" in OPENAI_SHA256:
-        candidates = [Path("tmp/pretrained_models") / f"{stem}.pt",
-                      REPO_ROOT / "tmp/pretrained_models" / f"{stem}.pt",
-                      Path("~/.cache/clip").expanduser() / f"{stem}.pt"]
+        candidates = [root / f"{stem}.pt" for root in _roots(download_root)]
         for c in candidates:
             if c.is_file():
                 return c
-        raise InputError(
+        raise LoadError(
             f"no checkpoint for model {text!r}: looked for {', '.join(str(c) for c in dict.fromkeys(candidates))}. "
-            f"Put OpenAI's {stem}.pt in tmp/pretrained_models/ (the README's 'Model preparation' "
-            "command downloads ViT-L-14.pt there), or pass the checkpoint's path.")
+            f"Put OpenAI's {stem}.pt in one of those folders, or pass the checkpoint's path.")
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or Path(text).suffix != ""
     if looks_like_path:
-        raise InputError(f"checkpoint file not found: {path}")
-    raise InputError(f"unknown model name {text!r}; available: {', '.join(available_models())}, "
+        raise LoadError(f"checkpoint file not found: {path}")
+    raise LoadError(f"unknown model name {text!r}; available: {', '.join(available_models())}, "
                      "or a path to a checkpoint file")
 
 
@@ -107,17 +119,12 @@ def _sha256(path: Path) -> str:
 
 
 def verify_openai_checkpoint(path: Path) -> None:
-    """If `path` is named like an OpenAI checkpoint, check its SHA-256 against OpenAI's digest.
-
-    AGREE_SKIP_CHECKSUM=1 in the environment turns the check off (e.g. for a re-saved mirror copy).
-    """
+    """If `path` is named like an OpenAI checkpoint, check its SHA-256 against OpenAI's digest."""
     expected = OPENAI_SHA256.get(path.name)
-    if expected is None or os.environ.get("AGREE_SKIP_CHECKSUM") == "1":
-        return
-    if _sha256(path) != expected:
-        raise InputError(f"{path}: SHA-256 does not match OpenAI's published {path.name} (corrupt or partial "
-                         "download?). Download it again, rename the file if it is your own checkpoint, or set "
-                         "AGREE_SKIP_CHECKSUM=1 to load it anyway.")
+    if expected is not None and _sha256(path) != expected:
+        raise LoadError(f"{path}: SHA-256 does not match OpenAI's published {path.name} (corrupt or partial "
+                       "download?). Download it again, rename the file if it is your own checkpoint, or load "
+                       "it with verify=False.")
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, Optional[torch.jit.ScriptModule]]:
@@ -133,13 +140,13 @@ def _read_checkpoint(path: Path) -> tuple[dict, Optional[torch.jit.ScriptModule]
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises many kinds of error on damaged files
         if "Weights only load failed" in str(e):
-            raise InputError(f"{path}: holds Python objects other than tensors, which are not loaded for safety "
+            raise LoadError(f"{path}: holds Python objects other than tensors, which are not loaded for safety "
                              "(torch.load weights_only=True); save the model's state dict alone") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: not a TorchScript archive or a PyTorch checkpoint "
+        raise LoadError(f"{path}: not a TorchScript archive or a PyTorch checkpoint "
                          f"(truncated or corrupt file?): {first}") from None
     if not isinstance(obj, dict):
-        raise InputError(f"{path}: expected a state dict or a training checkpoint, got {type(obj).__name__}")
+        raise LoadError(f"{path}: expected a state dict or a training checkpoint, got {type(obj).__name__}")
     return obj, None
 
 
@@ -147,27 +154,27 @@ def load_checkpoint_state_dict(path: Union[str, os.PathLike]) -> dict:
     """State dict from an OpenAI archive, a plain state dict, or a training checkpoint ('module.' stripped)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint file not found: {path}")
+        raise LoadError(f"checkpoint file not found: {path}")
     obj, _ = _read_checkpoint(path)
     state_dict = obj.get("state_dict", obj)
     if not isinstance(state_dict, dict) or not state_dict:
-        raise InputError(f"{path}: no model weights found (expected a state dict or {{'state_dict': ...}})")
+        raise LoadError(f"{path}: no model weights found (expected a state dict or {{'state_dict': ...}})")
     if all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     bad = [k for k, v in state_dict.items() if not torch.is_tensor(v)]
     if bad:
-        raise InputError(f"{path}: entry {bad[0]!r} of the state dict is not a tensor")
+        raise LoadError(f"{path}: entry {bad[0]!r} of the state dict is not a tensor")
     return state_dict
 
 
 def load_state_dict_into(model: nn.Module, state_dict: dict, source: Union[str, os.PathLike]) -> None:
-    """Strictly load `state_dict` into `model`; a mismatch is an InputError naming `source`."""
+    """Strictly load `state_dict` into `model`; a mismatch is an LoadError naming `source`."""
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = "; ".join(lines[1:4]) if len(lines) > 1 else lines[0]
-        raise InputError(f"{source}: weights do not fit the model: {detail}") from None
+        raise LoadError(f"{source}: weights do not fit the model: {detail}") from None
 
 
 def model_from_state_dict(state_dict: dict, source: Union[str, os.PathLike]) -> CLIP:
@@ -175,10 +182,10 @@ def model_from_state_dict(state_dict: dict, source: Union[str, os.PathLike]) -> 
     try:
         return build_model(state_dict)
     except KeyError as e:
-        raise InputError(f"{source}: not a CLIP state dict (missing {e.args[0]!r})") from None
+        raise LoadError(f"{source}: not a CLIP state dict (missing {e.args[0]!r})") from None
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
-        raise InputError(f"{source}: inconsistent CLIP state dict: {'; '.join(lines[1:3]) or lines[0]}") from None
+        raise LoadError(f"{source}: inconsistent CLIP state dict: {'; '.join(lines[1:3]) or lines[0]}") from None
 
 
 def load(
@@ -188,6 +195,7 @@ def load(
     is_train: bool = False,
     precision: Optional[str] = None,
     verify: bool = True,
+    download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]] = None,
 ):
     """Load a CLIP model by name or path -> (model, train_transform, eval_transform).
 
@@ -196,15 +204,17 @@ def load(
     inferred from the weights. ``precision`` None gives fp16 weights on CUDA and fp32 on CPU
     (OpenAI's behaviour); 'fp32' or 'amp' give fp32 weights, 'fp16' half weights.
     With ``jit=True`` the TorchScript module stored in the archive is returned as is.
+    A name is looked up in ``download_root`` (see resolve_checkpoint); a file named like one of
+    OpenAI's checkpoints is checked against its SHA-256 unless ``verify=False``.
     The model is in eval mode unless ``is_train``.
     """
-    path = resolve_checkpoint(name)
+    path = resolve_checkpoint(name, download_root)
     if verify:
         verify_openai_checkpoint(path)
     if jit:
         obj, archive = _read_checkpoint(path)
         if archive is None:
-            raise InputError(f"{path}: jit=True needs a TorchScript archive; this file is a state dict")
+            raise LoadError(f"{path}: jit=True needs a TorchScript archive; this file is a state dict")
         resolution = config_from_state_dict(obj)["image_resolution"]
         model = archive.to(device)
     else:

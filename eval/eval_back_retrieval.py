@@ -1,14 +1,10 @@
 """TBR re-ranking: `eval_back_retrieval.py IMG_GT IMG_PRED TXT_GT TXT_PRED IMG_OUT TXT_OUT`."""
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agree.io import run_cli  # noqa: E402
-from eval.metrics import recall, recall_list  # noqa: E402
-from eval.predictions import as_ranked_lists, read_ranked_lists, write_ranked_lists  # noqa: E402
-from eval.tbr import tbr_rerank  # noqa: E402
+from agree.io import run_cli
+from eval.metrics import recall, recall_list
+from eval.predictions import as_ranked_lists, read_ranked_lists, write_ranked_lists
+from eval.tbr import tbr_rerank
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,14 +1,10 @@
 """Recall@1/5/10 of a prediction file against ground truth: `evaluation.py GT PRED OUT KEY`."""
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agree.io import InputError, atomic_write, run_cli  # noqa: E402
-from eval.metrics import failure_record, recall, success_record  # noqa: E402
-from eval.predictions import check_key, read_ranked_lists  # noqa: E402
+from agree.io import InputError, atomic_write, run_cli
+from eval.metrics import failure_record, recall, success_record
+from eval.predictions import check_key, read_ranked_lists
 
 
 def parse_args(argv=None) -> argparse.Namespace:

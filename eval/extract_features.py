@@ -1,14 +1,10 @@
 """Image and caption features from a fine-tuned checkpoint (spec section 4.1)."""
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agree.io import InputError, run_cli  # noqa: E402
-from eval.cli import add_extraction_args  # noqa: E402
-from eval.device import resolve_device  # noqa: E402
-from eval.extraction import load_finetuned, plan_extraction, run_extraction  # noqa: E402
+from agree.io import InputError, run_cli
+from eval.cli import add_extraction_args
+from eval.device import resolve_device
+from eval.extraction import load_finetuned, plan_extraction, run_extraction
 
 
 def main(argv=None) -> int:

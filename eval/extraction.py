@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from agree.io import InputError, iter_jsonl
-from clip.clip import (create_model, load, load_checkpoint_state_dict, load_state_dict_into, model_config,
+from agree.images import ImageArchive
+from agree.pretrained import clip_errors_as_input_errors, load_pretrained
+from clip.clip import (create_model, load_checkpoint_state_dict, load_state_dict_into, model_config,
                        normalize_model_name, tokenize)
-from clip.image_archive import ImageArchive
 from clip.model import CLIP, config_from_state_dict, convert_weights
 from eval.feature_io import FeatureWriter
 
@@ -46,16 +47,19 @@ def resolved_precision(device: torch.device, precision: str | None) -> str:
 
 def load_finetuned(resume: str | os.PathLike, model_name: str, device: torch.device, precision: str | None) -> CLIP:
     """Model of config `model_name` with the weights of a training checkpoint (or any CLIP state dict)."""
-    model = create_model(model_name, device="cpu", precision="fp32")
-    load_state_dict_into(model, load_checkpoint_state_dict(resume), resume)
+    with clip_errors_as_input_errors():
+        model = create_model(model_name, device="cpu", precision="fp32")
+        load_state_dict_into(model, load_checkpoint_state_dict(resume), resume)
     return _place(model, device, precision)
 
 
 def load_zero_shot(resume: str | os.PathLike, model_name: str | None, device: torch.device, precision: str | None) -> CLIP:
     """An OpenAI checkpoint (TorchScript archive or state dict); `model_name`, if given, must match it."""
-    model, _, _ = load(resume, device="cpu", jit=False, precision="fp32")
+    model, _, _ = load_pretrained(resume, device="cpu", precision="fp32")
     if model_name:
-        want = {k: v for k, v in model_config(model_name).items() if k != "transformer_heads"}
+        with clip_errors_as_input_errors():
+            config = model_config(model_name)
+        want = {k: v for k, v in config.items() if k != "transformer_heads"}
         got = config_from_state_dict(model.state_dict())
         diff = [k for k, v in want.items() if got.get(k) != v]
         if diff:

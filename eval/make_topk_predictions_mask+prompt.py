@@ -1,16 +1,12 @@
 """Top-k lists re-ranked with entity-guided re-ranking, EGR (spec section 4.3)."""
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agree.io import run_cli  # noqa: E402
-from eval.cli import add_prediction_args  # noqa: E402
-from eval.device import resolve_device  # noqa: E402
-from eval.egr import POOL, egr_lists  # noqa: E402
-from eval.feature_io import read_retrieval_features, read_slot_features  # noqa: E402
-from eval.predictions import write_ranked_lists  # noqa: E402
+from agree.io import run_cli
+from eval.cli import add_prediction_args
+from eval.device import resolve_device
+from eval.egr import POOL, egr_lists
+from eval.feature_io import read_retrieval_features, read_slot_features
+from eval.predictions import write_ranked_lists
 
 
 def main(argv=None) -> int:

@@ -18,13 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from agree.io import write_jsonl
+from eval.feature_io import FeatureWriter
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-from agree.io import write_jsonl  # noqa: E402
-from eval.feature_io import FeatureWriter  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

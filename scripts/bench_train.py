@@ -13,17 +13,14 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from clip.clip import create_model, tokenize  # noqa: E402
-from training.distributed import DistEnv  # noqa: E402
-from training.engine import build_optimizer, resolve_precision  # noqa: E402
-from training.params import parse_args  # noqa: E402
-from training.train import StepConfig, autocast, input_dtype, train_step, trim_context  # noqa: E402
+from clip.clip import create_model, tokenize
+from training.distributed import DistEnv
+from training.engine import build_optimizer, resolve_precision
+from training.params import parse_args
+from training.train import StepConfig, autocast, input_dtype, train_step, trim_context
 
 ALL_TERMS = ("prompt", "text_mask", "da_contrastive", "da_mask", "grounding_mask")
 WORDS = "man woman dog shirt red blue street ball tree car hat young old small tall running".split()

@@ -4,13 +4,10 @@
     python3 scripts/convert_features.py IN.npy OUT.jsonl
 """
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agree.io import InputError, run_cli  # noqa: E402
-from eval.feature_io import detect_layout, is_binary, read_features, write_features  # noqa: E402
+from agree.io import InputError, run_cli
+from eval.feature_io import detect_layout, is_binary, read_features, write_features
 
 
 def main(argv=None) -> int:

@@ -7,15 +7,12 @@ The result loads with `clip.clip.load`, `--openai-pretrained --pretrained-path` 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from agree.io import atomic_path, run_cli  # noqa: E402
-from clip.clip import load_checkpoint_state_dict, model_from_state_dict  # noqa: E402
+from agree.io import atomic_path, run_cli
+from agree.pretrained import clip_errors_as_input_errors
+from clip.clip import load_checkpoint_state_dict, model_from_state_dict
 
 
 def main() -> int:
@@ -24,8 +21,9 @@ def main() -> int:
     p.add_argument("checkpoint", help="training checkpoint, OpenAI archive or state dict")
     p.add_argument("output", help="where to write the state dict (.pt)")
     args = p.parse_args()
-    state_dict = load_checkpoint_state_dict(args.checkpoint)
-    model_from_state_dict(state_dict, args.checkpoint)  # fails early if these are not CLIP weights
+    with clip_errors_as_input_errors():
+        state_dict = load_checkpoint_state_dict(args.checkpoint)
+        model_from_state_dict(state_dict, args.checkpoint)  # fails early if these are not CLIP weights
     with atomic_path(args.output) as tmp:
         torch.save(state_dict, tmp)
     print(f"wrote {len(state_dict)} tensors to {args.output}")

@@ -2,15 +2,12 @@
 """Generate the synthetic, entity-rich AGREE dataset (release file layout) under --out."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import argparse
 
-import argparse  # noqa: E402
-
-from agree.io import InputError, run_cli  # noqa: E402
-from synth.writer import Layout, SynthConfig, generate  # noqa: E402
+from agree.io import InputError, run_cli
+from synth.writer import Layout, SynthConfig, generate
 
 
 def _int_in(lo: int, hi: int):

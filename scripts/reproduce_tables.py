@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agree.io import InputError, run_cli  # noqa: E402
-from agree.reproduce import TERMS, TableRunner, ablation_configs  # noqa: E402
+from agree.io import InputError, run_cli
+from experiments.tables import TERMS, TableRunner, ablation_configs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

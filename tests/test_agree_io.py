@@ -43,10 +43,9 @@ def test_atomic_write_leaves_old_file_and_no_temp_on_failure(tmp_path):
 
 
 def test_run_cli_reports_input_errors_without_traceback(tmp_path):
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "from agree.io import InputError, run_cli\n"
+    code = ("from agree.io import InputError, run_cli\n"
             "def main():\n    raise InputError('data.jsonl:3: missing key \\'caption\\'')\n"
-            "run_cli(main)\n") % str(__import__("pathlib").Path(__file__).resolve().parents[1])
+            "run_cli(main)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: data.jsonl:3: missing key 'caption'"

@@ -1,4 +1,4 @@
-"""clip.load on every accepted checkpoint form, its errors, and the npz image archive."""
+"""clip.load on every accepted checkpoint form and its errors; the project's checkpoint folders (agree.pretrained)."""
 import pickle
 
 import numpy as np
@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from agree.io import InputError
-from clip.clip import create_model, load, load_checkpoint_state_dict, resolve_checkpoint, tokenize
-from clip.image_archive import ImageArchive
-from clip.transform import array_to_tensor, image_transform
+from agree.pretrained import load_pretrained, resolve_pretrained
+from clip.clip import LoadError, create_model, load, load_checkpoint_state_dict, resolve_checkpoint, tokenize
+from clip.transform import array_to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -68,38 +68,48 @@ def test_precision_and_train_mode(tmp_path, tiny):
     assert load(path, device="cpu")[0].dtype == torch.float32  # CPU default: fp32
 
 
-def test_names_resolve_to_pretrained_folder(tmp_path, tiny, monkeypatch):
+def test_names_resolve_in_download_roots(tmp_path, tiny):
+    first, second = tmp_path / "a", tmp_path / "b"
+    second.mkdir()
+    torch.save(tiny.state_dict(), second / "tiny.pt")
+    assert resolve_checkpoint("tiny", [first, second]) == second / "tiny.pt"
+    load("tiny", device="cpu", download_root=second)
+    with pytest.raises(LoadError, match=r"no checkpoint for model 'tiny': looked for .*a/tiny\.pt"):
+        resolve_checkpoint("tiny", first)
+
+
+def test_project_names_resolve_to_pretrained_folder(tmp_path, tiny, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tmp/pretrained_models").mkdir(parents=True)
     torch.save(tiny.state_dict(), tmp_path / "tmp/pretrained_models/tiny.pt")
-    assert resolve_checkpoint("tiny").resolve() == (tmp_path / "tmp/pretrained_models/tiny.pt").resolve()
-    load("tiny", device="cpu")
+    assert resolve_pretrained("tiny").resolve() == (tmp_path / "tmp/pretrained_models/tiny.pt").resolve()
+    load_pretrained("tiny", device="cpu")
 
 
 def test_missing_named_checkpoint_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(InputError, match=r"ViT-L/14.*tmp/pretrained_models.*ViT-L-14\.pt.*README"):
-        load("ViT-L/14", device="cpu")
+        load_pretrained("ViT-L/14", device="cpu")
 
 
 def test_unknown_name_and_missing_path(tmp_path):
-    with pytest.raises(InputError, match="unknown model name 'ViT-Z/99'.*tiny"):
+    with pytest.raises(LoadError, match="unknown model name 'ViT-Z/99'.*tiny"):
         load("ViT-Z/99", device="cpu")
-    with pytest.raises(InputError, match="not found: .*nope.pt"):
+    with pytest.raises(LoadError, match="not found: .*nope.pt"):
         load(tmp_path / "nope.pt", device="cpu")
 
 
 def test_corrupt_and_truncated_files(tmp_path, tiny):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint at all")
-    with pytest.raises(InputError, match="junk.pt: not a TorchScript archive or a PyTorch checkpoint"):
+    with pytest.raises(LoadError, match="junk.pt: not a TorchScript archive or a PyTorch checkpoint"):
         load(junk, device="cpu")
     good = tmp_path / "good.pt"
     torch.save(tiny.state_dict(), good)
     cut = tmp_path / "cut.pt"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(InputError, match="cut.pt"):
+    with pytest.raises(LoadError, match="cut.pt"):
         load(cut, device="cpu")
 
 
@@ -107,7 +117,7 @@ def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": {"w": torch.zeros(1)}, "obj": Image.new("RGB", (1, 1))}, f)
-    with pytest.raises(InputError, match="evil.pt: holds Python objects other than tensors"):
+    with pytest.raises(LoadError, match="evil.pt: holds Python objects other than tensors"):
         load(path, device="cpu")
 
 
@@ -116,53 +126,24 @@ def test_wrong_shapes_and_non_clip_dicts(tmp_path, tiny):
     sd["visual.proj"] = torch.zeros(7, 7)
     bad = tmp_path / "bad_shapes.pt"
     torch.save(sd, bad)
-    with pytest.raises(InputError, match="bad_shapes.pt: inconsistent CLIP state dict"):
+    with pytest.raises(LoadError, match="bad_shapes.pt: inconsistent CLIP state dict"):
         load(bad, device="cpu")
     other = tmp_path / "resnet.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, other)
-    with pytest.raises(InputError, match="resnet.pt: not a CLIP state dict"):
+    with pytest.raises(LoadError, match="resnet.pt: not a CLIP state dict"):
         load(other, device="cpu")
 
 
 def test_sha256_checked_for_openai_file_names(tmp_path, tiny, monkeypatch):
     fake = tmp_path / "ViT-B-32.pt"
     torch.save(tiny.state_dict(), fake)
-    with pytest.raises(InputError, match="SHA-256 does not match OpenAI's published ViT-B-32.pt.*AGREE_SKIP_CHECKSUM"):
+    with pytest.raises(LoadError, match="SHA-256 does not match OpenAI's published ViT-B-32.pt"):
         load(fake, device="cpu")
     load(fake, device="cpu", verify=False)
+    with pytest.raises(InputError, match="SHA-256 does not match .*AGREE_SKIP_CHECKSUM=1"):
+        load_pretrained(fake, device="cpu")
     monkeypatch.setenv("AGREE_SKIP_CHECKSUM", "1")
-    load(fake, device="cpu")
-
-
-def test_image_archive_reads_lazily_and_survives_pickling(tmp_path):
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
-    pre = rng.standard_normal((3, 64, 64)).astype(np.float32)
-    path = tmp_path / "imgs.npz"
-    np.savez(path, **{"1007129816": raw, "9": pre, "bad": np.zeros((5, 5))})
-    archive = ImageArchive(path)
-    assert archive.keys() == ["1007129816", "9", "bad"] and len(archive) == 3
-    assert 1007129816 in archive and "nope" not in archive
-    clone = pickle.loads(pickle.dumps(archive))
-    np.testing.assert_array_equal(clone["1007129816"], raw)
-    torch.testing.assert_close(archive.load_tensor(9, 64), torch.from_numpy(pre))
-    expected = image_transform(64)(Image.fromarray(raw))
-    torch.testing.assert_close(archive.load_tensor("1007129816", 64), expected, atol=1e-5, rtol=0)
-    assert archive.load_tensor("1007129816", 32).shape == (3, 32, 32)
-    assert archive.load_tensor("1007129816", 64, is_train=True).shape == (3, 64, 64)
-    with pytest.raises(InputError, match=r"imgs.npz: no image with key 'nope'"):
-        archive["nope"]
-    with pytest.raises(InputError, match=r"imgs.npz: image 'bad': unsupported image array"):
-        archive.load_tensor("bad", 64)
-
-
-def test_image_archive_errors(tmp_path):
-    with pytest.raises(InputError, match="image archive not found"):
-        ImageArchive(tmp_path / "missing.npz")
-    broken = tmp_path / "broken.npz"
-    broken.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(InputError, match="broken.npz: not a readable .npz archive"):
-        ImageArchive(broken)
+    load_pretrained(fake, device="cpu")
 
 
 def test_float_arrays_of_other_sizes_are_resized():

@@ -1,5 +1,4 @@
 """Generator behaviour: deterministic per seed, split-stable, all-or-nothing output, command-line flags."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,9 +106,8 @@ def test_other_resolutions_scale_the_scene(tmp_path):
 
 
 def _run(*args):
-    env = {**os.environ, "PYTHONPATH": ""}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          cwd="/", timeout=120)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd="/",
+                          timeout=120)
 
 
 def test_cli_writes_dataset_and_prints_summary(tmp_path):

@@ -11,7 +11,7 @@ D = pytest.importorskip("training.data")
 params = pytest.importorskip("training.params")
 predictions = pytest.importorskip("eval.predictions")
 evaluation = pytest.importorskip("eval.evaluation")
-from clip.image_archive import ImageArchive  # noqa: E402
+from agree.images import ImageArchive  # noqa: E402
 
 R = 64
 ALL_TERMS = ["--is-mask", "--is-prompt", "--is-da-loss", "--is-da-mask", "--is-vg"]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from agree.io import InputError, iter_jsonl, read_json
 from clip.clip import tokenize
-from clip.image_archive import ImageArchive
+from agree.images import ImageArchive
 from clip.transform import array_to_tensor
 
 NUM_SLOTS = 5          # entity slots per caption (prompts and masked captions)

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from agree.io import InputError, atomic_write
-from clip.clip import create_model, load, normalize_model_name
+from agree.pretrained import clip_errors_as_input_errors, default_checkpoint, load_pretrained
+from clip.clip import create_model
 from training import checkpoint as ckpt_io
 from training.data import build_train_dataset, check_files, load_val, make_train_loader, resolve_paths
 from training.distributed import DistEnv, barrier
@@ -50,12 +51,13 @@ def build_model(args: argparse.Namespace, device: torch.device, precision: str) 
     """Random init of --model, or the OpenAI checkpoint at --pretrained-path with --openai-pretrained."""
     weights = "fp16" if precision == "fp16" else "fp32"
     if args.openai_pretrained:
-        path = Path(args.pretrained_path or Path("tmp/pretrained_models") / f"{normalize_model_name(args.model)}.pt")
+        path = Path(args.pretrained_path or default_checkpoint(args.model))
         if not path.is_file():
             raise InputError(f"--openai-pretrained: checkpoint not found: {path} (set --pretrained-path)")
-        model, _, _ = load(str(path), device=device, jit=False, is_train=True, precision=weights)
+        model, _, _ = load_pretrained(path, device=device, is_train=True, precision=weights)
     else:
-        model = create_model(args.model, device=device, precision=weights)
+        with clip_errors_as_input_errors():
+            model = create_model(args.model, device=device, precision=weights)
     return model
 
 

@@ -1,17 +1,12 @@
 """AGREE fine-tuning entry point: `python3 -u training/main_all.py ...` or `torchrun --nproc_per_node=N training/main_all.py ...`."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from typing import Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from typing import Optional, Sequence  # noqa: E402
-
-from agree.io import run_cli  # noqa: E402
-from training.distributed import cleanup, init_distributed  # noqa: E402
-from training.engine import run  # noqa: E402
-from training.params import parse_args  # noqa: E402
+from agree.io import run_cli
+from training.distributed import cleanup, init_distributed
+from training.engine import run
+from training.params import parse_args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from agree.io import atomic_path, read_jsonl
-from clip.image_archive import ImageArchive
+from agree.images import ImageArchive
 from clip.transform import MEAN, STD
 from eval.predictions import RankedLists, read_ranked_lists
 

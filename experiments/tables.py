@@ -217,7 +217,7 @@ class TableRunner:
 
     def draw_examples(self, n: int) -> None:
         """retrieval_examples.png: top-5 images per caption before and after EGR + TBR."""
-        from agree.examples_figure import draw_retrieval_examples
+        from experiments.figure import draw_retrieval_examples
         path = self.out / "retrieval_examples.png"
         draw_retrieval_examples(self.ann / "flickr30k_test_texts.jsonl", self.ann / "flickr30k_test_images.npz",
                                 self.files["zs_base_texts"], self.files["zs_rerank_texts"], path, n)

@@ -1,0 +1,1 @@
+"""Orchestration on top of the stages: table reproduction, figures, the demo experiment."""
