@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from agree.precision import PRECISIONS
+
 
 def add_prediction_args(p: argparse.ArgumentParser) -> None:
     """Flags of make_topk_predictions.py, shared with make_topk_predictions_mask+prompt.py."""
@@ -27,7 +29,7 @@ def add_extraction_args(p: argparse.ArgumentParser, resume_help: str) -> None:
     p.add_argument("--image-feat-output-path", default=None, help="image features to write (.jsonl, or .npy)")
     p.add_argument("--text-feat-output-path", default=None, help="caption features to write (.jsonl, or .npy)")
     p.add_argument("--model", default=None, help="model config, e.g. ViT-L-14, ViT-B-32 (or ViT-L/14)")
-    p.add_argument("--precision", choices=["fp32", "amp", "fp16"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="default: fp16 weights on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images")

@@ -2,9 +2,9 @@
 import argparse
 
 from agree.io import InputError, run_cli
+from agree.precision import resolve_device
 from eval.cli import add_extraction_args
-from eval.device import resolve_device
-from eval.extraction import load_finetuned, plan_extraction, run_extraction
+from eval.extraction import load_finetuned, plan_extraction, resolve_extraction_precision, run_extraction
 
 
 def main(argv=None) -> int:
@@ -14,9 +14,10 @@ def main(argv=None) -> int:
     if not args.model:
         raise InputError("--model is required (the config the checkpoint was trained with, e.g. ViT-L-14)")
     device = resolve_device(args.device)
+    precision = resolve_extraction_precision(args.precision, device)
     plan = plan_extraction(args)
-    model = load_finetuned(args.resume, args.model, device, args.precision)
-    run_extraction(plan, model, args, device)
+    model = load_finetuned(args.resume, args.model, device, precision)
+    run_extraction(plan, model, args, device, precision)
     return 0
 
 

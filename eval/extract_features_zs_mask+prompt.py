@@ -1,10 +1,11 @@
 """Zero-shot features from an OpenAI checkpoint: images, captions, and entity prompt / mask slots (spec 4.1)."""
 import argparse
 
+from agree.entities import EVAL_SLOTS, PROMPT_TEMPLATE
 from agree.io import run_cli
+from agree.precision import resolve_device
 from eval.cli import add_extraction_args
-from eval.device import resolve_device
-from eval.extraction import N_SLOTS, PROMPT_TEMPLATE, load_zero_shot, plan_extraction, run_extraction
+from eval.extraction import load_zero_shot, plan_extraction, resolve_extraction_precision, run_extraction
 
 
 def main(argv=None) -> int:
@@ -15,13 +16,14 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-data", default=None, help="textual entities per caption (..._texts_segs.jsonl)")
     p.add_argument("--mask-feat-output-path", default=None, help="masked-caption slot features to write")
     p.add_argument("--prompt-feat-output-path", default=None, help="prompt slot features to write")
-    p.add_argument("--slots", type=int, default=N_SLOTS, help="entity slots per caption, padded with \"\" (release: 10)")
+    p.add_argument("--slots", type=int, default=EVAL_SLOTS, help="entity slots per caption, padded with \"\" (release: 10)")
     p.add_argument("--prompt-template", default=PROMPT_TEMPLATE, help="prompt built from each entity")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    precision = resolve_extraction_precision(args.precision, device)
     plan = plan_extraction(args, slots=True)
-    model = load_zero_shot(args.resume, args.model, device, args.precision)
-    run_extraction(plan, model, args, device)
+    model = load_zero_shot(args.resume, args.model, device, precision)
+    run_extraction(plan, model, args, device, precision)
     return 0
 
 

@@ -12,40 +12,35 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from agree.entities import EVAL_SLOTS, PROMPT_TEMPLATE, entity_slots
 from agree.io import InputError, iter_jsonl
 from agree.images import ImageArchive
+from agree.precision import autocast, resolve_precision
 from agree.pretrained import clip_errors_as_input_errors, load_pretrained
 from clip.clip import (create_model, load_checkpoint_state_dict, load_state_dict_into, model_config,
                        normalize_model_name, tokenize)
 from clip.model import CLIP, config_from_state_dict, convert_weights
 from eval.feature_io import FeatureWriter
 
-N_SLOTS = 10  # entity slots per caption (release value)
-PROMPT_TEMPLATE = "a photo containing {}"
-MASK_TOKEN = "[MASK]"
-PRECISIONS = ("fp32", "amp", "fp16")
+DEFAULT_PRECISION_ON_CUDA = "fp16"  # without --precision; fp32 on the CPU
 
 
 # ---------------------------------------------------------------- models
 
-def _place(model: CLIP, device: torch.device, precision: str | None) -> CLIP:
-    """Move to `device`; fp16 weights for 'fp16' (default on CUDA), fp32 otherwise; eval mode."""
-    if precision is not None and precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+def resolve_extraction_precision(requested: str | None, device: torch.device) -> str:
+    """--precision of the extraction scripts (see agree.precision.resolve_precision)."""
+    return resolve_precision(requested, device, default_on_cuda=DEFAULT_PRECISION_ON_CUDA)
+
+
+def _place(model: CLIP, device: torch.device, precision: str) -> CLIP:
+    """Move to `device`; fp16 weights for 'fp16', fp32 otherwise; eval mode."""
     model = model.to(device).eval()
-    if resolved_precision(device, precision) == "fp16":
+    if precision == "fp16":
         convert_weights(model)
     return model
 
 
-def resolved_precision(device: torch.device, precision: str | None) -> str:
-    """None -> fp16 on CUDA, fp32 on CPU; fp16 on CPU is served in fp32 (CPU half matmuls are slow or missing)."""
-    if precision is None:
-        return "fp16" if device.type == "cuda" else "fp32"
-    return precision if device.type == "cuda" else "fp32"
-
-
-def load_finetuned(resume: str | os.PathLike, model_name: str, device: torch.device, precision: str | None) -> CLIP:
+def load_finetuned(resume: str | os.PathLike, model_name: str, device: torch.device, precision: str) -> CLIP:
     """Model of config `model_name` with the weights of a training checkpoint (or any CLIP state dict)."""
     with clip_errors_as_input_errors():
         model = create_model(model_name, device="cpu", precision="fp32")
@@ -53,7 +48,7 @@ def load_finetuned(resume: str | os.PathLike, model_name: str, device: torch.dev
     return _place(model, device, precision)
 
 
-def load_zero_shot(resume: str | os.PathLike, model_name: str | None, device: torch.device, precision: str | None) -> CLIP:
+def load_zero_shot(resume: str | os.PathLike, model_name: str | None, device: torch.device, precision: str) -> CLIP:
     """An OpenAI checkpoint (TorchScript archive or state dict); `model_name`, if given, must match it."""
     model, _, _ = load_pretrained(resume, device="cpu", precision="fp32")
     if model_name:
@@ -68,12 +63,6 @@ def load_zero_shot(resume: str | os.PathLike, model_name: str | None, device: to
                 f"({', '.join(f'{k} {got.get(k)} != {want[k]}' for k in diff[:3])}); check --model"
             )
     return _place(model, device, precision)
-
-
-def _autocast(device: torch.device, precision: str | None):
-    if device.type == "cuda" and precision == "amp":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def _normalised(x: torch.Tensor) -> np.ndarray:
@@ -120,7 +109,7 @@ def encode_images(
     loader = DataLoader(_ArchiveImages(archive, keys, model.visual.input_resolution), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate)
     start = 0
-    with torch.no_grad(), _autocast(device, precision):
+    with torch.no_grad(), autocast(precision, device):
         for batch in tqdm(loader, desc="images", unit="batch", dynamic_ncols=True):
             if isinstance(batch, str):
                 raise InputError(batch)
@@ -162,20 +151,11 @@ def read_queries(path: str | os.PathLike, with_items: bool = False) -> list[Quer
     return out
 
 
-def slot_texts(q: Query, n_slots: int = N_SLOTS, template: str = PROMPT_TEMPLATE) -> tuple[list[str], list[str], int]:
-    """(prompts, masked captions, real slot count): entities truncated or padded with "" to n_slots."""
-    items = q.items[:n_slots]
-    pad = [""] * (n_slots - len(items))
-    prompts = [template.format(x) for x in items] + pad
-    masks = [q.text.replace(x, MASK_TOKEN) for x in items] + pad
-    return prompts, masks, len(items)
-
-
 def encode_texts(model: CLIP, texts: Sequence[str], device: torch.device, precision: str | None) -> np.ndarray:
     """L2-normalised float32 features of `texts` in one forward pass (repeated texts encoded once)."""
     unique = list(dict.fromkeys(texts))
     tokens = tokenize(unique, context_length=model.context_length).to(device)
-    with torch.no_grad(), _autocast(device, precision):
+    with torch.no_grad(), autocast(precision, device):
         feats = _normalised(model.encode_text(tokens))
     if len(unique) == len(texts):
         return feats
@@ -226,7 +206,7 @@ class ExtractionPlan:
     slot_queries: list[Query] | None = None
     prompt_out: str | None = None
     mask_out: str | None = None
-    n_slots: int = N_SLOTS
+    n_slots: int = EVAL_SLOTS
     template: str = PROMPT_TEMPLATE
 
 
@@ -264,9 +244,8 @@ def plan_extraction(args, slots: bool = False) -> ExtractionPlan:
     return plan
 
 
-def run_extraction(plan: ExtractionPlan, model: CLIP, args, device: torch.device) -> None:
+def run_extraction(plan: ExtractionPlan, model: CLIP, args, device: torch.device, precision: str) -> None:
     """Encode and write everything in `plan`; the output files appear together at the end, or none."""
-    precision = args.precision
     with contextlib.ExitStack() as outputs:
         if plan.archive is not None:
             w = outputs.enter_context(FeatureWriter(plan.image_out, "image_id"))
@@ -284,9 +263,9 @@ def run_extraction(plan: ExtractionPlan, model: CLIP, args, device: torch.device
                 texts: list[str] = []
                 n_real = []
                 for q in batch:
-                    prompts, masks, n = slot_texts(q, s, plan.template)
-                    texts += (prompts if wp else []) + (masks if wm else [])
-                    n_real.append(n)
+                    slots = entity_slots(q.text, q.items, s, plan.template)
+                    texts += (slots.prompts if wp else []) + (slots.masked if wm else [])
+                    n_real.append(slots.n_real)
                 # every prompt and mask slot of the batch in one forward pass
                 feats = encode_texts(model, texts, device, precision).reshape(len(batch), (wp is not None) + (wm is not None), s, -1)
                 ids = [q.id for q in batch]

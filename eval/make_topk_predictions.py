@@ -2,10 +2,10 @@
 import argparse
 
 from agree.io import run_cli
+from agree.precision import resolve_device
 from eval.cli import add_prediction_args
 from eval.feature_io import read_retrieval_features
 from eval.predictions import write_ranked_lists
-from eval.device import resolve_device
 from eval.topk import topk_lists
 
 

@@ -2,8 +2,8 @@
 import argparse
 
 from agree.io import run_cli
+from agree.precision import resolve_device
 from eval.cli import add_prediction_args
-from eval.device import resolve_device
 from eval.egr import POOL, egr_lists
 from eval.feature_io import read_retrieval_features, read_slot_features
 from eval.predictions import write_ranked_lists

@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from agree.io import InputError, atomic_write, read_json, write_json
+from agree.layout import Layout
+from training.terms import AGREE_TERMS, OPTIONAL, flags_of
 
 REPO = Path(__file__).resolve().parents[1]
-TERMS = ("--is-prompt", "--is-mask", "--is-da-loss", "--is-da-mask", "--is-vg")
-TERM_NAMES = {"--is-prompt": "prompt", "--is-mask": "text mask", "--is-da-loss": "VG contrastive",
-              "--is-da-mask": "VG mask", "--is-vg": "grounding mask"}
 SECTIONS = {"zeroshot": "Zero-shot re-ranking", "finetune": "Fine-tuning", "ablation": "Ablation (fine-tuned, no re-ranking)"}
 
 
 def ablation_configs() -> list[tuple[str, tuple[str, ...]]]:
-    """AGREE minus each term in turn: (row label, enabled term flags)."""
-    return [(f"AGREE w/o {TERM_NAMES[t]}", tuple(x for x in TERMS if x != t)) for t in TERMS]
+    """AGREE minus each term in turn: (row label, names of the enabled terms)."""
+    return [(f"AGREE w/o {t.label}", tuple(n for n in AGREE_TERMS if n != t.name)) for t in OPTIONAL]
 
 
 def _slug(label: str) -> str:
@@ -39,17 +38,15 @@ class TableRunner:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.data = Path(args.data_root)
-        self.ann = self.data / "annotation"
+        self.lay = Layout.from_data_dir(args.data_root, args.dataset, args.vg_root)
         self.out = Path(args.out)
         self.logs = self.out / "logs"
         self.rows: list[dict] = []
         self.timings: dict[str, float] = {}
         self.files: dict[str, Path] = {}
-        for name in ("flickr30k_test_images.npz", "flickr30k_test_texts.jsonl", "flickr30k_test_images.jsonl",
-                     "flickr30k_test_texts_segs.jsonl"):
-            if not (self.ann / name).is_file():
-                raise InputError(f"--data-root: {self.ann / name} not found")
+        for path in self.lay.test_files():
+            if not path.is_file():
+                raise InputError(f"--data-root: {path} not found")
         if not Path(args.pretrained).is_file():
             raise InputError(f"--pretrained: checkpoint not found: {args.pretrained}")
 
@@ -77,10 +74,10 @@ class TableRunner:
     def evaluate(self, stage: str, texts_pred: Path, images_pred: Path) -> dict:
         """Recall of both directions through evaluation.py: {'t2i': {...}, 'i2t': {...}}."""
         result = {}
-        for direction, gt, pred, key in (("t2i", "flickr30k_test_texts.jsonl", texts_pred, "query_id"),
-                                         ("i2t", "flickr30k_test_images.jsonl", images_pred, "image_id")):
+        for direction, gt, pred, key in (("t2i", self.lay.test_texts, texts_pred, "query_id"),
+                                         ("i2t", self.lay.test_images, images_pred, "image_id")):
             out = pred.with_name(f"score_{pred.stem}.json")
-            self.run(f"{stage}.eval_{direction}", "eval/evaluation.py", str(self.ann / gt), str(pred), str(out), key)
+            self.run(f"{stage}.eval_{direction}", "eval/evaluation.py", str(gt), str(pred), str(out), key)
             scores = read_json(out)["scoreJson"]
             result[direction] = {k: round(float(scores[k]), 2) for k in ("r1", "r5", "r10", "mean_recall")}
         return result
@@ -90,8 +87,8 @@ class TableRunner:
         images_out = images_pred.with_name(images_pred.stem + "_rerank.jsonl")
         texts_out = texts_pred.with_name(texts_pred.stem + "_rerank.jsonl")
         self.run(f"{stage}.tbr", "eval/eval_back_retrieval.py",
-                 str(self.ann / "flickr30k_test_images.jsonl"), str(images_pred),
-                 str(self.ann / "flickr30k_test_texts.jsonl"), str(texts_pred), str(images_out), str(texts_out))
+                 str(self.lay.test_images), str(images_pred), str(self.lay.test_texts), str(texts_pred),
+                 str(images_out), str(texts_out))
         return images_out, texts_out
 
     def topk(self, stage: str, folder: Path, img_feat: Path, txt_feat: Path, suffix: str = "",
@@ -123,14 +120,13 @@ class TableRunner:
         """Pre-trained model: baseline, +TBR, +EGR, +EGR+TBR (README 'Zero-shot Re-ranking')."""
         a = self.args
         folder = self.out / "predictions" / "zeroshot"
-        feats = {k: folder / f"flickr30k_test_{n}" for k, n in (
+        feats = {k: folder / f"{self.lay.dataset}_test_{n}" for k, n in (
             ("img", "imgs.224.img_feat.jsonl"), ("txt", "queries.txt_feat.jsonl"),
             ("mask", "queries.mask_feat.jsonl"), ("prompt", "queries.prompt_feat.jsonl"))}
         self.run("zeroshot.extract", "eval/extract_features_zs_mask+prompt.py",
                  "--extract-image-feats", "--extract-text-feats", "--extract-mask-feats", "--extract-prompt-feats",
-                 f"--image-data={self.ann / 'flickr30k_test_images.npz'}",
-                 f"--text-data={self.ann / 'flickr30k_test_texts.jsonl'}",
-                 f"--prompt-data={self.ann / 'flickr30k_test_texts_segs.jsonl'}",
+                 f"--image-data={self.lay.test_npz}", f"--text-data={self.lay.test_texts}",
+                 f"--prompt-data={self.lay.test_segs}",
                  f"--img-batch-size={a.batch_size_eval}", f"--text-batch-size={a.batch_size_eval}",
                  f"--resume={a.pretrained}",
                  f"--image-feat-output-path={feats['img']}", f"--text-feat-output-path={feats['txt']}",
@@ -149,7 +145,7 @@ class TableRunner:
         self.files.update(zs_base_texts=base_t, zs_rerank_texts=both_t)
 
     def fine_tuned(self, label: str, terms: Sequence[str], tbr: bool = True) -> None:
-        """Fine-tune from the pre-trained checkpoint with `terms`, then evaluate (and TBR)."""
+        """Fine-tune from the pre-trained checkpoint with the named `terms`, then evaluate (and TBR)."""
         a = self.args
         slug = _slug(label)
         runs = self.out / "runs"
@@ -158,23 +154,23 @@ class TableRunner:
             # '--' ends torchrun's own options: its --logs-specs would make our --logs ambiguous
             launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}",
                         f"--master_port={_free_port()}", "--"]
-        flags = [f"--save-frequency={a.epochs}", f"--train-data={self.ann / 'flickr30k_train_pred.jsonl'}",
-                 f"--val-data={self.ann / 'flickr30k_val.json'}", "--img-key", "image", "--caption-key", "caption",
-                 "--dataset-type", "json", *terms, f"--dist-url=tcp://127.0.0.1:{_free_port()}",
+        flags = [f"--save-frequency={a.epochs}", f"--train-data={self.lay.train_jsonl}",
+                 f"--val-data={self.lay.val_json}", "--img-key", "image", "--caption-key", "caption",
+                 "--dataset-type", "json", *flags_of(terms), f"--dist-url=tcp://127.0.0.1:{_free_port()}",
                  f"--warmup={a.warmup}", f"--batch-size={a.batch_size}", f"--lr={a.lr}", f"--wd={a.wd}",
                  f"--epochs={a.epochs}", f"--workers={a.workers}", "--model", a.model, "--openai-pretrained",
-                 f"--pretrained-path={a.pretrained}", f"--data-root={self.data}", f"--vg-root={a.vg_root}",
+                 f"--pretrained-path={a.pretrained}", f"--data-root={self.lay.data_dir}", f"--vg-root={self.lay.vg_dir}",
+                 f"--dataset={self.lay.dataset}",
                  f"--logs={runs}", f"--name={slug}", f"--seed={a.seed}", *self._device_flags()]
         if a.precision:
             flags.append(f"--precision={a.precision}")
         self.run(f"{slug}.train", "training/main_all.py", *flags, launcher=launcher)
         checkpoint = runs / slug / "checkpoints" / f"epoch_{a.epochs}.pt"
         folder = self.out / "predictions" / slug
-        img_feat = folder / "flickr30k_test_images.img_feat.jsonl"
-        txt_feat = folder / "flickr30k_test_texts.txt_feat.jsonl"
+        img_feat = folder / f"{self.lay.dataset}_test_images.img_feat.jsonl"
+        txt_feat = folder / f"{self.lay.dataset}_test_texts.txt_feat.jsonl"
         self.run(f"{slug}.extract", "eval/extract_features.py", "--extract-image-feats", "--extract-text-feats",
-                 f"--image-data={self.ann / 'flickr30k_test_images.npz'}",
-                 f"--text-data={self.ann / 'flickr30k_test_texts.jsonl'}",
+                 f"--image-data={self.lay.test_npz}", f"--text-data={self.lay.test_texts}",
                  f"--img-batch-size={a.batch_size_eval}", f"--text-batch-size={a.batch_size_eval}",
                  f"--resume={checkpoint}", f"--image-feat-output-path={img_feat}",
                  f"--text-feat-output-path={txt_feat}", "--model", a.model, *self._device_flags())
@@ -203,7 +199,7 @@ class TableRunner:
     def write_results(self) -> None:
         """results.md and results.json under --out."""
         a = self.args
-        setup = {"data_root": str(a.data_root), "pretrained": str(a.pretrained), "model": a.model,
+        setup = {"dataset": a.dataset, "data_root": str(a.data_root), "pretrained": str(a.pretrained), "model": a.model,
                  "device": a.device or "auto", "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
                  "wd": a.wd, "warmup": a.warmup, "seed": a.seed}
         header = ("# AGREE tables\n\n"
@@ -219,6 +215,6 @@ class TableRunner:
         """retrieval_examples.png: top-5 images per caption before and after EGR + TBR."""
         from experiments.figure import draw_retrieval_examples
         path = self.out / "retrieval_examples.png"
-        draw_retrieval_examples(self.ann / "flickr30k_test_texts.jsonl", self.ann / "flickr30k_test_images.npz",
+        draw_retrieval_examples(self.lay.test_texts, self.lay.test_npz,
                                 self.files["zs_base_texts"], self.files["zs_rerank_texts"], path, n)
         print(f"wrote {path}")

@@ -16,13 +16,15 @@ import time
 
 import torch
 
+from agree.entities import TRAIN_SLOTS, prompt, training_slots
+from agree.precision import autocast, resolve_precision, weight_dtype
 from clip.clip import create_model, tokenize
 from training.distributed import DistEnv
-from training.engine import build_optimizer, resolve_precision
+from training.engine import build_optimizer
 from training.params import parse_args
-from training.train import StepConfig, autocast, input_dtype, train_step, trim_context
+from training.terms import AGREE_TERMS, IMAGE_SLOTS, TEXT_SLOTS
+from training.train import StepConfig, train_step
 
-ALL_TERMS = ("prompt", "text_mask", "da_contrastive", "da_mask", "grounding_mask")
 WORDS = "man woman dog shirt red blue street ball tree car hat young old small tall running".split()
 
 
@@ -34,14 +36,12 @@ def make_batch(b: int, resolution: int, seed: int = 0) -> dict[str, torch.Tensor
         return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (n,), generator=g))
 
     captions = [f"a {words(3)} is next to a {words(4)} on the {words(2)}" for _ in range(b)]
-    segs = [[words(2), words(3), words(1)] for _ in range(b)]
-    prompts = [[f"a photo containing {s}" for s in ss] + ["", ""] for ss in segs]
-    masked = [[c.replace(s, "[MASK]") for s in ss] + ["", ""] for c, ss in zip(captions, segs)]
-    img = lambda: torch.randn(b, 3, resolution, resolution, generator=g)  # noqa: E731
-    return {"image": img(), "da_image": img(), "da_image_masked": img(), "vg_masked": img(),
-            "text": tokenize(captions), "prompts": tokenize(sum(prompts, [])).view(b, 5, -1),
-            "masked": tokenize(sum(masked, [])).view(b, 5, -1), "da_text": tokenize([f"a photo containing {words(1)}"
-                                                                                     for _ in range(b)])}
+    slots = [training_slots(c, [words(2), words(3), words(1)]) for c in captions]
+    batch = {k: torch.randn(b, 3, resolution, resolution, generator=g) for k in IMAGE_SLOTS}
+    batch.update(text=tokenize(captions), vg_text=tokenize([prompt(words(1)) for _ in range(b)]),
+                 prompts=tokenize(sum((s.prompts for s in slots), [])).view(b, TRAIN_SLOTS, -1),
+                 masked=tokenize(sum((s.masked for s in slots), [])).view(b, TRAIN_SLOTS, -1))
+    return batch
 
 
 def _time(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
@@ -71,12 +71,12 @@ def bench(model_name: str, batch_size: int, device: torch.device, repeats: int, 
     full = make_batch(batch_size, model.visual.input_resolution)
     plain = {k: full[k] for k in ("image", "text")}
     cfg_plain = StepConfig(terms=(), env=env, precision=precision)
-    cfg_full = StepConfig(terms=ALL_TERMS, env=env, precision=precision)
+    cfg_full = StepConfig(terms=AGREE_TERMS, env=env, precision=precision)
 
-    images = torch.cat([full[k] for k in ("image", "da_image", "da_image_masked", "vg_masked")])
-    texts = trim_context(torch.cat([full["text"], full["prompts"].flatten(0, 1), full["masked"].flatten(0, 1),
-                                    full["da_text"]]))
-    images = images.to(device, input_dtype(precision))
+    images = torch.cat([full[k] for k in IMAGE_SLOTS])
+    texts = torch.cat([full[k].flatten(0, 1) if full[k].dim() == 3 else full[k] for k in TEXT_SLOTS])
+    texts = texts[:, : int(texts.argmax(-1).max()) + 1]  # what the text tower keeps of the padded context
+    images = images.to(device, weight_dtype(precision))
     texts = texts.to(device)
 
     def lower_bound() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import argparse
 
 from agree.io import InputError, run_cli
-from synth.writer import Layout, SynthConfig, generate
+from synth.writer import SynthConfig, SynthLayout, generate
 
 
 def _int_in(lo: int, hi: int):
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                       pretrain_captions=args.pretrain_captions, vg_per_object=args.vg_per_object,
                       preprocessed=args.preprocessed)
     counts = generate(cfg, progress=not args.quiet)
-    lay = Layout(args.out)
+    lay = SynthLayout.under(args.out)
     fmt = "float32 (3,R,R) CLIP-normalised" if args.preprocessed else "uint8 (R,R,3) RGB"
     print(f"synthetic dataset written to {lay.root} in {counts['seconds']:.1f} s "
           f"(seed {args.seed}, {args.resolution}px, {fmt})")

@@ -15,13 +15,18 @@ import shutil
 from pathlib import Path
 
 from agree.io import InputError, run_cli
-from experiments.tables import TERMS, TableRunner, ablation_configs
+from agree.layout import DATASETS, DEFAULT_DATASET, Layout
+from experiments.tables import TableRunner, ablation_configs
+from training.terms import AGREE_TERMS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags: data, checkpoint, model, device, and the fine-tuning recipe (README values by default)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default="./tmp/datasets/flickr30k_images", help="Flickr30k-layout dataset folder")
+    p.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET,
+                   help="dataset name in the layout's file names")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder in the release layout (default ./tmp/datasets/<dataset>_images)")
     p.add_argument("--vg-root", default="./tmp/VG", help="Visual Genome entity data folder")
     p.add_argument("--pretrained", default="./tmp/pretrained_models/ViT-L-14.pt",
                    help="the pre-trained CLIP checkpoint (zero-shot model and fine-tuning start)")
@@ -53,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         raise InputError(f"--parts: unknown part(s) {', '.join(sorted(unknown))}")
     args.parts = parts
+    if args.data_root is None:
+        args.data_root = str(Layout.under("./tmp", args.dataset).data_dir)
     return args
 
 
@@ -69,7 +76,7 @@ def main() -> int:
         runner.zero_shot()
     if "finetune" in args.parts:
         runner.fine_tuned("CLIP (global loss only)", ())
-        runner.fine_tuned("AGREE (all terms)", TERMS)
+        runner.fine_tuned("AGREE (all terms)", AGREE_TERMS)
     if "ablation" in args.parts:
         for label, terms in ablation_configs():
             runner.fine_tuned(label, terms, tbr=False)

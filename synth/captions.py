@@ -11,11 +11,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from synth.world import COLOURS, SHAPES, Scene, between, pick, regions, relations, weighted_index
+from synth.world import Scene, between, pick, regions, relations, weighted_index
 
 SIZE_WORDS_TARGET: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
 SIZE_WORDS_PRETRAIN: dict[str, tuple[str, ...]] = {"small": ("small",), "large": ("large",)}
-SIZE_WORD_CLASS: dict[str, str] = {"small": "small", "little": "small", "large": "large", "big": "large"}
 REL_WORDS: dict[str, tuple[str, ...]] = {
     "left": ("left of", "to the left of", "on the left of"),
     "right": ("right of", "to the right of", "on the right of"),
@@ -371,31 +370,3 @@ def preds_for(scene: Scene, caption: Caption, rng: np.random.Generator,
         pos = int(rng.integers(len(preds) + 1))
         preds.insert(pos, {"object": float(rng.uniform(0.4, 0.7))})
     return preds, grounded
-
-
-def first_grounded(preds: list[dict]) -> Optional[str]:
-    """The label training uses for the grounding-masked image: the first pred not labelled "object"."""
-    for p in preds:
-        for label in p:
-            if label != "object":
-                return label
-    return None
-
-
-def entity_words(caption_text: str) -> list[tuple[Optional[str], Optional[str], str]]:
-    """Parse (colour, size class, shape) for every shape word of a caption, from its adjectives."""
-    words = caption_text.replace(",", " ").replace(".", " ").replace(":", " ").split()
-    out = []
-    for k, w in enumerate(words):
-        if w not in SHAPES:
-            continue
-        colour = size = None
-        j = k - 1
-        while j >= 0 and (words[j] in COLOURS or words[j] in SIZE_WORD_CLASS):
-            if words[j] in COLOURS:
-                colour = words[j]
-            else:
-                size = SIZE_WORD_CLASS[words[j]]
-            j -= 1
-        out.append((colour, size, w))
-    return out

@@ -7,7 +7,7 @@ import pytest
 
 from agree.io import read_json, read_jsonl
 from synth.render import MASK_FILL_RAW
-from synth.writer import Layout, SynthConfig, UNUSABLE_VG_SHAPE, generate
+from synth.writer import SynthConfig, SynthLayout, UNUSABLE_VG_SHAPE, generate
 from synth.world import COLOURS, SHAPES
 
 R = 64
@@ -20,7 +20,7 @@ STEM = re.compile(r"^[1-9][0-9]{9}$")
 def ds(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     counts = generate(SynthConfig(out=root, seed=3, resolution=R, **SIZES), progress=False)
-    lay = Layout(root)
+    lay = SynthLayout.under(root)
     meta = {s: read_jsonl(p) for s, p in lay.meta.items()}
     return lay, meta, counts
 
@@ -147,7 +147,7 @@ def test_test_ground_truth_is_flickr_like(ds):
 def test_objects_files_cover_every_split(ds):
     lay, meta, _ = ds
     for split in ("train", "val", "test"):
-        recs = read_jsonl(lay.objects[split])
+        recs = read_jsonl(lay.objects(split))
         assert [r["image_id"] for r in recs] == [m["stem"] for m in meta[split]]
         for r, m in zip(recs, meta[split]):
             assert isinstance(r["image_id"], str)

@@ -8,7 +8,7 @@ import pytest
 
 import synth.captions
 from synth.render import to_storage
-from synth.writer import Layout, SynthConfig, generate
+from synth.writer import SynthConfig, SynthLayout, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "make_synthetic_dataset.py"
@@ -19,10 +19,10 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _gen(root: Path, **kw) -> Layout:
+def _gen(root: Path, **kw) -> SynthLayout:
     cfg = {**TINY, **kw}
     generate(SynthConfig(out=root, **cfg), progress=False)
-    return Layout(root)
+    return SynthLayout.under(root)
 
 
 def test_same_seed_gives_identical_bytes(tmp_path):
@@ -117,7 +117,7 @@ def test_cli_writes_dataset_and_prints_summary(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "synthetic dataset written" in res.stdout
     assert "3 images, 15 queries" in res.stdout and "4 images, 8 captions" in res.stdout
-    lay = Layout(out)
+    lay = SynthLayout.under(out)
     assert str(lay.train_jsonl) in res.stdout
     assert len(lay.train_jsonl.read_text().splitlines()) == 8
     assert lay.world.is_file()

@@ -4,17 +4,19 @@ import logging
 
 import pytest
 
+from agree.entities import training_slots
+from agree.images import ImageArchive
 from agree.io import read_jsonl
-from synth.writer import UNUSABLE_VG_SHAPE, Layout, SynthConfig, generate
-
-D = pytest.importorskip("training.data")
-params = pytest.importorskip("training.params")
-predictions = pytest.importorskip("eval.predictions")
-evaluation = pytest.importorskip("eval.evaluation")
-from agree.images import ImageArchive  # noqa: E402
+from eval import evaluation, predictions
+from synth.writer import UNUSABLE_VG_SHAPE, SynthConfig, SynthLayout, generate
+from training import data as D
+from training import dataset as DS
+from training import params
+from training import validation as V
+from training.terms import AGREE_TERMS, enabled_terms, flags_of
 
 R = 64
-ALL_TERMS = ["--is-mask", "--is-prompt", "--is-da-loss", "--is-da-mask", "--is-vg"]
+ALL_TERMS = flags_of(AGREE_TERMS)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,12 @@ def lay(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth_loaders")
     generate(SynthConfig(out=root, seed=6, train_images=24, val_images=4, test_images=6, pretrain_images=6,
                          vg_per_object=3), progress=False)
-    return Layout(root)
+    return SynthLayout.under(root)
+
+
+def _texts(caption, segs):
+    slots = training_slots(caption, segs)
+    return slots.prompts, slots.masked
 
 
 def _args(train, *flags):
@@ -32,10 +39,10 @@ def _args(train, *flags):
 def test_fine_tuning_reads_every_file_from_the_default_layout(lay, caplog):
     args = _args(lay.train_jsonl, "--val-data", str(lay.val_json), *ALL_TERMS)
     paths = D.resolve_paths(args)
-    D.check_files(args, paths)  # every default path resolves to a generated file
+    D.check_files(args, enabled_terms(args), paths)  # every default path resolves to a generated file
     assert paths.grounding_images == lay.grounding and paths.vg_vocab == lay.vg_vocab
     with caplog.at_level(logging.WARNING):
-        dset = D.build_train_dataset(args, paths, params.active_terms(args), R)
+        dset = DS.build_train_dataset(args, paths, enabled_terms(args), R)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert len(dset) == 5 * 24
     # grounding: every record with a label finds its masked image; some records exercise the fallback
@@ -46,7 +53,7 @@ def test_fine_tuning_reads_every_file_from_the_default_layout(lay, caplog):
     assert UNUSABLE_VG_SHAPE not in dset.vg_vocab and len(dset.vg_vocab) >= 3
     for i in range(0, len(dset), 7):
         ex = dset[i]
-        for key in ("image", "da_image", "da_image_masked", "vg_masked"):
+        for key in ("image", "vg_image", "vg_image_masked", "grounding_masked"):
             assert tuple(ex[key].shape) == (3, R, R), key
         assert tuple(ex["prompts"].shape) == (5, 77) and tuple(ex["masked"].shape) == (5, 77)
 
@@ -55,7 +62,7 @@ def test_entity_slots_come_from_the_entity_phrases(lay):
     recs = read_jsonl(lay.train_jsonl)
     masked_any = 0
     for rec in recs:
-        prompts, masked = D.entity_texts(rec["caption"], rec["segs"])
+        prompts, masked = _texts(rec["caption"], rec["segs"])
         real = [p for p in prompts if p]
         assert real, rec
         masked_any += sum(m != rec["caption"] and "[MASK]" in m for m in masked if m)
@@ -63,14 +70,14 @@ def test_entity_slots_come_from_the_entity_phrases(lay):
 
 
 def test_validation_file_loads(lay):
-    val = D.load_val(lay.val_json, lay.val_npz, "caption")
+    val = V.load_val(lay.val_json, lay.val_npz, "caption")
     assert len(val.keys) == 4 and len(val.captions) == 20
     assert val.images.load_tensor("0", R).shape == (3, R, R)
 
 
 def test_pretrain_split_loads_as_training_data(lay):
     args = _args(lay.pretrain_jsonl, "--train-images", str(lay.pretrain_npz))
-    dset = D.build_train_dataset(args, D.resolve_paths(args), params.active_terms(args), R)
+    dset = DS.build_train_dataset(args, D.resolve_paths(args), enabled_terms(args), R)
     assert len(dset) == 12 and tuple(dset[0]["image"].shape) == (3, R, R)
 
 

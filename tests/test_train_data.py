@@ -9,11 +9,15 @@ import pytest
 import torch
 
 from _train_data import make_dataset, one_torch_thread  # noqa: F401 (autouse fixture)
+from agree.entities import training_slots
 from agree.io import InputError
 from clip.clip import tokenize
 from clip.transform import array_to_tensor
 from training import data as D
-from training.params import active_terms, parse_args
+from training import dataset as DS
+from training import validation as V
+from training.params import parse_args
+from training.terms import enabled_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -24,37 +28,20 @@ def ds(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data"), n_images=4, caps_per_image=1, n_val=2)
 
 
+def _texts(caption, segs):
+    slots = training_slots(caption, segs)
+    return slots.prompts, slots.masked
+
+
 def _args(paths, *flags):
     return parse_args(["--train-data", str(paths["train"]), "--model", "tiny", *flags])
 
 
 def _dataset(paths, *flags, augment=False):
     args = _args(paths, *flags)
-    dset = D.build_train_dataset(args, D.resolve_paths(args), active_terms(args), 64)
+    dset = DS.build_train_dataset(args, D.resolve_paths(args), enabled_terms(args), 64)
     dset.augment = augment
     return dset
-
-
-def test_entity_texts_filters_long_segs_takes_five_and_pads():
-    caption = "two men and a dog play with a ball while two men watch"
-    segs = ["two men", "a b c d e f g h", "a dog", "a ball", "x", "y", "z"]
-    prompts, masked = D.entity_texts(caption, segs)
-    assert prompts == ["a photo containing two men", "a photo containing a dog", "a photo containing a ball",
-                       "a photo containing x", "a photo containing y"]
-    # every occurrence is replaced
-    assert masked[0] == "[MASK] and a dog play with a ball while [MASK] watch"
-    assert masked[1] == "two men and [MASK] play with a ball while two men watch"
-    assert D.entity_texts("a cat", ["a cat"]) == (["a photo containing a cat", "", "", "", ""],
-                                                   ["[MASK]", "", "", "", ""])
-    # exactly seven words is kept, eight is not
-    seven, eight = "a b c d e f g", "a b c d e f g h"
-    assert D.entity_texts("c", [eight, seven])[0][0] == f"a photo containing {seven}"
-
-
-def test_grounding_label_skips_object():
-    assert D.grounding_label([{"object": 0.9}, {"men": 0.6}, {"top": 0.5}]) == "men"
-    assert D.grounding_label([{"object": 0.9}]) is None
-    assert D.grounding_label([]) is None
 
 
 @pytest.mark.parametrize("layout", ["hwc_uint8", "chw_float"])
@@ -63,7 +50,7 @@ def test_zero_square_is_32x32_in_the_stored_space_and_clipped(layout):
     arr = np.full((64, 64, 3), 200, np.uint8) if layout == "hwc_uint8" else np.ones((3, 64, 64), np.float32)
     sizes = set()
     for _ in range(50):
-        out = D.zero_square(arr, rng)
+        out = DS.zero_square(arr, rng)
         zero = (out == 0).all(axis=2 if layout == "hwc_uint8" else 0)
         ys, xs = np.nonzero(zero)
         h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
@@ -79,9 +66,9 @@ def test_example_has_only_what_the_enabled_terms_need(ds):
     assert set(plain) == {"image", "text"}
     assert plain["image"].shape == (3, 64, 64) and plain["text"].shape == (77,)
     assert set(_dataset(ds, "--is-prompt")[0]) == {"image", "text", "prompts", "masked"}
-    assert set(_dataset(ds, "--is-da-loss")[0]) == {"image", "text", "da_image", "da_text"}
-    assert set(_dataset(ds, "--is-da-mask")[0]) == {"image", "text", "da_image", "da_image_masked", "da_text"}
-    assert set(_dataset(ds, "--is-vg")[0]) == {"image", "text", "vg_masked"}
+    assert set(_dataset(ds, "--is-da-loss")[0]) == {"image", "text", "vg_image", "vg_text"}
+    assert set(_dataset(ds, "--is-da-mask")[0]) == {"image", "text", "vg_image", "vg_image_masked", "vg_text"}
+    assert set(_dataset(ds, "--is-vg")[0]) == {"image", "text", "grounding_masked"}
 
 
 def test_example_contents_follow_spec_3_1(ds):
@@ -92,23 +79,23 @@ def test_example_contents_follow_spec_3_1(ds):
     image = array_to_tensor(train_npz[str(rec["image_id"])], 64)
     assert torch.equal(ex["image"], image)
     assert torch.equal(ex["text"], tokenize([rec["caption"]])[0])
-    prompts, masked = D.entity_texts(rec["caption"], rec["segs"])
+    prompts, masked = _texts(rec["caption"], rec["segs"])
     assert prompts[2:] == ["", "", ""]    # the third seg is too long: two entities, three pads
     assert torch.equal(ex["prompts"], tokenize(prompts))
     assert torch.equal(ex["masked"], tokenize(masked))
     # VG pair: the first image lists 'shirt' (usable) and 'unicorn' (only an empty region)
     vg = np.load(ds["vg_images"])
     vg_masked = np.load(ds["vg_mask_images"])
-    assert torch.equal(ex["da_text"], tokenize(["a photo containing shirt"])[0])
+    assert torch.equal(ex["vg_text"], tokenize(["a photo containing shirt"])[0])
     candidates = {g: array_to_tensor(vg[g], 64) for g in ("2000", "2001")}
-    chosen = [g for g, t in candidates.items() if torch.equal(ex["da_image"], t)]
+    chosen = [g for g, t in candidates.items() if torch.equal(ex["vg_image"], t)]
     assert len(chosen) == 1
-    assert torch.equal(ex["da_image_masked"], array_to_tensor(vg_masked[f"shirt_{chosen[0]}"], 64))
+    assert torch.equal(ex["vg_image_masked"], array_to_tensor(vg_masked[f"shirt_{chosen[0]}"], 64))
     # grounding: first non-'object' label of preds
     ground = np.load(ds["grounding"])
     stem = Path(rec["image"]).stem
     label = [k for p in rec["preds"] for k in p if k != "object"][0]
-    assert torch.equal(ex["vg_masked"], array_to_tensor(ground[f"{stem}_{label}"], 64))
+    assert torch.equal(ex["grounding_masked"], array_to_tensor(ground[f"{stem}_{label}"], 64))
 
 
 def test_fallbacks_when_no_vg_object_and_no_grounding_label(ds, tmp_path):
@@ -116,9 +103,9 @@ def test_fallbacks_when_no_vg_object_and_no_grounding_label(ds, tmp_path):
     last = len(dset) - 1            # its only object, 'unicorn', has no usable VG region
     dset.records[last].grounding_key = None    # as if preds held only 'object'
     ex = dset[last]
-    assert torch.equal(ex["da_image"], ex["image"])
-    assert torch.equal(ex["da_text"], ex["text"])
-    for key in ("da_image_masked", "vg_masked"):
+    assert torch.equal(ex["vg_image"], ex["image"])
+    assert torch.equal(ex["vg_text"], ex["text"])
+    for key in ("vg_image_masked", "grounding_masked"):
         diff = (ex[key] != ex["image"]).any(0)
         ys, xs = np.nonzero(diff.numpy())
         assert 0 < diff.sum() <= 32 * 32
@@ -136,7 +123,7 @@ def test_randomness_is_seeded_by_seed_epoch_index(ds):
         dset.set_epoch(e)
         other_epochs.append(dset[1])
     assert any(not torch.equal(a["image"], b["image"]) for b in other_epochs)   # crops change with the epoch
-    assert any(not torch.equal(a["da_image"], b["da_image"]) for b in other_epochs)
+    assert any(not torch.equal(a["vg_image"], b["vg_image"]) for b in other_epochs)
     # the global torch RNG is left alone by augmentation
     torch.manual_seed(5)
     before = torch.rand(1)
@@ -148,18 +135,18 @@ def test_randomness_is_seeded_by_seed_epoch_index(ds):
 def test_each_flag_loads_only_its_files(ds, tmp_path):
     # --is-vg alone needs no Visual Genome file; --is-da-loss needs no masked VG archive
     args = _args(ds, "--is-vg", "--vg-root", str(tmp_path / "nowhere"))
-    D.check_files(args, D.resolve_paths(args))
+    D.check_files(args, enabled_terms(args), D.resolve_paths(args))
     args = _args(ds, "--is-da-loss", "--vg-mask-images", str(tmp_path / "absent.npz"),
                  "--grounding-images", str(tmp_path / "absent.npz"))
-    D.check_files(args, D.resolve_paths(args))
-    assert "da_image" in D.build_train_dataset(args, D.resolve_paths(args), active_terms(args), 64)[0]
+    D.check_files(args, enabled_terms(args), D.resolve_paths(args))
+    assert "vg_image" in DS.build_train_dataset(args, D.resolve_paths(args), enabled_terms(args), 64)[0]
     # the files a flag needs are required, and the error names the flag and the path
     for flag, override in (("--is-da-mask", "--vg-mask-images"), ("--is-vg", "--grounding-images"),
                            ("--is-da-loss", "--vg-vocab"), ("--is-da-mask", "--train-objects")):
         missing = tmp_path / f"missing_{override[2:]}"
         args = _args(ds, flag, override, str(missing))
         with pytest.raises(InputError, match=f"{flag}.*{missing}"):
-            D.check_files(args, D.resolve_paths(args))
+            D.check_files(args, enabled_terms(args), D.resolve_paths(args))
 
 
 def test_default_paths_follow_the_release_layout(ds):
@@ -194,11 +181,11 @@ def test_missing_train_image_is_reported(ds, tmp_path):
     args = _args(ds, "--train-images", str(ds["train_images"]))
     args.train_data = str(bad)
     with pytest.raises(InputError, match="'999'"):
-        D.build_train_dataset(args, D.resolve_paths(args), (), 64)
+        DS.build_train_dataset(args, D.resolve_paths(args), (), 64)
 
 
 def test_val_data_keys_images_by_index(ds):
-    val = D.load_val(ds["val"], ds["val_images"], "caption")
+    val = V.load_val(ds["val"], ds["val_images"], "caption")
     assert val.keys == ["0", "1"]
     assert len(val.captions) == 10 and val.caption_image == [0] * 5 + [1] * 5
 

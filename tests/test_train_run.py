@@ -15,12 +15,16 @@ from _train_data import make_dataset, one_torch_thread, train_argv  # noqa: F401
 from agree.io import InputError
 from clip.clip import create_model, load
 from training import checkpoint as C
-from training.data import build_train_dataset, resolve_paths
+from training.data import resolve_paths
+from training.dataset import build_train_dataset
 from training.distributed import DistEnv
-from training.engine import build_optimizer, resolve_precision, run
-from training.params import active_terms, parse_args
+from agree.precision import resolve_precision
+from training.engine import build_optimizer, run
+from training.params import parse_args
+from training.terms import enabled_terms
 from training.scheduler import lr_at
-from training.train import StepConfig, compute_loss, retrieval_metrics, train_step
+from training.train import StepConfig, compute_loss, train_step
+from training.validation import retrieval_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "training" / "main_all.py"
@@ -44,8 +48,8 @@ def medium(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flag,term,weight", [("--is-prompt", "prompt", 0.03), ("--is-mask", "text_mask", 0.10),
-                                              ("--is-da-loss", "da_contrastive", 0.03),
-                                              ("--is-da-mask", "da_mask", 0.15), ("--is-vg", "grounding_mask", 0.10)])
+                                              ("--is-da-loss", "vg_contrastive", 0.03),
+                                              ("--is-da-mask", "vg_mask", 0.15), ("--is-vg", "grounding_mask", 0.10)])
 def test_each_flag_alone_trains(small, tmp_path, flag, term, weight):
     args = parse_args(train_argv(small, tmp_path, "run", flag, batch_size=2, epochs=2))
     res = run(args, DistEnv(), keep_history=True)
@@ -89,7 +93,7 @@ def test_readme_recipe_runs_verbatim_with_tiny_model(tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     log = (run_dir / "out.log").read_text()
     assert "Train Epoch: 0 [1/1] step 1" in log and "Eval Epoch: 1" in log
-    for term in ("global", "prompt", "text_mask", "da_contrastive", "da_mask", "grounding_mask"):
+    for term in ("global", "prompt", "text_mask", "vg_contrastive", "vg_mask", "grounding_mask"):
         assert f"{term} " in log
     ckpt = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)
     assert {"epoch", "name", "state_dict", "optimizer", "scaler", "step", "rng"} <= set(ckpt)
@@ -119,15 +123,15 @@ def test_tiny_overfit_drives_the_loss_down(tmp_path):
 
 def _batch(paths, *flags, n=2):
     args = parse_args(["--train-data", str(paths["train"]), "--model", "tiny", *flags])
-    dset = build_train_dataset(args, resolve_paths(args), active_terms(args), 64)
-    return torch.utils.data.default_collate([dset[i] for i in range(n)]), active_terms(args)
+    dset = build_train_dataset(args, resolve_paths(args), enabled_terms(args), 64)
+    return torch.utils.data.default_collate([dset[i] for i in range(n)]), enabled_terms(args)
 
 
 def test_ranking_terms_train_the_model_unless_legacy(medium):
     batch, terms = _batch(medium, "--is-mask", "--is-da-mask", "--is-vg", n=4)
     torch.manual_seed(0)
     model = create_model("tiny")
-    for term in ("text_mask", "da_mask", "grounding_mask"):
+    for term in ("text_mask", "vg_mask", "grounding_mask"):
         model.zero_grad()
         _, values = compute_loss(model, batch, StepConfig(terms=terms, env=DistEnv()))
         assert values[term].item() > 0, term

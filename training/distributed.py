@@ -102,10 +102,6 @@ def gather_features(x: Tensor, env: DistEnv, with_grad: bool = False) -> Tensor:
     return torch.cat([parts[env.rank]] + parts[:env.rank] + parts[env.rank + 1:])
 
 
-def reduce_mean(value: Tensor, env: DistEnv) -> Tensor:
-    """Mean of a tensor over ranks (for logging)."""
-    if not env.distributed:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / env.world_size
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model

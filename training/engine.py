@@ -12,15 +12,18 @@ import torch
 from torch import nn
 
 from agree.io import InputError, atomic_write
+from agree.precision import resolve_precision
 from agree.pretrained import clip_errors_as_input_errors, default_checkpoint, load_pretrained
 from clip.clip import create_model
 from training import checkpoint as ckpt_io
-from training.data import build_train_dataset, check_files, load_val, make_train_loader, resolve_paths
-from training.distributed import DistEnv, barrier
+from training.data import check_files, resolve_paths
+from training.dataset import build_train_dataset, make_train_loader
+from training.distributed import DistEnv, barrier, unwrap
 from training.logger import close_logging, setup_logging
-from training.params import active_terms
 from training.scheduler import constant_lr, cosine_lr
-from training.train import StepConfig, TrainContext, evaluate, train_one_epoch, unwrap
+from training.terms import enabled_terms
+from training.train import StepConfig, TrainContext, train_one_epoch
+from training.validation import ValData, evaluate, load_val
 
 NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
 
@@ -32,19 +35,6 @@ class RunResult:
     history: list = field(default_factory=list)      # (global step, {term: value}) of every step run here
     val: list = field(default_factory=list)          # (epoch, metrics) after every epoch
     final_step: int = 0
-
-
-def resolve_precision(requested: Optional[str], device: torch.device) -> str:
-    """amp on CUDA and fp32 on CPU by default; amp on CPU falls back to fp32; fp16 needs CUDA."""
-    if requested is None:
-        return "amp" if device.type == "cuda" else "fp32"
-    if device.type != "cuda":
-        if requested == "fp16":
-            raise InputError("--precision fp16 needs a CUDA device (use fp32 on the CPU)")
-        if requested == "amp":
-            logging.warning("--precision amp has no effect on the CPU; training in fp32")
-            return "fp32"
-    return requested
 
 
 def build_model(args: argparse.Namespace, device: torch.device, precision: str) -> nn.Module:
@@ -105,14 +95,62 @@ def _reporters(args: argparse.Namespace, run_dir: Path, env: DistEnv) -> tuple[A
     return writer, wandb
 
 
-def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> RunResult:
-    """Train as the flags say; rank 0 writes the run directory. `keep_history`: record every step's losses."""
-    if "wandb" in args.report and importlib.util.find_spec("wandb") is None:
-        raise InputError("--report-to wandb needs the wandb package (pip install wandb)")
-    paths = resolve_paths(args)
-    check_files(args, paths)
-    precision = resolve_precision(args.precision, env.device)
-    terms = active_terms(args)
+def _restore(path: Path, args: argparse.Namespace, ctx: TrainContext) -> int:
+    """Load model, optimiser, scaler and RNG state from a checkpoint; return the step to continue at."""
+    ckpt = ckpt_io.load_checkpoint(path)
+    try:
+        unwrap(ctx.model).load_state_dict(ckpt_io.strip_module_prefix(ckpt["state_dict"]))
+        if "optimizer" in ckpt:
+            ctx.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"--resume: {path} does not fit --model {args.model} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if ctx.scaler is not None and ckpt.get("scaler"):
+        ctx.scaler.load_state_dict(ckpt["scaler"])
+    start_step = int(ckpt.get("step", ckpt.get("epoch", 0) * ctx.steps_per_epoch))
+    if ckpt.get("steps_per_epoch", ctx.steps_per_epoch) != ctx.steps_per_epoch:
+        logging.warning("checkpoint was written with %s steps per epoch, this run has %d",
+                        ckpt.get("steps_per_epoch"), ctx.steps_per_epoch)
+    ckpt_io.set_rng_state(ckpt.get("rng"))
+    logging.info("resumed from %s at step %d (epoch %d)", path, start_step, start_step // ctx.steps_per_epoch)
+    return start_step
+
+
+def _checkpoint(args: argparse.Namespace, ctx: TrainContext, epochs_done: int, step: int) -> dict:
+    """Everything a resumed run needs (loads with torch.load(weights_only=True))."""
+    return {"epoch": epochs_done, "step": step, "steps_per_epoch": ctx.steps_per_epoch, "name": args.name,
+            "model": args.model, "state_dict": unwrap(ctx.model).state_dict(),
+            "optimizer": ctx.optimizer.state_dict(),
+            "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+            "rng": ckpt_io.rng_state(), "args": {k: v for k, v in vars(args).items() if k != "report"}}
+
+
+def _end_of_epoch(args: argparse.Namespace, ctx: TrainContext, val: Optional[ValData], ckpt_dir: Path,
+                  epochs_done: int, step: int, result: RunResult) -> None:
+    """Rank 0: validation, then epoch_N.pt / epoch_latest.pt as the save flags ask."""
+    if val is not None:
+        metrics = evaluate(ctx.model, val, unwrap(ctx.model).visual.input_resolution, args.batch_size_eval,
+                           args.workers, ctx.cfg.env.device, ctx.cfg.precision)
+        result.val.append((epochs_done, metrics))
+        logging.info("Eval Epoch: %d %s", epochs_done, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if ctx.writer is not None:
+            for k, v in metrics.items():
+                ctx.writer.add_scalar(f"val/{k}", v, step)
+        if ctx.wandb is not None:
+            ctx.wandb.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+    saved = None
+    if args.save_frequency > 0 and (epochs_done % args.save_frequency == 0 or epochs_done == args.epochs):
+        saved = ckpt_io.save_checkpoint(_checkpoint(args, ctx, epochs_done, step), ckpt_dir / f"epoch_{epochs_done}.pt")
+        logging.info("saved %s", saved)
+    if args.save_most_recent or args.save_every_n_steps:
+        if saved is not None:
+            ckpt_io.link_or_copy(saved, ckpt_dir / ckpt_io.LATEST)
+        else:
+            ckpt_io.save_checkpoint(_checkpoint(args, ctx, epochs_done, step), ckpt_dir / ckpt_io.LATEST)
+
+
+def _prepare_run_dir(args: argparse.Namespace, env: DistEnv) -> tuple[Path, Path, Optional[Path]]:
+    """(run directory, checkpoint folder, checkpoint to resume from); a new run may not reuse a directory."""
     run_dir = Path(args.logs) / args.name
     ckpt_dir = run_dir / "checkpoints"
     if args.resume is None and (ckpt_dir.exists() or (run_dir / "out.log").exists()):
@@ -121,14 +159,34 @@ def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> R
     resume_path = _resume_path(args, ckpt_dir)
     barrier(env)
     setup_logging(run_dir / "out.log", args.debug, env.is_master, env.rank)
-    writer = wandb = None
+    if env.is_master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_params(args, run_dir / "params.txt")
+    return run_dir, ckpt_dir, resume_path
+
+
+def _wrap_distributed(model: nn.Module, args: argparse.Namespace, env: DistEnv) -> nn.Module:
+    if not env.distributed:
+        return model
+    if args.use_bn_sync:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp_kwargs = {"device_ids": [env.device]} if env.device.type == "cuda" else {}
+    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> RunResult:
+    """Train as the flags say; rank 0 writes the run directory. `keep_history`: record every step's losses."""
+    if "wandb" in args.report and importlib.util.find_spec("wandb") is None:
+        raise InputError("--report-to wandb needs the wandb package (pip install wandb)")
+    terms = enabled_terms(args)
+    paths = resolve_paths(args)
+    check_files(args, terms, paths)
+    precision = resolve_precision(args.precision, env.device)
+    ctx = None
     try:
-        if env.is_master:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_params(args, run_dir / "params.txt")
+        run_dir, ckpt_dir, resume_path = _prepare_run_dir(args, env)
         logging.info("run directory %s; device %s; world size %d; precision %s; terms %s",
                      run_dir, env.device, env.world_size, precision, ", ".join(("global",) + terms))
-
         torch.manual_seed(args.seed)
         model = build_model(args, env.device, precision)
         resolution = model.visual.input_resolution
@@ -143,61 +201,28 @@ def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> R
         total_steps = steps_per_epoch * args.epochs
         logging.info("%d training examples, %d steps per epoch, %d steps in all", len(dataset),
                      steps_per_epoch, total_steps)
-
-        if env.distributed:
-            if args.use_bn_sync:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            ddp_kwargs = {"device_ids": [env.device]} if env.device.type == "cuda" else {}
-            model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+        model = _wrap_distributed(model, args, env)
         optimizer = build_optimizer(model, args)
-        scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
-        set_lr = constant_lr(optimizer, args.lr) if args.skip_scheduler else \
-            cosine_lr(optimizer, args.lr, args.warmup, total_steps)
-
-        start_step = 0
-        if resume_path is not None:
-            ckpt = ckpt_io.load_checkpoint(resume_path)
-            try:
-                unwrap(model).load_state_dict(ckpt_io.strip_module_prefix(ckpt["state_dict"]))
-                if "optimizer" in ckpt:
-                    optimizer.load_state_dict(ckpt["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise InputError(f"--resume: {resume_path} does not fit --model {args.model} "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            start_step = int(ckpt.get("step", ckpt.get("epoch", 0) * steps_per_epoch))
-            if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-                logging.warning("checkpoint was written with %s steps per epoch, this run has %d",
-                                ckpt.get("steps_per_epoch"), steps_per_epoch)
-            ckpt_io.set_rng_state(ckpt.get("rng"))
-            logging.info("resumed from %s at step %d (epoch %d)", resume_path, start_step,
-                         start_step // steps_per_epoch)
-            del ckpt
-
         writer, wandb = _reporters(args, run_dir, env)
-        cfg = StepConfig(terms=terms, env=env, precision=precision, aggregate=args.aggregate,
-                         gather_with_grad=args.gather_with_grad, legacy_detached_rank=args.legacy_detached_rank)
-
-        def state(epochs_done: int, step: int) -> dict:
-            return {"epoch": epochs_done, "step": step, "steps_per_epoch": steps_per_epoch, "name": args.name,
-                    "model": args.model, "state_dict": unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": ckpt_io.rng_state(), "args": {k: v for k, v in vars(args).items() if k != "report"}}
+        ctx = TrainContext(
+            model=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cuda") if precision == "amp" else None,
+            set_lr=constant_lr(optimizer, args.lr) if args.skip_scheduler else
+            cosine_lr(optimizer, args.lr, args.warmup, total_steps),
+            cfg=StepConfig(terms=terms, env=env, precision=precision, aggregate=args.aggregate,
+                           gather_with_grad=args.gather_with_grad, legacy_detached_rank=args.legacy_detached_rank),
+            steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=args.batch_size * env.world_size,
+            log_every=args.log_every_n_steps, writer=writer, wandb=wandb, history=[] if keep_history else None)
+        start_step = _restore(resume_path, args, ctx) if resume_path is not None else 0
 
         def on_step_end(epoch: int, step: int) -> None:
             if (env.is_master and args.save_every_n_steps and step % args.save_every_n_steps == 0
                     and step % steps_per_epoch != 0):
-                ckpt_io.save_checkpoint(state(epoch, step), ckpt_dir / ckpt_io.LATEST)
+                ckpt_io.save_checkpoint(_checkpoint(args, ctx, epoch, step), ckpt_dir / ckpt_io.LATEST)
                 logging.info("saved %s (step %d)", ckpt_dir / ckpt_io.LATEST, step)
 
-        ctx = TrainContext(model=model, optimizer=optimizer, scaler=scaler, set_lr=set_lr, cfg=cfg,
-                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                           global_batch=args.batch_size * env.world_size, log_every=args.log_every_n_steps,
-                           writer=writer, wandb=wandb, on_step_end=on_step_end,
-                           history=[] if keep_history else None)
-        result = RunResult(run_dir=run_dir, history=ctx.history if ctx.history is not None else [], final_step=start_step)
+        ctx.on_step_end = on_step_end
+        result = RunResult(run_dir=run_dir, history=ctx.history if ctx.history is not None else [],
+                           final_step=start_step)
         step = start_step
         for epoch in range(start_step // steps_per_epoch, args.epochs):
             first = max(step, epoch * steps_per_epoch)
@@ -206,36 +231,16 @@ def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> R
             sampler.set_start((first - epoch * steps_per_epoch) * args.batch_size)
             train_one_epoch(ctx, loader, epoch, first)
             step = (epoch + 1) * steps_per_epoch
-            epochs_done = epoch + 1
             if env.is_master:
-                if val is not None:
-                    metrics = evaluate(model, val, resolution, args.batch_size_eval, args.workers, env.device,
-                                       precision)
-                    result.val.append((epochs_done, metrics))
-                    logging.info("Eval Epoch: %d %s", epochs_done,
-                                 " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                    for k, v in metrics.items():
-                        if writer is not None:
-                            writer.add_scalar(f"val/{k}", v, step)
-                    if wandb is not None:
-                        wandb.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
-                saved = None
-                if args.save_frequency > 0 and (epochs_done % args.save_frequency == 0 or epochs_done == args.epochs):
-                    saved = ckpt_io.save_checkpoint(state(epochs_done, step), ckpt_dir / f"epoch_{epochs_done}.pt")
-                    logging.info("saved %s", saved)
-                if args.save_most_recent or args.save_every_n_steps:
-                    if saved is not None:
-                        ckpt_io.link_or_copy(saved, ckpt_dir / ckpt_io.LATEST)
-                    else:
-                        ckpt_io.save_checkpoint(state(epochs_done, step), ckpt_dir / ckpt_io.LATEST)
+                _end_of_epoch(args, ctx, val, ckpt_dir, epoch + 1, step, result)
             barrier(env)
         result.final_step = max(step, start_step)
         if start_step >= total_steps:
             logging.info("nothing to do: the checkpoint is already at step %d of %d", start_step, total_steps)
         return result
     finally:
-        if writer is not None:
-            writer.close()
-        if wandb is not None:
-            wandb.finish()
+        if ctx is not None and ctx.writer is not None:
+            ctx.writer.close()
+        if ctx is not None and ctx.wandb is not None:
+            ctx.wandb.finish()
         close_logging()

@@ -1,25 +1,18 @@
-"""The AGREE loss (spec 3.2): global contrastive term plus five entity-alignment terms.
+"""The AGREE loss terms (spec 3.2): the global contrastive term and the five entity-alignment terms.
 
-Every function takes L2-normalised feature tensors and the logit scale `scale` (= tau =
-logit_scale.exp()) and returns a scalar. Targets of every cross-entropy are on the diagonal.
+Each term reads L2-normalised features from a dict keyed by batch slot (see training.terms) and the
+logit scale `scale` (tau = logit_scale.exp()), and returns a scalar. Cross-entropy targets are on
+the diagonal; rank(a, b) = sum_i max(0, b_i - a_i): the unmasked score must beat the masked one.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-WEIGHTS = {
-    "global": 0.90,
-    "prompt": 0.03,
-    "text_mask": 0.10,
-    "da_contrastive": 0.03,
-    "da_mask": 0.15,
-    "grounding_mask": 0.10,
-}
-RANK_TERMS = ("text_mask", "da_mask", "grounding_mask")
+Feats = Mapping[str, Tensor]
 
 
 def contrastive(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
@@ -30,17 +23,18 @@ def contrastive(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
 
 
 def rank(pos: Tensor, neg: Tensor) -> Tensor:
-    """rank(a, b) = sum_i max(0, b_i - a_i): the unmasked score `pos` must beat the masked one `neg`."""
+    """sum_i max(0, neg_i - pos_i)."""
     return torch.clamp(neg - pos, min=0).sum()
 
 
-def global_loss(image: Tensor, text: Tensor, scale: Tensor) -> Tensor:
-    """Global image-caption contrastive term."""
-    return contrastive(image, text, scale)
+def global_loss(f: Feats, scale: Tensor) -> Tensor:
+    """Image vs caption, contrastive."""
+    return contrastive(f["image"], f["text"], scale)
 
 
-def prompt_loss(image: Tensor, prompts: Tensor, scale: Tensor) -> Tensor:
-    """Mean over the prompt slots j of contrastive(I, P_j); prompts: [N, S, d] (all slots in one batched op)."""
+def prompt_loss(f: Feats, scale: Tensor) -> Tensor:
+    """Mean over the prompt slots j of contrastive(I, P_j); prompts [N, S, d], all slots in one batched op."""
+    image, prompts = f["image"], f["prompts"]
     n, s, _ = prompts.shape
     logits = scale * torch.einsum("nd,msd->snm", image, prompts)  # [S, N(images), N(prompts)]
     target = torch.arange(n, device=image.device).repeat(s)
@@ -49,61 +43,28 @@ def prompt_loss(image: Tensor, prompts: Tensor, scale: Tensor) -> Tensor:
     return (i2p + p2i) / 2
 
 
-def text_mask_loss(image: Tensor, text: Tensor, masked: Tensor, scale: Tensor) -> Tensor:
-    """sum_j rank(diag(tau I T^T), diag(tau I M_j^T)) / tau; masked: [N, S, d]."""
-    pos = scale * (image * text).sum(-1)                        # [N]
-    neg = scale * torch.einsum("nd,nsd->ns", image, masked)     # [N, S]
+def text_mask_loss(f: Feats, scale: Tensor) -> Tensor:
+    """sum_j rank(diag(tau I T^T), diag(tau I M_j^T)) / tau; masked [N, S, d]."""
+    image = f["image"]
+    pos = scale * (image * f["text"]).sum(-1)                       # [N]
+    neg = scale * torch.einsum("nd,nsd->ns", image, f["masked"])    # [N, S]
     return rank(pos.unsqueeze(1), neg) / scale
 
 
-def da_contrastive_loss(da_image: Tensor, da_text: Tensor, scale: Tensor) -> Tensor:
+def vg_contrastive_loss(f: Feats, scale: Tensor) -> Tensor:
     """Visual Genome object image vs its prompt, contrastive."""
-    return contrastive(da_image, da_text, scale)
+    return contrastive(f["vg_image"], f["vg_text"], scale)
 
 
-def da_mask_loss(da_image: Tensor, da_image_masked: Tensor, da_text: Tensor, scale: Tensor) -> Tensor:
-    """rank(diag(tau D Dt^T), diag(tau Dm Dt^T)) / tau."""
-    pos = scale * (da_image * da_text).sum(-1)
-    neg = scale * (da_image_masked * da_text).sum(-1)
+def vg_mask_loss(f: Feats, scale: Tensor) -> Tensor:
+    """rank(diag(tau D Dt^T), diag(tau Dm Dt^T)) / tau: the VG image must beat its object-masked copy."""
+    pos = scale * (f["vg_image"] * f["vg_text"]).sum(-1)
+    neg = scale * (f["vg_image_masked"] * f["vg_text"]).sum(-1)
     return rank(pos, neg) / scale
 
 
-def grounding_mask_loss(image: Tensor, vg_masked: Tensor, text: Tensor, scale: Tensor) -> Tensor:
-    """rank(diag(tau I T^T), diag(tau V T^T)) / tau."""
-    pos = scale * (image * text).sum(-1)
-    neg = scale * (vg_masked * text).sum(-1)
+def grounding_mask_loss(f: Feats, scale: Tensor) -> Tensor:
+    """rank(diag(tau I T^T), diag(tau V T^T)) / tau: the image must beat its grounding-masked copy."""
+    pos = scale * (f["image"] * f["text"]).sum(-1)
+    neg = scale * (f["grounding_masked"] * f["text"]).sum(-1)
     return rank(pos, neg) / scale
-
-
-def loss_terms(feats: Mapping[str, Tensor], scale: Tensor, terms: Iterable[str],
-               legacy_detached_rank: bool = False) -> dict[str, Tensor]:
-    """Unweighted value of the global term and of each enabled term.
-
-    `feats` holds image, text and, as the terms need them, prompts, masked [N, S, d], da_image,
-    da_image_masked, da_text, vg_masked [N, d]. With `legacy_detached_rank` the ranking terms are
-    detached, as in the released code (they change the reported loss, not the gradient).
-    """
-    out = {"global": global_loss(feats["image"], feats["text"], scale)}
-    for term in terms:
-        if term == "prompt":
-            v = prompt_loss(feats["image"], feats["prompts"], scale)
-        elif term == "text_mask":
-            v = text_mask_loss(feats["image"], feats["text"], feats["masked"], scale)
-        elif term == "da_contrastive":
-            v = da_contrastive_loss(feats["da_image"], feats["da_text"], scale)
-        elif term == "da_mask":
-            v = da_mask_loss(feats["da_image"], feats["da_image_masked"], feats["da_text"], scale)
-        elif term == "grounding_mask":
-            v = grounding_mask_loss(feats["image"], feats["vg_masked"], feats["text"], scale)
-        else:
-            raise ValueError(f"unknown loss term {term!r}")
-        if legacy_detached_rank and term in RANK_TERMS:
-            v = v.detach()
-        out[term] = v
-    return out
-
-
-def total_loss(values: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None) -> Tensor:
-    """Weighted sum of the computed terms (spec 3.2 weights by default)."""
-    weights = WEIGHTS if weights is None else weights
-    return sum(weights[k] * v for k, v in values.items())

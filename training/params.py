@@ -6,8 +6,9 @@ from time import gmtime, strftime
 from typing import Optional, Sequence
 
 from agree.io import InputError
-
-LOSS_FLAGS = ("is_prompt", "is_mask", "is_da_loss", "is_da_mask", "is_vg")
+from agree.layout import DATASETS, DEFAULT_DATASET
+from agree.precision import PRECISIONS
+from training.terms import add_term_flags
 
 
 def default_hyperparams(model_name: str) -> dict:
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = p.add_argument_group("data")
+    d.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET,
+                   help="Dataset name in the layout's file names (<dataset>_train_pred.jsonl, ...).")
     d.add_argument("--train-data", type=str, default=None,
                    help="Training captions + entities (flickr30k_train_pred.jsonl).")
     d.add_argument("--val-data", type=str, default=None,
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--wd", type=float, default=0.2, help="Weight decay (not applied to bn/ln/bias/logit_scale).")
     o.add_argument("--warmup", type=int, default=10000, help="Linear warm-up steps before the cosine decay.")
     o.add_argument("--skip-scheduler", action="store_true", help="Keep the learning rate constant at --lr.")
-    o.add_argument("--precision", choices=["amp", "fp16", "fp32"], default=None,
+    o.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="amp (default on GPU), fp16 (fp16 weights, GPU only) or fp32 (default on CPU).")
     o.add_argument("--seed", type=int, default=0, help="Seed for initialisation, shuffling and augmentation.")
 
@@ -84,11 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="What --openai-pretrained loads. Default: tmp/pretrained_models/<model, '/'->'-'>.pt.")
 
     a = p.add_argument_group("AGREE loss terms (each flag enables its own term only)")
-    a.add_argument("--is-prompt", action="store_true", help="Image vs entity prompt contrastive term (weight 0.03).")
-    a.add_argument("--is-mask", action="store_true", help="Caption vs entity-masked caption ranking term (0.10).")
-    a.add_argument("--is-da-loss", action="store_true", help="Visual Genome object contrastive term (0.03).")
-    a.add_argument("--is-da-mask", action="store_true", help="VG image vs object-masked VG image ranking term (0.15).")
-    a.add_argument("--is-vg", action="store_true", help="Image vs grounding-masked image ranking term (0.10).")
+    add_term_flags(a)
     a.add_argument("--legacy-detached-rank", action="store_true",
                    help="Reproduce the released code: the three ranking terms add to the loss value "
                         "but carry no gradient (spec 5.1).")
@@ -163,9 +162,3 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.name = default_run_name(args)
     return args
 
-
-def active_terms(args: argparse.Namespace) -> tuple[str, ...]:
-    """Names of the enabled AGREE terms (beyond the always-on global term)."""
-    names = {"is_prompt": "prompt", "is_mask": "text_mask", "is_da_loss": "da_contrastive",
-             "is_da_mask": "da_mask", "is_vg": "grounding_mask"}
-    return tuple(names[f] for f in LOSS_FLAGS if getattr(args, f))
