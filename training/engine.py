@@ -174,6 +174,22 @@ def _wrap_distributed(model: nn.Module, args: argparse.Namespace, env: DistEnv) 
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
 
+def _context(args: argparse.Namespace, env: DistEnv, model: nn.Module, precision: str, terms: tuple[str, ...],
+             run_dir: Path, steps_per_epoch: int, keep_history: bool) -> TrainContext:
+    """Optimiser, grad scaler, lr schedule, step config and reporters around the (wrapped) model."""
+    total_steps = steps_per_epoch * args.epochs
+    optimizer = build_optimizer(model, args)
+    writer, wandb = _reporters(args, run_dir, env)
+    return TrainContext(
+        model=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cuda") if precision == "amp" else None,
+        set_lr=constant_lr(optimizer, args.lr) if args.skip_scheduler else
+        cosine_lr(optimizer, args.lr, args.warmup, total_steps),
+        cfg=StepConfig(terms=terms, env=env, precision=precision, aggregate=args.aggregate,
+                       gather_with_grad=args.gather_with_grad, legacy_detached_rank=args.legacy_detached_rank),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=args.batch_size * env.world_size,
+        log_every=args.log_every_n_steps, writer=writer, wandb=wandb, history=[] if keep_history else None)
+
+
 def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> RunResult:
     """Train as the flags say; rank 0 writes the run directory. `keep_history`: record every step's losses."""
     if "wandb" in args.report and importlib.util.find_spec("wandb") is None:
@@ -201,17 +217,8 @@ def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> R
         total_steps = steps_per_epoch * args.epochs
         logging.info("%d training examples, %d steps per epoch, %d steps in all", len(dataset),
                      steps_per_epoch, total_steps)
-        model = _wrap_distributed(model, args, env)
-        optimizer = build_optimizer(model, args)
-        writer, wandb = _reporters(args, run_dir, env)
-        ctx = TrainContext(
-            model=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cuda") if precision == "amp" else None,
-            set_lr=constant_lr(optimizer, args.lr) if args.skip_scheduler else
-            cosine_lr(optimizer, args.lr, args.warmup, total_steps),
-            cfg=StepConfig(terms=terms, env=env, precision=precision, aggregate=args.aggregate,
-                           gather_with_grad=args.gather_with_grad, legacy_detached_rank=args.legacy_detached_rank),
-            steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=args.batch_size * env.world_size,
-            log_every=args.log_every_n_steps, writer=writer, wandb=wandb, history=[] if keep_history else None)
+        ctx = _context(args, env, _wrap_distributed(model, args, env), precision, terms, run_dir, steps_per_epoch,
+                       keep_history)
         start_step = _restore(resume_path, args, ctx) if resume_path is not None else 0
 
         def on_step_end(epoch: int, step: int) -> None:

@@ -18,13 +18,8 @@ def default_hyperparams(model_name: str) -> dict:
     return {"lr": lr, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (one flag per released option that still makes sense)."""
-    p = argparse.ArgumentParser(
-        prog="training/main_all.py",
-        description="AGREE fine-tuning of CLIP (global contrastive loss plus the five entity-alignment terms).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    """Where the training data is."""
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET,
                    help="Dataset name in the layout's file names (<dataset>_train_pred.jsonl, ...).")
@@ -63,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Default: <vg-root>/vocab_VG_images_objs.jsonl.")
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes per rank.")
 
+
+def _optimisation_flags(p: argparse.ArgumentParser) -> None:
+    """Batch, schedule, optimiser, precision."""
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=64, help="Batch size per rank.")
     o.add_argument("--batch-size-eval", type=int, default=None, help="Validation batch size (default: --batch-size).")
@@ -78,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="amp (default on GPU), fp16 (fp16 weights, GPU only) or fp32 (default on CPU).")
     o.add_argument("--seed", type=int, default=0, help="Seed for initialisation, shuffling and augmentation.")
 
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """Which model and starting weights."""
     m = p.add_argument_group("model")
     m.add_argument("--model", type=str, default="RN50",
                    help="Model config: RN50, ViT-B/32, ViT-L/14 (or ViT-B-32, ViT-L-14), tiny.")
@@ -86,12 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pretrained-path", type=str, default=None,
                    help="What --openai-pretrained loads. Default: tmp/pretrained_models/<model, '/'->'-'>.pt.")
 
+
+def _term_flags(p: argparse.ArgumentParser) -> None:
+    """The five AGREE terms (one flag each)."""
     a = p.add_argument_group("AGREE loss terms (each flag enables its own term only)")
     add_term_flags(a)
     a.add_argument("--legacy-detached-rank", action="store_true",
                    help="Reproduce the released code: the three ranking terms add to the loss value "
                         "but carry no gradient (spec 5.1).")
 
+
+def _distributed_flags(p: argparse.ArgumentParser) -> None:
+    """Processes, gathering, devices."""
     t = p.add_argument_group("distributed")
     t.add_argument("--dist-url", type=str, default="tcp://127.0.0.1:6100",
                    help="Rendezvous URL when RANK/WORLD_SIZE are set without MASTER_ADDR (torchrun uses env://).")
@@ -105,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu or cuda (default: cuda when available). Under torchrun each rank uses cuda:LOCAL_RANK.")
     t.add_argument("--gpu", type=int, default=None, help="CUDA device index for a single-process run.")
 
+
+def _bookkeeping_flags(p: argparse.ArgumentParser) -> None:
+    """Run directory, checkpoints, logging."""
     b = p.add_argument_group("bookkeeping")
     b.add_argument("--logs", type=str, default="./logs/", help="Where run directories are created.")
     b.add_argument("--name", type=str, default=None,
@@ -121,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--wandb-notes", type=str, default="", help="Notes for a wandb run.")
     b.add_argument("--log-every-n-steps", type=int, default=100, help="Log line and scalars every N steps.")
     b.add_argument("--debug", action="store_true", help="Verbose logging.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (one flag per released option that still makes sense)."""
+    p = argparse.ArgumentParser(
+        prog="training/main_all.py",
+        description="AGREE fine-tuning of CLIP (global contrastive loss plus the five entity-alignment terms).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for add in (_data_flags, _optimisation_flags, _model_flags, _term_flags, _distributed_flags, _bookkeeping_flags):
+        add(p)
     return p
 
 
