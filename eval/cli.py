@@ -14,7 +14,8 @@ def add_prediction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=256, help="queries scored at once (bounds memory)")
     p.add_argument("--output-images", required=True, help="I2T predictions to write (keyed by image_id)")
     p.add_argument("--output-texts", required=True, help="T2I predictions to write (keyed by query_id)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default: numpy, torch is not imported), cuda or cuda:N (torch), auto (cuda when available)")
 
 
 def add_extraction_args(p: argparse.ArgumentParser, resume_help: str) -> None:

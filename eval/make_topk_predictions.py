@@ -2,7 +2,7 @@
 import argparse
 
 from agree.io import run_cli
-from agree.precision import resolve_device
+from eval.array_ops import array_ops
 from eval.cli import add_prediction_args
 from eval.feature_io import read_retrieval_features
 from eval.predictions import write_ranked_lists
@@ -13,9 +13,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     add_prediction_args(p)
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
+    ops = array_ops(args.device)
     image, text = read_retrieval_features(args.image_feats, args.text_feats)
-    t2i, i2t = topk_lists(text, image, args.top_k, args.eval_batch_size, device)
+    t2i, i2t = topk_lists(ops, text, image, args.top_k, args.eval_batch_size)
     write_ranked_lists((args.output_images, "image_id", i2t), (args.output_texts, "query_id", t2i))
     print(f"wrote {len(t2i)} text and {len(i2t)} image queries' top-{args.top_k} lists")
     return 0
