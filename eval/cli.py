@@ -16,6 +16,8 @@ def add_prediction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-texts", required=True, help="T2I predictions to write (keyed by query_id)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default: numpy, torch is not imported), cuda or cuda:N (torch), auto (cuda when available)")
+    p.add_argument("--faiss", action="store_true",
+                   help="first-stage top-k with FAISS's exact inner-product index (optional package faiss-cpu; CPU)")
 
 
 def add_extraction_args(p: argparse.ArgumentParser, resume_help: str) -> None:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import contextlib
 import gc
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from agree.io import InputError
 from eval.array_ops import Array, Ops
 from eval.feature_io import Features
-from eval.topk import check_sizes, chunked_topk, shared_scores, topk_of_scores
+from eval.topk import TopkRows, check_sizes, chunked_topk, first_stage, shared_scores, topk_of_scores
 
 POOL = 128  # candidates re-ranked per query (release value)
 PAIR_BLOCK = 1 << 21  # floats per gathered block in pair_slot_dots (8 MB in float32: cache-sized)
@@ -79,10 +79,12 @@ def egr_text_to_image(
     chunk: int,
     pool: int = POOL,
     scores_out: Array | None = None,
+    search: Callable[..., TopkRows] = chunked_topk,
 ) -> Ranked:
     """T2I EGR for every text query. Arrays: text [Q, D], image [N, D], slots [Q, S, D], weights [Q, S].
 
-    `scores_out` ([Q, N], optional) receives all text-image scores (see topk.shared_scores).
+    `scores_out` ([Q, N], optional) receives all text-image scores (see topk.shared_scores);
+    `search` finds the candidates (chunked_topk, or topk.faiss_topk).
     """
     # The T2I terms are linear in the slot features: only the weighted slot sums are needed
     # (sum_j w_j m_j . x == (sum_j w_j m_j) . x). On a small gallery they score every item in the
@@ -90,9 +92,9 @@ def egr_text_to_image(
     n_m = ops.f64(w_mask.sum(1))
     n_p = ops.f64(w_prompt.sum(1))
     extras = ops.concat([w_mask[:, None] @ mask, w_prompt[:, None] @ prompt], 1)  # [Q, 2, D]
-    in_product = image.shape[0] <= EXTRAS_IN_PRODUCT * pool
+    in_product = search is chunked_topk and image.shape[0] <= EXTRAS_IN_PRODUCT * pool
     parts = []
-    tops = chunked_topk(ops, text, image, pool, chunk, extras=extras if in_product else None, scores_out=scores_out)
+    tops = search(ops, text, image, pool, chunk, extras=extras if in_product else None, scores_out=scores_out)
     for start, s, idx, x in tops:
         if x is None:  # candidates only: pairs (query, candidate) grouped by query
             n_q, n_c = idx.shape
@@ -121,10 +123,12 @@ def egr_image_to_text(
     pool: int = POOL,
     queries_per_pass: int = 8192,
     scores: Array | None = None,
+    search: Callable[..., TopkRows] = chunked_topk,
 ) -> Ranked:
     """I2T EGR for every image query. Arrays: image [Q, D], text [N, D], slots [N, S, D], weights [N, S].
 
-    `scores` ([Q, N], optional): image-text scores already computed (no second product).
+    `scores` ([Q, N], optional): image-text scores already computed (no second product); else
+    `search` finds the candidates (chunked_topk, or topk.faiss_topk).
     """
     parts = []
     for q0 in range(0, image.shape[0], queries_per_pass):
@@ -132,7 +136,7 @@ def egr_image_to_text(
         if scores is not None:
             tops = list(topk_of_scores(ops, scores[q0 : q0 + queries_per_pass], pool, chunk))
         else:
-            tops = list(chunked_topk(ops, q_img, text, pool, chunk))
+            tops = list(search(ops, q_img, text, pool, chunk))
         s_all = ops.concat([t[1] for t in tops])
         idx_all = ops.concat([t[2] for t in tops])
         n_q, n_c = idx_all.shape
@@ -214,18 +218,25 @@ def egr_lists(
     chunk: int,
     real_only: bool = False,
     pool: int = POOL,
+    use_faiss: bool = False,
 ) -> tuple[list[tuple[object, list]], list[tuple[object, list]]]:
-    """T2I and I2T EGR rows `(query id, [[item id, s, a, b], ...])`, in feature-file order."""
+    """T2I and I2T EGR rows `(query id, [[item id, s, a, b], ...])`, in feature-file order.
+
+    `use_faiss`: candidates from FAISS's exact index instead of chunked_topk (same lists, bar ties).
+    """
     check_sizes(k=top_k, chunk=chunk, pool=pool)
+    search = first_stage(use_faiss)
     t = ops.asarray(text.data)
     i = ops.asarray(image.data)
     p = ops.asarray(prompt.data)
     m = ops.asarray(mask.data)
     wp = ops.asarray(slot_weights(prompt.n_slots, len(prompt), prompt.n_real, real_only, prompt.path))
     wm = ops.asarray(slot_weights(mask.n_slots, len(mask), mask.n_real, real_only, mask.path))
-    kept = shared_scores(ops, len(text), len(image))  # one text-image product serves both directions
-    t2i = egr_text_to_image(ops, t, i, p, m, wp, wm, top_k, chunk, pool, scores_out=kept)
-    i2t = egr_image_to_text(ops, i, t, p, m, wp, wm, top_k, chunk, pool, scores=None if kept is None else kept.T)
+    # one text-image product serves both directions when the score matrix is small enough to keep
+    kept = None if use_faiss else shared_scores(ops, len(text), len(image))
+    t2i = egr_text_to_image(ops, t, i, p, m, wp, wm, top_k, chunk, pool, scores_out=kept, search=search)
+    i2t = egr_image_to_text(ops, i, t, p, m, wp, wm, top_k, chunk, pool, scores=None if kept is None else kept.T,
+                            search=search)
     return _rows(text.ids, image.ids, t2i), _rows(image.ids, text.ids, i2t)
 
 

@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     ops = array_ops(args.device)
     image, text = read_retrieval_features(args.image_feats, args.text_feats)
-    t2i, i2t = topk_lists(ops, text, image, args.top_k, args.eval_batch_size)
+    t2i, i2t = topk_lists(ops, text, image, args.top_k, args.eval_batch_size, args.faiss)
     write_ranked_lists((args.output_images, "image_id", i2t), (args.output_texts, "query_id", t2i))
     print(f"wrote {len(t2i)} text and {len(i2t)} image queries' top-{args.top_k} lists")
     return 0

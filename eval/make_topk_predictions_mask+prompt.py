@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     prompt = read_slot_features(args.prompt_feats, text)
     mask = read_slot_features(args.mask_feats, text)
     t2i, i2t = egr_lists(
-        ops, text, image, prompt, mask, args.top_k, args.eval_batch_size, args.real_slots_only, args.pool_size
+        ops, text, image, prompt, mask, args.top_k, args.eval_batch_size, args.real_slots_only, args.pool_size,
+        args.faiss,
     )
     write_ranked_lists((args.output_images, "image_id", i2t), (args.output_texts, "query_id", t2i))
     print(f"wrote {len(t2i)} text and {len(i2t)} image queries' EGR top-{args.top_k} lists")

@@ -7,14 +7,17 @@ almost every entry of the later blocks before any sorting (NumpyOps.topk).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
+
+import numpy as np
 
 from agree.io import InputError
-from eval.array_ops import Array, Ops
+from eval.array_ops import Array, NumpyOps, Ops
 from eval.feature_io import Features
 
 ITEM_CHUNK = 65536  # items scored at once per query chunk: memory ~ chunk x ITEM_CHUNK x (1 + extras) floats
 FIRST_BLOCK = 1024  # items of the first block (at least 4 k), doubling up to ITEM_CHUNK
+FAISS_QUERIES = 4096  # queries per FAISS search call (FAISS blocks its own score matrix)
 SHARED_SCORES_MAX = 1 << 25  # keep the score matrix for the reverse direction up to this many floats (128 MB)
 
 TopkRows = Iterator[tuple[int, Array, Array, "Array | None"]]
@@ -97,6 +100,53 @@ def chunked_topk(
         yield start, s, i, x
 
 
+def faiss_topk(
+    ops: Ops,
+    queries: Array,
+    items: Array,
+    k: int,
+    chunk: int,
+    extras: Array | None = None,
+    item_chunk: int = ITEM_CHUNK,
+    scores_out: Array | None = None,
+) -> TopkRows:
+    """chunked_topk's rows from FAISS's exact inner-product index (IndexFlatIP, the optional faiss-cpu).
+
+    No `extras` or `scores_out` (FAISS returns scores and ids only). Same lists as chunked_topk
+    except which of several items tied at the k-th score get in (FAISS's choice, not always the
+    lower index); FAISS lists tied items in no fixed order, so rows are re-sorted here to bring
+    ties by ascending index, as everywhere else.
+    """
+    if extras is not None or scores_out is not None:
+        raise ValueError("faiss_topk scores no extra vectors and keeps no score matrix")
+    if not isinstance(ops, NumpyOps):
+        raise InputError("--faiss runs on the CPU (faiss-cpu): use it with --device cpu")
+    faiss = import_faiss()
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)  # a copy of the items inside the index
+    k = min(k, items.shape[0])
+    step = max(chunk, FAISS_QUERIES)
+    for start in range(0, queries.shape[0], step):
+        s, i = index.search(queries[start : start + step], k)
+        order = np.lexsort((i, -s), axis=1)
+        yield start, np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1), None
+
+
+def import_faiss():
+    """The faiss module, or an InputError that says how to install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise InputError("--faiss needs the optional package faiss-cpu: pip install faiss-cpu "
+                         "(or pip install -e '.[faiss]')") from None
+    return faiss
+
+
+def first_stage(use_faiss: bool) -> Callable[..., TopkRows]:
+    """The exact top-k search: chunked_topk, or faiss_topk with --faiss."""
+    return faiss_topk if use_faiss else chunked_topk
+
+
 def topk_of_scores(ops: Ops, scores: Array, k: int, chunk: int, item_chunk: int = ITEM_CHUNK) -> TopkRows:
     """chunked_topk's output from a kept score matrix (e.g. the transposed one of the other direction)."""
     n_items = scores.shape[1]
@@ -116,14 +166,15 @@ def shared_scores(ops: Ops, n_queries: int, n_items: int) -> Array | None:
 
 
 def topk_lists(
-    ops: Ops, text: Features, image: Features, k: int, chunk: int
+    ops: Ops, text: Features, image: Features, k: int, chunk: int, use_faiss: bool = False
 ) -> tuple[list[tuple[object, list]], list[tuple[object, list]]]:
     """T2I and I2T rows `(query id, [ids of its k best items])`, each in its feature file's order."""
     check_sizes(k=k, chunk=chunk)
+    search = first_stage(use_faiss)
     text_a, image_a = ops.asarray(text.data), ops.asarray(image.data)
-    kept = shared_scores(ops, len(text), len(image))
-    t2i = _id_rows(ops, text.ids, image.ids, chunked_topk(ops, text_a, image_a, k, chunk, scores_out=kept))
-    tops = topk_of_scores(ops, kept.T, k, chunk) if kept is not None else chunked_topk(ops, image_a, text_a, k, chunk)
+    kept = None if use_faiss else shared_scores(ops, len(text), len(image))
+    t2i = _id_rows(ops, text.ids, image.ids, search(ops, text_a, image_a, k, chunk, scores_out=kept))
+    tops = topk_of_scores(ops, kept.T, k, chunk) if kept is not None else search(ops, image_a, text_a, k, chunk)
     return t2i, _id_rows(ops, image.ids, text.ids, tops)
 
 

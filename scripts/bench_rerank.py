@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="runs per stage; the fastest is reported")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
+    p.add_argument("--reuse", action="store_true", help="use the files a --keep run left in --workdir (same sizes)")
     p.add_argument("--internal", choices=["generate", "egr-in-memory"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -127,10 +128,11 @@ def main(argv=None) -> int:
     py = [sys.executable, "-u"]
     me = py + [str(Path(__file__).resolve())] + [a for a in (argv if argv is not None else sys.argv[1:])]
     t0 = time.perf_counter()
-    subprocess.run(me + ["--internal", "generate"], check=True)
+    if not (args.reuse and (work / "test_images.jsonl").is_file()):
+        subprocess.run(me + ["--internal", "generate"], check=True)
     sizes = {p.name: p.stat().st_size / 2**20 for p in work.iterdir() if p.suffix in (".jsonl", ".npy")}
     print(
-        f"generated {args.images} images x {args.captions} captions, {args.dim}-d, {args.slots}+{args.slots} slots "
+        f"{'reused' if args.reuse else 'generated'} {args.images} images x {args.captions} captions, {args.dim}-d, {args.slots}+{args.slots} slots "
         f"in {time.perf_counter() - t0:.1f} s; slot files {sizes['prompt_feat.jsonl']:.0f} MB JSONL / "
         f"{sizes['prompt_feat.npy']:.0f} MB .npy each"
     )

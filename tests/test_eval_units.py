@@ -346,3 +346,32 @@ def test_re_ranking_scripts_on_the_cpu_do_not_import_torch(tmp_path):
         proc = subprocess.run([sys.executable, "-c", probe, str(root / script), *argv], capture_output=True, text=True, cwd=root)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip().endswith("torch loaded: False"), (script, proc.stdout)
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_faiss_first_stage_gives_the_same_lists_bar_ties_at_the_kth_place(k):
+    pytest.importorskip("faiss")  # optional dependency
+    rng = np.random.default_rng(k)
+    items = rng.integers(-1, 2, (300, 4)).astype(np.float32)  # integer scores: exact, many ties
+    q = rng.integers(-1, 2, (50, 4)).astype(np.float32)
+    ops = NumpyOps()
+    ours = list(chunked_topk(ops, q, items, k, chunk=16))
+    theirs = list(topk_module.faiss_topk(ops, q, items, k, chunk=16))
+    s_ours, i_ours = (np.concatenate([t[j] for t in ours]) for j in (1, 2))
+    s_faiss, i_faiss = (np.concatenate([t[j] for t in theirs]) for j in (1, 2))
+    np.testing.assert_array_equal(s_faiss, s_ours)
+    # FAISS picks its own among items tied at the k-th score; above it the lists are identical
+    above = s_ours > s_ours[:, -1:]
+    np.testing.assert_array_equal(np.where(above, i_faiss, -1), np.where(above, i_ours, -1))
+    np.testing.assert_array_equal(np.take_along_axis(q @ items.T, i_faiss, 1), s_ours)
+    for row_s, row_i in zip(s_faiss, i_faiss):  # ties inside a list come by ascending index
+        for a in range(len(row_s) - 1):
+            assert row_s[a] > row_s[a + 1] or row_i[a] < row_i[a + 1]
+
+
+def test_faiss_flag_without_faiss_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    with pytest.raises(Exception, match="pip install faiss-cpu"):
+        list(topk_module.faiss_topk(NumpyOps(), np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), 2, 1))
