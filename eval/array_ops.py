@@ -97,9 +97,10 @@ class NumpyOps:
             keep = x >= kth[:, None]  # every entry tied with the k-th: the lower columns win below
         else:
             keep = x > floor[:, None]
-        counts = np.count_nonzero(keep, axis=1)
-        width = int(counts.max()) if n_rows else 0
-        rows, cols = np.nonzero(keep)  # row-major: columns ascending within a row
+        flat = np.flatnonzero(keep)  # row-major: columns ascending within a row (much faster than nonzero)
+        rows, cols = np.divmod(flat, n)
+        counts = np.bincount(rows, minlength=n_rows)
+        width = int(counts.max()) if len(flat) else 0
         if width == 0:
             return np.empty((n_rows, 0), dtype=x.dtype), np.empty((n_rows, 0), dtype=np.int64)
         vals = np.full((n_rows, width), -np.inf, dtype=x.dtype)
