@@ -16,6 +16,9 @@ def add_prediction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-texts", required=True, help="T2I predictions to write (keyed by query_id)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default: numpy, torch is not imported), cuda or cuda:N (torch), auto (cuda when available)")
+    p.add_argument("--folds", type=int, default=1,
+                   help="rank each query among its own fold's items only, the test set cut into N folds in "
+                        "feature-file order (MSCOCO 5k test: --folds 5 gives the 1k-fold protocol); records carry \"fold\"")
     p.add_argument("--faiss", action="store_true",
                    help="first-stage top-k with FAISS's exact inner-product index (optional package faiss-cpu; CPU)")
 
