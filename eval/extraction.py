@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,20 @@ from clip.model import CLIP, config_from_state_dict, convert_weights
 from eval.distributed import Shard, rows_in_order
 from eval.feature_io import FeatureWriter
 
-DEFAULT_PRECISION_ON_CUDA = "fp16"  # without --precision; fp32 on the CPU
+DEFAULT_PRECISION_ON_CUDA = "fp32"  # without --precision, as the release extracts; fp32 on the CPU too
 
 
 # ---------------------------------------------------------------- models
 
 def resolve_extraction_precision(requested: str | None, device: torch.device) -> str:
-    """--precision of the extraction scripts (see agree.precision.resolve_precision)."""
+    """--precision of the extraction scripts: fp32 unless asked (see agree.precision.resolve_precision).
+
+    Unlike training, extraction accepts fp16 on the CPU (half weights and activations; torch runs
+    CLIP's ops in half on the CPU, slowly): it measures what fp16 does to the features without a GPU.
+    """
+    if requested == "fp16" and device.type != "cuda":
+        logging.warning("--precision fp16 on the CPU: half-precision weights (slow; meant to measure its effect)")
+        return "fp16"
     return resolve_precision(requested, device, default_on_cuda=DEFAULT_PRECISION_ON_CUDA)
 
 

@@ -200,3 +200,17 @@ def test_torchrun_extraction_writes_the_single_process_files(env, tmp_path):
     for name in names:
         assert (two / name).read_bytes() == (one / name).read_bytes(), name  # bit for bit, ids in input order
     assert read_features(two / "img.jsonl", "image_id").ids == list(env["images"])
+
+
+def test_extraction_defaults_to_fp32_and_fp16_runs_half_weights_on_the_cpu(env, tmp_path):
+    from eval.extraction import resolve_extraction_precision
+
+    assert resolve_extraction_precision(None, torch.device("cuda", 0)) == "fp32"  # the release's precision
+    assert resolve_extraction_precision(None, torch.device("cpu")) == "fp32"
+    assert resolve_extraction_precision("fp16", torch.device("cpu")) == "fp16"
+    assert FT.main(ft_args(env["dir"], tmp_path / "half", precision="fp16")) == 0
+    assert FT.main(ft_args(env["dir"], tmp_path / "full")) == 0
+    half = read_features(tmp_path / "half" / "txt.jsonl", "query_id").data
+    full = read_features(tmp_path / "full" / "txt.jsonl", "query_id").data
+    np.testing.assert_allclose(half, full, atol=2e-2)  # fp16 rounding, not another computation
+    assert not np.array_equal(half, full)
