@@ -1,7 +1,8 @@
 """Chunked dot-product scoring and exact top-k selection in bounded memory (numpy on the CPU, torch on CUDA).
 
-Memory never holds the full score matrix: queries are scored `chunk` at a time against blocks of
-at most `item_chunk` items, and each block's best entries are merged into a running top-k. Blocks
+Memory never holds the full score matrix: queries are scored a pass at a time (see queries_per_pass)
+against blocks of at most `item_chunk` items, and each block's best entries are merged into a
+running top-k. Blocks
 grow geometrically from a small first one, so that the running k-th score (the "floor") prunes
 almost every entry of the later blocks before any sorting (NumpyOps.topk).
 """
@@ -15,7 +16,10 @@ from agree.io import InputError
 from eval.array_ops import Array, NumpyOps, Ops
 from eval.feature_io import Features
 
-ITEM_CHUNK = 65536  # items scored at once per query chunk: memory ~ chunk x ITEM_CHUNK x (1 + extras) floats
+ITEM_CHUNK = 16384  # items per block at most
+# A pass scores at most chunk x PASS_WIDTH x item_chunk floats (x (1 + extras)): chunk x 65,536 by
+# default, i.e. --eval-batch-size x 256 KB. With fewer items than that, more queries share a pass.
+PASS_WIDTH = 4
 FIRST_BLOCK = 1024  # items of the first block (at least 4 k), doubling up to ITEM_CHUNK
 FAISS_QUERIES = 4096  # queries per FAISS search call (FAISS blocks its own score matrix)
 SHARED_SCORES_MAX = 1 << 25  # keep the score matrix for the reverse direction up to this many floats (128 MB)
@@ -34,8 +38,12 @@ def item_blocks(n_items: int, k: int, item_chunk: int = ITEM_CHUNK) -> Iterator[
 
 
 def queries_per_pass(chunk: int, n_items: int, item_chunk: int = ITEM_CHUNK) -> int:
-    """`chunk` queries per pass, or more when there are fewer than `item_chunk` items (same memory bound)."""
-    return chunk * max(1, item_chunk // max(1, n_items))
+    """Queries scored per pass: as many as fit chunk x PASS_WIDTH x item_chunk scores in blocks of at most item_chunk items.
+
+    (Wide blocks of few queries and narrow blocks of many queries cost the same memory; the
+    latter make faster matrix products.)
+    """
+    return chunk * max(1, PASS_WIDTH * item_chunk // min(max(1, n_items), item_chunk))
 
 
 def running_topk(ops: Ops, blocks: Iterator[tuple[int, Array, "Array | None"]], k: int) -> tuple[Array, Array, "Array | None"]:
@@ -76,9 +84,9 @@ def chunked_topk(
     ties by the lower item index (also at the k-th place). `extras` ([Q, E, D], optional) are more
     query vectors scored against the same items; `extra_scores` [B, k, E] are their dot products
     with the selected items (computed in the same matrix product). Memory is bounded by
-    `chunk x item_chunk x (1 + E)` floats, never by the full score matrix, unless `scores_out`
-    ([Q, N], see `shared_scores`) is given to keep it for the reverse direction. With fewer than
-    `item_chunk` items, more queries than `chunk` are scored at once within that bound.
+    `chunk x PASS_WIDTH x item_chunk x (1 + E)` floats (see queries_per_pass), never by the full
+    score matrix, unless `scores_out` ([Q, N], see `shared_scores`) is given to keep it for the
+    reverse direction.
     """
     n_q, n_items = queries.shape[0], items.shape[0]
     n_extra = 0 if extras is None else extras.shape[1]

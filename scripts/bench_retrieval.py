@@ -132,9 +132,10 @@ def compare(work: Path, direction: str, a: str, b: str) -> str:
     if not differ.any():
         return f"identical top-{ia.shape[1]} lists for all {len(ia)} queries"
     rows = np.flatnonzero(differ)
-    gap = float(np.abs(sa[rows] - sb[rows]).max())
-    return (f"{len(rows)} of {len(ia)} lists differ (rows {rows[:5].tolist()}...); largest score difference "
-            f"at those rows {gap:.2e}, ids {ia[rows[0]].tolist()} vs {ib[rows[0]].tolist()}")
+    # at a place where the lists hold different items, the two scores are those items' scores
+    gap = float(np.abs(sa - sb)[ia != ib].max())
+    return (f"{len(rows)} of {len(ia)} lists differ (rows {rows[:5].tolist()}); the items that differ score within "
+            f"{gap:.1e} of each other (float32 rounding); e.g. {ia[rows[0]].tolist()} vs {ib[rows[0]].tolist()}")
 
 
 def main(argv=None) -> int:
