@@ -14,8 +14,10 @@ at the differing places is printed (a tie or a difference in the last float bits
 
     python3 scripts/bench_retrieval.py                     # full scale (several minutes)
     python3 scripts/bench_retrieval.py --items 20000 --queries 5000 --dim 64
+    python3 scripts/bench_retrieval.py --chain             # the README's chain scripts at that scale
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -42,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest is reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=str(ROOT / "tmp" / "bench_retrieval"))
+    p.add_argument("--chain", action="store_true",
+                   help="instead: write the features as .npy files (items = images, queries = captions, plus "
+                        "--slots prompt and mask slots per caption) and time the README's chain scripts on them")
+    p.add_argument("--slots", type=int, default=10, help="entity slots per caption (--chain)")
     p.add_argument("--internal", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -112,6 +118,73 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_chain_files(args: argparse.Namespace) -> int:
+    """Features for --chain: images, captions near an image each, their slots; ground truth both ways."""
+    from agree.io import write_jsonl
+    from eval.feature_io import FeatureWriter
+
+    work = Path(args.workdir)
+    rng = np.random.default_rng(args.seed)
+    n_img, n_txt, d, s = args.items, args.queries, args.dim, args.slots
+    img = matrix(n_img, d, args.seed)
+    owner = np.arange(n_txt) % n_img
+    img_ids = [str(i) for i in range(n_img)]
+    with FeatureWriter(work / "img.npy", "image_id") as w:
+        w.add(img_ids, img)
+    with contextlib.ExitStack() as files:
+        txt_w = files.enter_context(FeatureWriter(work / "txt.npy", "query_id"))
+        slot_w = [files.enter_context(FeatureWriter(work / f"{n}.npy", "query_id", slots=True)) for n in ("prompt", "mask")]
+        for q0 in range(0, n_txt, GEN_BLOCK):
+            own = owner[q0 : q0 + GEN_BLOCK]
+            txt = img[own] + 1.5 * rng.standard_normal((len(own), d), dtype=np.float32) / np.sqrt(d)
+            txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+            ids = list(range(q0, q0 + len(own)))
+            txt_w.add(ids, txt)
+            for w in slot_w:
+                slots = txt[:, None] + rng.standard_normal((len(own), s, d), dtype=np.float32) / np.sqrt(d)
+                w.add(ids, slots / np.linalg.norm(slots, axis=-1, keepdims=True))
+    write_jsonl(work / "gt_texts.jsonl", ({"query_id": q, "item_ids": [int(owner[q])]} for q in range(n_txt)))
+    write_jsonl(work / "gt_images.jsonl", ({"image_id": i, "item_ids": np.flatnonzero(owner == i).tolist()}
+                                           for i in range(n_img)))
+    return 0
+
+
+def run_chain(args: argparse.Namespace, me: list[str]) -> int:
+    """Time the README's chain scripts on --chain files, each in a fresh process."""
+    work = Path(args.workdir)
+    subprocess.run(me + ["--internal", "chain-files"], check=True)
+    py = [sys.executable, "-u"]
+    feats = [f"--image-feats={work / 'img.npy'}", f"--text-feats={work / 'txt.npy'}", "--device=cpu",
+             f"--eval-batch-size={args.eval_batch_size}"]
+    stages = [
+        ("plain top-k, both directions (make_topk_predictions.py --top-k=10)", py + ["eval/make_topk_predictions.py",
+         *feats, "--top-k=10", f"--output-images={work / 'i.jsonl'}", f"--output-texts={work / 't.jsonl'}"]),
+        ("EGR, both directions (make_topk_predictions_mask+prompt.py --top-k=20, pool 128)", py + [
+         "eval/make_topk_predictions_mask+prompt.py", *feats, f"--mask-feats={work / 'mask.npy'}",
+         f"--prompt-feats={work / 'prompt.npy'}", "--top-k=20", f"--output-images={work / 'im.jsonl'}",
+         f"--output-texts={work / 'tm.jsonl'}"]),
+        ("TBR (eval_back_retrieval.py)", py + ["eval/eval_back_retrieval.py", str(work / "gt_images.jsonl"),
+         str(work / "im.jsonl"), str(work / "gt_texts.jsonl"), str(work / "tm.jsonl"), str(work / "ir.jsonl"),
+         str(work / "tr.jsonl")]),
+        ("evaluation.py (texts)", py + ["eval/evaluation.py", str(work / "gt_texts.jsonl"), str(work / "tr.jsonl"),
+         str(work / "s.json"), "query_id"]),
+    ]
+    print(f"chain on {args.items} images x {args.queries} captions, {args.dim}-d, {args.slots}+{args.slots} slots "
+          f"(binary features); load average {os.getloadavg()[0]:.1f} at start")
+    print("\n| stage | wall s | peak RSS MB |\n|---|---:|---:|")
+    for name, cmd in stages:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{name} failed:\n{proc.stderr.read().decode()}")
+        print(f"| {name} | {time.perf_counter() - t0:.1f} | {usage.ru_maxrss / 1024:.0f} |", flush=True)
+    sizes = sum(p.stat().st_size for p in work.glob("*.npy")) / 2**20
+    print(f"(feature files: {sizes:.0f} MB in all; load average {os.getloadavg()[0]:.1f} at the end)")
+    shutil.rmtree(work)
+    return 0
+
+
 def run_child(me: list[str], job: str) -> tuple[float, float, float]:
     """(search seconds, process wall seconds, peak RSS MB) of one child process."""
     t0 = time.perf_counter()
@@ -140,11 +213,15 @@ def compare(work: Path, direction: str, a: str, b: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.internal == "chain-files":
+        return write_chain_files(args)
     if args.internal:
         return child(args)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     me = [sys.executable, "-u", str(Path(__file__).resolve())] + list(argv if argv is not None else sys.argv[1:])
+    if args.chain:
+        return run_chain(args, me)
     methods = [m for m in args.methods.split(",") if m]
     directions = [d for d in args.directions.split(",") if d]
     print(f"{args.items} items x {args.queries} queries, {args.dim}-d float32, top-{args.top_k}; "
