@@ -56,10 +56,6 @@ class NumpyOps:
         """Uninitialised float32 array."""
         return np.empty(shape, dtype=np.float32)
 
-    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
-        """float32 zeros."""
-        return np.zeros(shape, dtype=np.float32)
-
     def arange(self, n: int) -> np.ndarray:
         """int64 0..n-1."""
         return np.arange(n, dtype=np.int64)
@@ -164,10 +160,6 @@ class TorchOps:
     def empty(self, shape: tuple[int, ...]) -> Any:
         """Uninitialised float32 tensor."""
         return self.torch.empty(shape, dtype=self.torch.float32, device=self.device)
-
-    def zeros(self, shape: tuple[int, ...]) -> Any:
-        """float32 zeros."""
-        return self.torch.zeros(shape, dtype=self.torch.float32, device=self.device)
 
     def arange(self, n: int) -> Any:
         """int64 0..n-1."""

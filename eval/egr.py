@@ -185,8 +185,6 @@ def pair_slot_dots(
     groups, counts, starts = groups[by_size], counts[by_size], starts[by_size]
     outs = [ops.empty((n_pairs, t.shape[1])) for t in slot_sets]
     flat_sets = [t.reshape(t.shape[0], -1) for t in slot_sets]  # [N, S * D] views: row gathers are one copy
-    left_ext = ops.concat([left, ops.zeros((1, dim))])  # last row: zeros for padding slots
-    pad_row = left.shape[0]
     n_groups, g0 = len(groups), 0
     while g0 < n_groups:
         width = int(counts[g0])  # largest group of the block
@@ -196,9 +194,9 @@ def pair_slot_dots(
         pos = ops.arange(len(local)) - ops.repeat(cnt.cumsum(0) - cnt, cnt)
         pair = order[starts[g0:g1][local] + pos]
         flat = local * width + pos
-        src = ops.full((g1 - g0) * width, pad_row)
+        src = ops.full((g1 - g0) * width, 0)  # padding places take row 0: their products are never read
         src[flat] = left_idx[pair]
-        padded = left_ext[src].reshape(g1 - g0, width, dim)
+        padded = left[src].reshape(g1 - g0, width, dim)
         rows = groups[g0:g1]
         for out, slots, t in zip(outs, flat_sets, slot_sets):
             right = slots[rows].reshape(g1 - g0, t.shape[1], dim)
