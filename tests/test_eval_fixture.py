@@ -145,3 +145,24 @@ def test_faiss_first_stage_gives_the_release_lists(tmp_path):
     assert_same_lists(tmp_path / "i.jsonl", EXP / "images_pred.jsonl", "image_id")
     assert_same_lists(tmp_path / "tm.jsonl", EXP / "texts_pred_mp.jsonl", "query_id")
     assert_same_lists(tmp_path / "im.jsonl", EXP / "images_pred_mp.jsonl", "image_id")
+
+
+def test_torch_path_gives_the_release_lists(tmp_path):
+    """The CUDA path's code (torch), run on the CPU, reproduces the fixture as the numpy path does."""
+    from eval.array_ops import TorchOps
+    from eval.egr import egr_lists
+    from eval.feature_io import read_retrieval_features, read_slot_features
+    from eval.predictions import write_ranked_lists
+    from eval.topk import topk_lists
+
+    ops = TorchOps("cpu")
+    image, text = read_retrieval_features(INP / "img_feat.jsonl", INP / "txt_feat.jsonl")
+    prompt, mask = read_slot_features(INP / "prompt_feat.jsonl", text), read_slot_features(INP / "mask_feat.jsonl", text)
+    t2i, i2t = topk_lists(ops, text, image, 10, 32)
+    t2i_mp, i2t_mp = egr_lists(ops, text, image, prompt, mask, 20, 32)
+    write_ranked_lists((tmp_path / "t.jsonl", "query_id", t2i), (tmp_path / "i.jsonl", "image_id", i2t),
+                       (tmp_path / "tm.jsonl", "query_id", t2i_mp), (tmp_path / "im.jsonl", "image_id", i2t_mp))
+    assert_same_lists(tmp_path / "t.jsonl", EXP / "texts_pred.jsonl", "query_id")
+    assert_same_lists(tmp_path / "i.jsonl", EXP / "images_pred.jsonl", "image_id")
+    assert_same_lists(tmp_path / "tm.jsonl", EXP / "texts_pred_mp.jsonl", "query_id")
+    assert_same_lists(tmp_path / "im.jsonl", EXP / "images_pred_mp.jsonl", "image_id")
