@@ -54,6 +54,9 @@ class TableRunner:
     def _device_flags(self) -> list[str]:
         return ["--device", self.args.device] if self.args.device else []
 
+    def _jit_flags(self) -> list[str]:
+        return ["--jit"] if self.args.jit else []
+
     def run(self, stage: str, script: str, *flags: str, launcher: Sequence[str] = ()) -> None:
         """Run one README script; its output goes to logs/<stage>.log; a failure stops everything."""
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -131,7 +134,7 @@ class TableRunner:
                  f"--resume={a.pretrained}",
                  f"--image-feat-output-path={feats['img']}", f"--text-feat-output-path={feats['txt']}",
                  f"--mask-feat-output-path={feats['mask']}", f"--prompt-feat-output-path={feats['prompt']}",
-                 "--model", a.model, *self._device_flags())
+                 "--model", a.model, *self._jit_flags(), *self._device_flags())
         section = SECTIONS["zeroshot"]
         base_i, base_t = self.topk("zeroshot.topk", folder, feats["img"], feats["txt"])
         self.add_row(section, "CLIP zero-shot", self.evaluate("zeroshot.base", base_t, base_i))
@@ -161,7 +164,7 @@ class TableRunner:
                  f"--epochs={a.epochs}", f"--workers={a.workers}", "--model", a.model, "--openai-pretrained",
                  f"--pretrained-path={a.pretrained}", f"--data-root={self.lay.data_dir}", f"--vg-root={self.lay.vg_dir}",
                  f"--dataset={self.lay.dataset}",
-                 f"--logs={runs}", f"--name={slug}", f"--seed={a.seed}", *self._device_flags()]
+                 f"--logs={runs}", f"--name={slug}", f"--seed={a.seed}", *self._jit_flags(), *self._device_flags()]
         if a.precision:
             flags.append(f"--precision={a.precision}")
         self.run(f"{slug}.train", "training/main_all.py", *flags, launcher=launcher)

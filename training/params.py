@@ -81,11 +81,16 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     """Which model and starting weights."""
     m = p.add_argument_group("model")
     m.add_argument("--model", type=str, default="RN50",
-                   help="Model config: RN50, ViT-B/32, ViT-L/14 (or ViT-B-32, ViT-L-14), tiny.")
+                   help="Model config: RN50, ViT-B/32, ViT-L/14 (or ViT-B-32, ViT-L-14), tiny: OpenAI's (QuickGELU); "
+                        "RN50-gelu, ViT-B-32-gelu, ViT-L-14-gelu: OpenCLIP's GELU models (e.g. its LAION-2B weights).")
     m.add_argument("--openai-pretrained", action="store_true",
-                   help="Start from the OpenAI checkpoint at --pretrained-path instead of random weights.")
+                   help="Start from the pre-trained --model weights at --pretrained-path (an OpenAI archive "
+                        "or an OpenCLIP state dict) instead of random weights.")
     m.add_argument("--pretrained-path", type=str, default=None,
                    help="What --openai-pretrained loads. Default: tmp/pretrained_models/<model, '/'->'-'>.pt.")
+    m.add_argument("--jit", action="store_true",
+                   help="Read a TorchScript archive with torch.jit.load, which runs the archive's code, instead "
+                        "of the reader that takes only its weights (for an archive that reader refuses).")
 
 
 def _term_flags(p: argparse.ArgumentParser) -> None:
