@@ -54,11 +54,14 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], device: Union[str, to
                     model_name: Optional[str] = None):
     """Our CLIP from a checkpoint, with the project's search folders and checksum setting -> (model, train_tf, eval_tf).
 
-    `model_name` (e.g. ViT-B-32-gelu) builds that config, its activation included, after checking that the
-    weights fit it; without it the architecture is inferred, with OpenAI's QuickGELU. `jit=True` reads a
+    `model_name` (e.g. ViT-B-32-gelu; default: `name_or_path` when it is a config name) builds that config,
+    its activation included, after checking that the weights fit it; without it the architecture is
+    inferred, with OpenAI's QuickGELU. `jit=True` reads a
     TorchScript archive with torch.jit.load (runs the archive's code) instead of the restricted reader.
     """
     path = resolve_pretrained(name_or_path)
+    if model_name is None:
+        model_name = clip_api.config_name(name_or_path)
     with clip_errors_as_input_errors():
         if verify_checksums():
             clip_api.verify_openai_checkpoint(path)

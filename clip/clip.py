@@ -76,6 +76,14 @@ def create_model(name: str, device: Union[str, torch.device] = "cpu", precision:
     return _cast(CLIP(**model_config(name)), device, precision)
 
 
+def config_name(name_or_path: Union[str, os.PathLike]) -> Optional[str]:
+    """`name_or_path` if it is a config name rather than an existing file (e.g. 'ViT-B-32-gelu'), else None."""
+    text = str(name_or_path)
+    if Path(text).expanduser().is_file() or normalize_model_name(text) not in available_models():
+        return None
+    return text
+
+
 def _roots(download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> list[Path]:
     if download_root is None:
         return [DEFAULT_DOWNLOAD_ROOT.expanduser()]
@@ -252,8 +260,8 @@ def load(
     Accepts a TorchScript archive (OpenAI's checkpoints), a plain state dict, or a training checkpoint
     ``{"epoch", "state_dict", ...}`` (``module.`` prefixes stripped). Archives are read without running
     their code. The architecture is inferred from the weights, with QuickGELU activations (OpenAI's);
-    ``model_name`` (e.g. 'ViT-B-32-gelu' for an OpenCLIP GELU checkpoint) builds that config instead,
-    after checking the weights fit it. ``precision`` None gives fp16 weights on CUDA and fp32 on CPU
+    ``model_name`` (e.g. 'ViT-B-32-gelu' for an OpenCLIP GELU checkpoint; default: ``name`` when it is a
+    config name) builds that config instead, after checking the weights fit it. ``precision`` None gives fp16 weights on CUDA and fp32 on CPU
     (OpenAI's behaviour); 'fp32' or 'amp' give fp32 weights, 'fp16' half weights.
     ``jit=True`` returns the TorchScript module stored in the archive, through torch.jit.load (which
     runs the archive's code and is deprecated in recent torch).
@@ -262,6 +270,8 @@ def load(
     The model is in eval mode unless ``is_train``.
     """
     path = resolve_checkpoint(name, download_root)
+    if model_name is None:
+        model_name = config_name(name)
     if verify:
         verify_openai_checkpoint(path)
     if jit:

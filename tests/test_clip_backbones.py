@@ -55,6 +55,9 @@ def test_gelu_checkpoint_needs_its_model_name(tmp_path):
     unnamed, _, _ = load(path, device="cpu")  # the weights alone: OpenAI's QuickGELU, other outputs
     assert isinstance(unnamed.transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert np.abs(_text_features(unnamed, texts) - _text_features(model, texts)).max() > 1e-3
+    torch.save(model.state_dict(), tmp_path / "tiny-gelu.pt")  # looked up by config name: that config is built
+    by_name, _, _ = load("tiny-gelu", device="cpu", download_root=tmp_path)
+    np.testing.assert_allclose(_text_features(by_name, texts), _text_features(model, texts), rtol=0, atol=1e-6)
 
 
 def _train_args(tmp_path, *extra):
