@@ -6,10 +6,11 @@ What `torch.jit.save` writes is a zip whose entries sit under one folder, `<pref
   `__torch__.<path> <Class>`) whose pickled state is a dict of its parameters, buffers, sub-modules
   and plain attributes; a tensor is a call of `torch._utils._rebuild_tensor_v2` on a storage named by
   a persistent id `("storage", torch.<Type>Storage, key, location, numel)`;
-* `data/<key>` holds the raw little-endian bytes of each storage;
+* `data/<key>` holds the raw bytes of each storage, little-endian (a `byteorder` record, when present,
+  says which);
 * `code/<path>.py` is the TorchScript source of each class; a module's class body lists its
-  parameters (`__parameters__ = [...]`) and buffers (`__buffers__ = [...]`; archives written before
-  buffers were declared count every other tensor attribute as one);
+  parameters (`__parameters__ = [...]`) and buffers (`__buffers__ = [...]`; a class body without that
+  list is taken to have every other tensor attribute as a buffer);
 * `constants.pkl` holds the tensor constants of that code (not weights; never read here).
 
 `read_archive_state_dict` unpickles `data.pkl` with an unpickler that knows only tensor reconstruction,
@@ -24,10 +25,12 @@ import ast
 import os
 import pickle
 import re
+import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import BinaryIO, Callable, Optional, Union
 
 import torch
 
@@ -214,14 +217,34 @@ def _flatten(root: _ScriptObject, declarations: _Declarations, where: str) -> di
     return out
 
 
+def _read_entry(zf: zipfile.ZipFile, raw: BinaryIO, info: zipfile.ZipInfo, where: str) -> bytearray:
+    """The bytes of one zip entry, CRC-checked; a stored entry (torch writes no other) is read in one copy."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return bytearray(zf.read(info))
+    raw.seek(info.header_offset)
+    header = raw.read(30)  # local file header: signature, ..., name length and extra length at bytes 26-29
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise LoadError(f"{where}: bad zip entry header (damaged file?)")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    raw.seek(info.header_offset + 30 + name_len + extra_len)
+    buffer = bytearray(info.file_size)
+    if raw.readinto(buffer) != info.file_size:
+        raise LoadError(f"{where}: the file ends inside this entry (truncated file?)")
+    if zlib.crc32(buffer) != info.CRC:
+        raise LoadError(f"{where}: CRC mismatch (damaged file?)")
+    return buffer
+
+
 def read_archive_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """The parameters and buffers of a TorchScript archive, read without running its code (see module doc)."""
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
             prefix = torchscript_prefix(zf)
             if prefix is None:
                 raise LoadError(f"{path}: not a TorchScript archive (no constants.pkl)")
             where = f"{path}: {prefix}data.pkl"
+            if f"{prefix}byteorder" in zf.namelist() and zf.read(f"{prefix}byteorder").strip() != b"little":
+                raise LoadError(f"{path}: a big-endian archive ({prefix}byteorder); only little-endian is read")
             storages: dict[str, _Storage] = {}
 
             def load_storage(key: str, dtype: torch.dtype, numel: int) -> _Storage:
@@ -236,12 +259,11 @@ def read_archive_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Te
                     nbytes = numel * torch.empty((), dtype=dtype).element_size()
                     if info.file_size < nbytes:
                         raise LoadError(f"{path}: {entry} holds {info.file_size} bytes, its record needs {nbytes}")
-                    buffer = bytearray(nbytes)
-                    with zf.open(info) as f:
-                        if f.readinto(memoryview(buffer)) != nbytes:
-                            raise LoadError(f"{path}: {entry} is shorter than its header says")
+                    buffer = _read_entry(zf, raw, info, f"{path}: {entry}")
                     data = torch.frombuffer(buffer, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-                    storages[key] = _Storage(data.view(dtype))
+                    storages[key] = _Storage(data[:nbytes].view(dtype))
+                if storages[key].data.dtype != dtype:
+                    raise pickle.UnpicklingError(f"storage {key!r} is named with two element types")
                 return storages[key]
 
             try:

@@ -2,6 +2,7 @@
 (traced CLIPs, an OpenAI-style fp16 archive, a scripted module with every kind of attribute, a scripted
 OpenCLIP model), and crafted archives whose pickle tries to run something."""
 import pickle
+import struct
 import warnings
 import zipfile
 from typing import Optional
@@ -170,12 +171,13 @@ def test_scripted_module_with_every_kind_of_attribute(tmp_path):
 
 
 def _rewrite(src, dst, replace: dict):
-    """Copy the archive `src` to `dst` with some entries' bytes replaced (None: left out)."""
+    """Copy the archive `src` to `dst` with some entries' bytes replaced (None: left out) or added."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for info in zin.infolist():
-            data = replace.get(info.filename, zin.read(info.filename))
+        names = zin.namelist()
+        for name in names + [n for n in replace if n not in names]:
+            data = replace[name] if name in replace else zin.read(name)
             if data is not None:
-                zout.writestr(info.filename, data)
+                zout.writestr(name, data)
 
 
 def _entry(archive, suffix):
@@ -230,6 +232,14 @@ def test_damaged_archives(traced_archive, tmp_path):
     _rewrite(traced_archive, short, {storage: b"\x00" * 8})
     with pytest.raises(LoadError, match=r"short\.pt: traced/data/3 holds 8 bytes"):
         load(short, device="cpu")
+    flipped = tmp_path / "flipped.pt"  # one byte of a storage changed in place: the entry's CRC catches it
+    raw = bytearray(traced_archive.read_bytes())
+    info = zipfile.ZipFile(traced_archive).getinfo(storage)
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + 100] ^= 0xFF
+    flipped.write_bytes(raw)
+    with pytest.raises(LoadError, match=r"flipped\.pt: traced/data/3: CRC mismatch"):
+        load(flipped, device="cpu")
     nocode = tmp_path / "nocode.pt"
     _rewrite(traced_archive, nocode, {n: None for n in zipfile.ZipFile(traced_archive).namelist() if "/code/" in n})
     with pytest.raises(LoadError, match=r"nocode\.pt: .*traced/code/__torch__/clip/model\.py"):
@@ -239,6 +249,10 @@ def test_damaged_archives(traced_archive, tmp_path):
                                       b"\x80\x02c__torch__.clip.model\nCLIP\n)\x81K\x01b."})
     with pytest.raises(LoadError, match=r"custom\.pt: .*CLIP stores its state in a custom form"):
         load(custom, device="cpu")
+    big = tmp_path / "big_endian.pt"
+    _rewrite(traced_archive, big, {"traced/byteorder": b"big"})
+    with pytest.raises(LoadError, match=r"big_endian\.pt: a big-endian archive"):
+        load(big, device="cpu")
     garbage = tmp_path / "garbage.pt"
     _rewrite(traced_archive, garbage, {_entry(traced_archive, "/data.pkl"): b"\x80\x02garbage"})
     with pytest.raises(LoadError, match=r"garbage\.pt: damaged TorchScript archive"):
