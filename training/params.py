@@ -93,8 +93,9 @@ def _term_flags(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("AGREE loss terms (each flag enables its own term only)")
     add_term_flags(a)
     a.add_argument("--legacy-detached-rank", action="store_true",
-                   help="Reproduce the released code: the three ranking terms add to the loss value "
-                        "but carry no gradient (spec 5.1).")
+                   help="Reproduce the released code's gradients (spec 5.1): the hinge sums of the three "
+                        "ranking terms are detached (no gradient to the towers), then divided by the logit "
+                        "scale tau, so tau alone receives their gradient, -S/tau^2.")
 
 
 def _distributed_flags(p: argparse.ArgumentParser) -> None:
