@@ -17,7 +17,7 @@ from agree.pretrained import clip_errors_as_input_errors, default_checkpoint, lo
 from clip.clip import create_model
 from training import checkpoint as ckpt_io
 from training.data import check_files, resolve_paths
-from training.dataset import build_train_dataset, make_train_loader
+from training.dataset import load_train_inputs, make_train_loader
 from training.distributed import DistEnv, barrier, unwrap
 from training.logger import close_logging, setup_logging
 from training.scheduler import constant_lr, cosine_lr
@@ -197,16 +197,18 @@ def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> R
     terms = enabled_terms(args)
     paths = resolve_paths(args)
     check_files(args, terms, paths)
+    inputs = load_train_inputs(args, paths, terms)      # every missing input is found here, before the run starts
     precision = resolve_precision(args.precision, env.device)
     ctx = None
     try:
         run_dir, ckpt_dir, resume_path = _prepare_run_dir(args, env)
         logging.info("run directory %s; device %s; world size %d; precision %s; terms %s",
                      run_dir, env.device, env.world_size, precision, ", ".join(("global",) + terms))
+        for level, message in inputs.report:
+            logging.log(level, message)
         torch.manual_seed(args.seed)
         model = build_model(args, env.device, precision)
-        resolution = model.visual.input_resolution
-        dataset = build_train_dataset(args, paths, terms, resolution)
+        dataset = inputs.dataset(model.visual.input_resolution, args.seed)
         val = load_val(paths.val_data, paths.val_images, args.caption_key) if paths.val_data else None
         loader, sampler = make_train_loader(dataset, args.batch_size, args.workers, env.world_size, env.rank,
                                             args.seed, pin_memory=env.device.type == "cuda")

@@ -43,9 +43,10 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--val-images", type=str, default=None,
                    help="Val image archive (key = index in --val-data). "
                         "Default: <data-root>/annotation/flickr30k_val_images.npz.")
-    d.add_argument("--train-objects", type=str, default=None,
-                   help="Objects per train image (--is-da-loss/--is-da-mask). "
-                        "Default: <data-root>/objects/flickr30k_train_imgs_objs.jsonl.")
+    d.add_argument("--train-objects", type=str, nargs="+", default=None, metavar="FILE",
+                   help="Objects per image (--is-da-loss/--is-da-mask), one or more files read in order (a later "
+                        "file's line wins for the same image). Default, as the release: "
+                        "<data-root>/objects/flickr30k_{train,test,val}_imgs_objs.jsonl.")
     d.add_argument("--grounding-images", type=str, default=None,
                    help="Images with a grounded entity masked (--is-vg). "
                         "Default: <data-root>/flickr30k_visual_grounding.224.npz.")
@@ -56,6 +57,12 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--vg-vocab", type=str, default=None,
                    help="Object word -> VG images (--is-da-loss/--is-da-mask). "
                         "Default: <vg-root>/vocab_VG_images_objs.jsonl.")
+    d.add_argument("--max-missing-fraction", type=float, default=0.0, metavar="F",
+                   help="Largest fraction of missing training inputs allowed, per kind: grounding images of "
+                        "grounded captions, objects lines of train images, VG (masked) images of usable VG "
+                        "entries. Checked over the whole training file before the first step; above it the run "
+                        "stops with an error naming the file and the first missing key. 0 = any miss is an "
+                        "error; a larger F trains the missing ones with the spec's masked-square substitute.")
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes per rank.")
 
 
@@ -169,6 +176,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              ("--log-every-n-steps", args.log_every_n_steps, 1)):
         if value < low:
             raise InputError(f"{flag} must be >= {low}, got {value}")
+    if not 0.0 <= args.max_missing_fraction <= 1.0:
+        raise InputError(f"--max-missing-fraction must be between 0 and 1, got {args.max_missing_fraction}")
     report = {s.strip() for s in args.report_to.split(",") if s.strip()}
     if "all" in report:
         report = {"tensorboard", "wandb"}
