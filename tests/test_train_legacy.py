@@ -7,7 +7,6 @@ sum divided in place by the logit scale tau, which does carry gradient.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from _train_data import one_torch_thread  # noqa: F401 (autouse fixture)
