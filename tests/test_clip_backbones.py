@@ -137,7 +137,7 @@ def test_table_runner_passes_model_and_jit_through(tmp_path, monkeypatch):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
     commands = {}
-    monkeypatch.setattr(TableRunner, "run", lambda self, stage, script, *flags, launcher=(): commands.update(
+    monkeypatch.setattr(TableRunner, "run", lambda self, stage, script, *flags: commands.update(
         {stage: (script, list(flags))}))
     scores = {"r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0}
     monkeypatch.setattr(TableRunner, "evaluate", lambda self, stage, t, i: {"t2i": scores, "i2t": scores})

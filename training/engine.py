@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,8 +18,8 @@ from agree.pretrained import clip_errors_as_input_errors, default_checkpoint, lo
 from clip.clip import create_model
 from training import checkpoint as ckpt_io
 from training.data import check_files, resolve_paths
-from training.dataset import build_train_dataset, make_train_loader
-from training.distributed import DistEnv, barrier, unwrap
+from training.dataset import load_train_inputs, make_train_loader
+from training.distributed import SPAWN, DistEnv, LaunchPlan, barrier, cleanup, init_distributed, unwrap
 from training.logger import close_logging, setup_logging
 from training.scheduler import constant_lr, cosine_lr
 from training.terms import enabled_terms
@@ -144,7 +145,8 @@ def _end_of_epoch(args: argparse.Namespace, ctx: TrainContext, val: Optional[Val
         if ctx.wandb is not None:
             ctx.wandb.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
     saved = None
-    if args.save_frequency > 0 and (epochs_done % args.save_frequency == 0 or epochs_done == args.epochs):
+    last = args.stop_after_epoch or args.epochs
+    if args.save_frequency > 0 and (epochs_done % args.save_frequency == 0 or epochs_done == last):
         saved = ckpt_io.save_checkpoint(_checkpoint(args, ctx, epochs_done, step), ckpt_dir / f"epoch_{epochs_done}.pt")
         logging.info("saved %s", saved)
     if args.save_most_recent or args.save_every_n_steps:
@@ -195,23 +197,41 @@ def _context(args: argparse.Namespace, env: DistEnv, model: nn.Module, precision
         log_every=args.log_every_n_steps, writer=writer, wandb=wandb, history=[] if keep_history else None)
 
 
-def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> RunResult:
-    """Train as the flags say; rank 0 writes the run directory. `keep_history`: record every step's losses."""
+def train_worker(local_rank: int, plan: LaunchPlan, args: argparse.Namespace) -> None:
+    """One process of a run laid out by `plan`: join the process group, train, leave."""
+    if plan.launcher == SPAWN and not plan.use_cuda and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.world_size))   # CPU workers share the cores
+    env = init_distributed(plan, local_rank, args.device, args.dist_url, args.gpu)
+    try:
+        run(args, env, describe=plan.describe())
+    finally:
+        cleanup(env)
+
+
+def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False, describe: str = "") -> RunResult:
+    """Train as the flags say; rank 0 writes the run directory. `keep_history`: record every step's losses.
+
+    `describe`: how the processes were started, for the first log line."""
+    describe = describe or ("one process" if env.world_size == 1 else f"{env.world_size} processes")
     if "wandb" in args.report and importlib.util.find_spec("wandb") is None:
         raise InputError("--report-to wandb needs the wandb package (pip install wandb)")
     terms = enabled_terms(args)
     paths = resolve_paths(args)
     check_files(args, terms, paths)
+    inputs = load_train_inputs(args, paths, terms)      # every missing input is found here, before the run starts
     precision = resolve_precision(args.precision, env.device)
     ctx = None
     try:
         run_dir, ckpt_dir, resume_path = _prepare_run_dir(args, env)
-        logging.info("run directory %s; device %s; world size %d; precision %s; terms %s",
-                     run_dir, env.device, env.world_size, precision, ", ".join(("global",) + terms))
+        logging.info("world size %d (%s); batch size %d per worker, global batch %d", env.world_size, describe,
+                     args.batch_size, args.batch_size * env.world_size)
+        logging.info("run directory %s; device %s; precision %s; terms %s",
+                     run_dir, env.device, precision, ", ".join(("global",) + terms))
+        for level, message in inputs.report:
+            logging.log(level, message)
         torch.manual_seed(args.seed)
         model = build_model(args, env.device, precision)
-        resolution = model.visual.input_resolution
-        dataset = build_train_dataset(args, paths, terms, resolution)
+        dataset = inputs.dataset(model.visual.input_resolution, args.seed)
         val = load_val(paths.val_data, paths.val_images, args.caption_key) if paths.val_data else None
         loader, sampler = make_train_loader(dataset, args.batch_size, args.workers, env.world_size, env.rank,
                                             args.seed, pin_memory=env.device.type == "cuda")
@@ -236,7 +256,7 @@ def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> R
         result = RunResult(run_dir=run_dir, history=ctx.history if ctx.history is not None else [],
                            final_step=start_step)
         step = start_step
-        for epoch in range(start_step // steps_per_epoch, args.epochs):
+        for epoch in range(start_step // steps_per_epoch, args.stop_after_epoch or args.epochs):
             first = max(step, epoch * steps_per_epoch)
             dataset.set_epoch(epoch)
             sampler.set_epoch(epoch)

@@ -43,9 +43,10 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--val-images", type=str, default=None,
                    help="Val image archive (key = index in --val-data). "
                         "Default: <data-root>/annotation/flickr30k_val_images.npz.")
-    d.add_argument("--train-objects", type=str, default=None,
-                   help="Objects per train image (--is-da-loss/--is-da-mask). "
-                        "Default: <data-root>/objects/flickr30k_train_imgs_objs.jsonl.")
+    d.add_argument("--train-objects", type=str, nargs="+", default=None, metavar="FILE",
+                   help="Objects per image (--is-da-loss/--is-da-mask), one or more files read in order (a later "
+                        "file's line wins for the same image). Default, as the release: "
+                        "<data-root>/objects/flickr30k_{train,test,val}_imgs_objs.jsonl.")
     d.add_argument("--grounding-images", type=str, default=None,
                    help="Images with a grounded entity masked (--is-vg). "
                         "Default: <data-root>/flickr30k_visual_grounding.224.npz.")
@@ -56,6 +57,12 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--vg-vocab", type=str, default=None,
                    help="Object word -> VG images (--is-da-loss/--is-da-mask). "
                         "Default: <vg-root>/vocab_VG_images_objs.jsonl.")
+    d.add_argument("--max-missing-fraction", type=float, default=0.0, metavar="F",
+                   help="Largest fraction of missing training inputs allowed, per kind: grounding images of "
+                        "grounded captions, objects lines of train images, VG (masked) images of usable VG "
+                        "entries. Checked over the whole training file before the first step; above it the run "
+                        "stops with an error naming the file and the first missing key. 0 = any miss is an "
+                        "error; a larger F trains the missing ones with the spec's masked-square substitute.")
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes per rank.")
 
 
@@ -65,6 +72,10 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--batch-size", type=int, default=64, help="Batch size per rank.")
     o.add_argument("--batch-size-eval", type=int, default=None, help="Validation batch size (default: --batch-size).")
     o.add_argument("--epochs", type=int, default=32, help="Number of epochs.")
+    o.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
+                   help="Stop after epoch N of the --epochs schedule (the learning rate still follows the "
+                        "--epochs schedule, so epoch_N.pt is the one a full run writes); epoch_N.pt is saved. "
+                        "Default: run every epoch.")
     o.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: 5e-4, 4e-4 for ViT-L/14).")
     o.add_argument("--beta1", type=float, default=None, help="AdamW beta1 (default 0.9).")
     o.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default 0.98).")
@@ -80,9 +91,10 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
 def _model_flags(p: argparse.ArgumentParser) -> None:
     """Which model and starting weights."""
     m = p.add_argument_group("model")
-    m.add_argument("--model", type=str, default="RN50",
-                   help="Model config: RN50, ViT-B/32, ViT-L/14 (or ViT-B-32, ViT-L-14), tiny: OpenAI's (QuickGELU); "
-                        "RN50-gelu, ViT-B-32-gelu, ViT-L-14-gelu: OpenCLIP's GELU models (e.g. its LAION-2B weights).")
+    m.add_argument("--model", type=str, default="ViT-L/14",
+                   help="Model config: ViT-L/14 (the recipe's and the paper's), ViT-B/32, RN50 (or ViT-L-14, "
+                        "ViT-B-32), tiny: OpenAI's (QuickGELU); ViT-L-14-gelu, ViT-B-32-gelu, RN50-gelu, tiny-gelu: "
+                        "OpenCLIP's GELU models (e.g. its LAION-2B weights).")
     m.add_argument("--openai-pretrained", action="store_true",
                    help="Start from the pre-trained --model weights at --pretrained-path (an OpenAI archive "
                         "or an OpenCLIP state dict) instead of random weights.")
@@ -98,15 +110,21 @@ def _term_flags(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("AGREE loss terms (each flag enables its own term only)")
     add_term_flags(a)
     a.add_argument("--legacy-detached-rank", action="store_true",
-                   help="Reproduce the released code: the three ranking terms add to the loss value "
-                        "but carry no gradient (spec 5.1).")
+                   help="Reproduce the released code's gradients (spec 5.1): the hinge sums of the three "
+                        "ranking terms are detached (no gradient to the towers), then divided by the logit "
+                        "scale tau, so tau alone receives their gradient, -S/tau^2.")
 
 
 def _distributed_flags(p: argparse.ArgumentParser) -> None:
     """Processes, gathering, devices."""
     t = p.add_argument_group("distributed")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="Worker processes to start, one per GPU on CUDA (gloo workers on the CPU); the global batch "
+                        "is N x --batch-size. Default, as the release: one per visible GPU when training on CUDA "
+                        "(without --gpu or a --device index), 1 otherwise. Not with torchrun, which sets its own.")
     t.add_argument("--dist-url", type=str, default="tcp://127.0.0.1:6100",
-                   help="Rendezvous URL when RANK/WORLD_SIZE are set without MASTER_ADDR (torchrun uses env://).")
+                   help="Rendezvous URL of the workers started with --nproc (or per GPU), and of torchrun workers "
+                        "without MASTER_ADDR (torchrun's own is env://).")
     t.add_argument("--dist-backend", type=str, default=None, help="nccl (default on GPU) or gloo (default on CPU).")
     t.add_argument("--skip-aggregate", action="store_true",
                    help="Do not gather features across ranks (each rank's terms see only its own batch).")
@@ -114,8 +132,9 @@ def _distributed_flags(p: argparse.ArgumentParser) -> None:
                    help="Send gradients through the features gathered from other ranks.")
     t.add_argument("--use-bn-sync", action="store_true", help="Convert BatchNorm to SyncBatchNorm under DDP (RN50).")
     t.add_argument("--device", type=str, default=None,
-                   help="cpu or cuda (default: cuda when available). Under torchrun each rank uses cuda:LOCAL_RANK.")
-    t.add_argument("--gpu", type=int, default=None, help="CUDA device index for a single-process run.")
+                   help="cpu, cuda (every visible GPU, one worker each) or cuda:K (one process on GPU K); default: "
+                        "cuda when available. Worker k (torchrun: LOCAL_RANK k) uses cuda:k.")
+    t.add_argument("--gpu", type=int, default=None, help="Train in one process on this CUDA device (as the release).")
 
 
 def _bookkeeping_flags(p: argparse.ArgumentParser) -> None:
@@ -173,6 +192,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              ("--log-every-n-steps", args.log_every_n_steps, 1)):
         if value < low:
             raise InputError(f"{flag} must be >= {low}, got {value}")
+    if args.stop_after_epoch is not None and not 1 <= args.stop_after_epoch <= args.epochs:
+        raise InputError(f"--stop-after-epoch must be between 1 and --epochs ({args.epochs}), "
+                         f"got {args.stop_after_epoch}")
+    if not 0.0 <= args.max_missing_fraction <= 1.0:
+        raise InputError(f"--max-missing-fraction must be between 0 and 1, got {args.max_missing_fraction}")
     report = {s.strip() for s in args.report_to.split(",") if s.strip()}
     if "all" in report:
         report = {"tensorboard", "wandb"}
