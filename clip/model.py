@@ -24,6 +24,18 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+# The MLP activation of the transformer blocks (both towers), a config entry: OpenAI trained with
+# QuickGELU; OpenCLIP's models without "-quickgelu" in their name (e.g. its LAION-2B ViT-B-32) use exact GELU.
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+
+
+def activation_layer(name: str) -> nn.Module:
+    """A new activation module for config name `name` ('quick_gelu' or 'gelu')."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
 # ---------------------------------------------------------------------------
 # Modified ResNet image tower
 class Bottleneck(nn.Module):
@@ -125,13 +137,13 @@ class ModifiedResNet(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, d_model: int, n_head: int):
+    def __init__(self, d_model: int, n_head: int, activation: str = "quick_gelu"):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
         self.ln_1 = LayerNorm(d_model)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(d_model, d_model * 4)),
-            ("gelu", QuickGELU()),
+            ("gelu", activation_layer(activation)),
             ("c_proj", nn.Linear(d_model * 4, d_model)),
         ]))
         self.ln_2 = LayerNorm(d_model)
@@ -146,11 +158,11 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual attention blocks over (batch, tokens, width) inputs."""
 
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, activation: str = "quick_gelu"):
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, activation) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         for block in self.resblocks:
@@ -161,7 +173,8 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT image tower: patches + class token, pre-LN, class token projected out."""
 
-    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int):
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
+                 activation: str = "quick_gelu"):
         super().__init__()
         self.input_resolution = input_resolution
         self.output_dim = output_dim
@@ -170,7 +183,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -199,15 +212,17 @@ class CLIP(nn.Module):
         transformer_width: int,
         transformer_heads: int,
         transformer_layers: int,
+        activation: str = "quick_gelu",
     ):
         super().__init__()
         self.context_length = context_length
+        self.activation = activation
         if isinstance(vision_layers, (tuple, list)):
             self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width)
         else:
             self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                            vision_width // 64 or 1, embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+                                            vision_width // 64 or 1, embed_dim, activation)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, activation)
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -332,11 +347,15 @@ def config_from_state_dict(state_dict: dict) -> dict:
     )
 
 
-def build_model(state_dict: dict) -> CLIP:
-    """Build a CLIP whose architecture is inferred from `state_dict` and load it strictly (fp32, eval mode)."""
+def build_model(state_dict: dict, config: Optional[dict] = None) -> CLIP:
+    """Build a CLIP of `config` and load `state_dict` strictly (fp32, eval mode).
+
+    Without `config` the architecture is inferred from the weights, with QuickGELU (OpenAI's activation;
+    the weights cannot tell it from GELU).
+    """
     # OpenAI archives carry three scalar entries; TorchScript state dicts also hold the causal mask buffer
     extras = ("input_resolution", "context_length", "vocab_size", "attn_mask")
     state_dict = {k: v for k, v in state_dict.items() if k not in extras}
-    model = CLIP(**config_from_state_dict(state_dict))
+    model = CLIP(**(config if config is not None else config_from_state_dict(state_dict)))
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     return model.eval()

@@ -1,4 +1,4 @@
-"""Zero-shot features from an OpenAI checkpoint: images, captions, and entity prompt / mask slots (spec 4.1)."""
+"""Zero-shot features from a pre-trained checkpoint (OpenAI or OpenCLIP): images, captions, and entity prompt / mask slots (spec 4.1)."""
 import argparse
 
 from agree.entities import EVAL_SLOTS, PROMPT_TEMPLATE
@@ -10,7 +10,11 @@ from eval.extraction import load_zero_shot, plan_extraction, resolve_extraction_
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    add_extraction_args(p, "OpenAI CLIP checkpoint (e.g. tmp/pretrained_models/ViT-L-14.pt) or a model name")
+    add_extraction_args(p, "pre-trained CLIP checkpoint: OpenAI archive (e.g. tmp/pretrained_models/ViT-L-14.pt), "
+                           "OpenCLIP state dict (with --model, e.g. ViT-B-32-gelu), or a model name")
+    p.add_argument("--jit", action="store_true",
+                   help="read a TorchScript archive with torch.jit.load (runs the archive's code) instead of "
+                        "the reader that takes only its weights")
     p.add_argument("--extract-mask-feats", action="store_true", help="write masked-caption slot features")
     p.add_argument("--extract-prompt-feats", action="store_true", help="write prompt slot features")
     p.add_argument("--prompt-data", default=None, help="textual entities per caption (..._texts_segs.jsonl)")
@@ -22,7 +26,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     precision = resolve_extraction_precision(args.precision, device)
     plan = plan_extraction(args, slots=True)
-    model = load_zero_shot(args.resume, args.model, device, precision)
+    model = load_zero_shot(args.resume, args.model, device, precision, jit=args.jit)
     run_extraction(plan, model, args, device, precision)
     return 0
 

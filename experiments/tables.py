@@ -44,6 +44,8 @@ def fine_tune_flags(args: argparse.Namespace) -> list[str]:
         flags.append(f"--max-missing-fraction={args.max_missing_fraction}")
     if args.precision:
         flags.append(f"--precision={args.precision}")
+    if args.jit:
+        flags.append("--jit")
     return flags
 
 
@@ -77,6 +79,9 @@ class TableRunner:
     # ------------------------------------------------------------------ plumbing
     def _device_flags(self) -> list[str]:
         return ["--device", self.args.device] if self.args.device else []
+
+    def _jit_flags(self) -> list[str]:
+        return ["--jit"] if self.args.jit else []
 
     def run(self, stage: str, script: str, *flags: str) -> None:
         """Run one README script; its output goes to logs/<stage>.log; a failure stops everything."""
@@ -155,7 +160,7 @@ class TableRunner:
                  f"--resume={a.pretrained}",
                  f"--image-feat-output-path={feats['img']}", f"--text-feat-output-path={feats['txt']}",
                  f"--mask-feat-output-path={feats['mask']}", f"--prompt-feat-output-path={feats['prompt']}",
-                 "--model", a.model, *self._device_flags())
+                 "--model", a.model, *self._jit_flags(), *self._device_flags())
         section = SECTIONS["zeroshot"]
         base_i, base_t = self.topk("zeroshot.topk", folder, feats["img"], feats["txt"])
         self.add_row(section, "CLIP zero-shot", self.evaluate("zeroshot.base", base_t, base_i))

@@ -30,7 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vg-root", default="./tmp/VG", help="Visual Genome entity data folder")
     p.add_argument("--pretrained", default="./tmp/pretrained_models/ViT-L-14.pt",
                    help="the pre-trained CLIP checkpoint (zero-shot model and fine-tuning start)")
-    p.add_argument("--model", default="ViT-L-14", help="model config name (ViT-L-14, ViT-B-32, RN50, tiny)")
+    p.add_argument("--model", default="ViT-L-14",
+                   help="model config name: ViT-L-14, ViT-B-32, RN50, tiny (OpenAI's, QuickGELU) or ViT-L-14-gelu, "
+                        "ViT-B-32-gelu, RN50-gelu (OpenCLIP's GELU checkpoints)")
+    p.add_argument("--jit", action="store_true",
+                   help="read a TorchScript --pretrained with torch.jit.load (runs the archive's code)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default="./tmp/tables", help="where predictions, runs, results.md and results.json go")
     p.add_argument("--overwrite", action="store_true", help="delete --out first if it exists")

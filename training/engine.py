@@ -39,13 +39,18 @@ class RunResult:
 
 
 def build_model(args: argparse.Namespace, device: torch.device, precision: str) -> nn.Module:
-    """Random init of --model, or the OpenAI checkpoint at --pretrained-path with --openai-pretrained."""
+    """Random init of --model, or with --openai-pretrained the --model weights at --pretrained-path
+    (OpenAI archive or OpenCLIP state dict; --model's config gives the activation; --jit: torch.jit.load)."""
     weights = "fp16" if precision == "fp16" else "fp32"
     if args.openai_pretrained:
         path = Path(args.pretrained_path or default_checkpoint(args.model))
         if not path.is_file():
             raise InputError(f"--openai-pretrained: checkpoint not found: {path} (set --pretrained-path)")
-        model, _, _ = load_pretrained(path, device=device, is_train=True, precision=weights)
+        try:
+            model, _, _ = load_pretrained(path, device=device, is_train=True, precision=weights, jit=args.jit,
+                                          model_name=args.model)
+        except InputError as e:
+            raise InputError(f"--openai-pretrained: {e}") from None
     else:
         with clip_errors_as_input_errors():
             model = create_model(args.model, device=device, precision=weights)

@@ -93,11 +93,16 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", type=str, default="ViT-L/14",
                    help="Model config: ViT-L/14 (the recipe's and the paper's), ViT-B/32, RN50 (or ViT-L-14, "
-                        "ViT-B-32), tiny.")
+                        "ViT-B-32), tiny: OpenAI's (QuickGELU); ViT-L-14-gelu, ViT-B-32-gelu, RN50-gelu, tiny-gelu: "
+                        "OpenCLIP's GELU models (e.g. its LAION-2B weights).")
     m.add_argument("--openai-pretrained", action="store_true",
-                   help="Start from the OpenAI checkpoint at --pretrained-path instead of random weights.")
+                   help="Start from the pre-trained --model weights at --pretrained-path (an OpenAI archive "
+                        "or an OpenCLIP state dict) instead of random weights.")
     m.add_argument("--pretrained-path", type=str, default=None,
                    help="What --openai-pretrained loads. Default: tmp/pretrained_models/<model, '/'->'-'>.pt.")
+    m.add_argument("--jit", action="store_true",
+                   help="Read a TorchScript archive with torch.jit.load, which runs the archive's code, instead "
+                        "of the reader that takes only its weights (for an archive that reader refuses).")
 
 
 def _term_flags(p: argparse.ArgumentParser) -> None:
