@@ -1,0 +1,94 @@
+"""Images: decode a file (any format PIL reads, EXIF orientation applied) and bring it to R x R exactly as
+clip's eval transform does (Resize(R, bicubic) + CenterCrop(R) + RGB), then mask boxes.
+
+Imported by worker processes: nothing here imports torch. The stored float form is made in the
+main process with clip.transform.array_to_tensor (see `to_storage`), so a float archive holds exactly
+what evaluation computes from the uint8 one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from dataprep.geometry import Box, Geometry, pixel_span
+
+EXIF_ORIENTATION = 274
+STORAGE = ("float32", "uint8")
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class ImageReadError(Exception):
+    """An image file that cannot be used (missing, not an image, truncated, unsupported)."""
+
+
+@dataclass
+class Decoded:
+    """A decoded image in its displayed orientation, and what was odd about the file."""
+
+    image: Image.Image
+    stored_size: tuple[int, int]      # (width, height) of the pixels as stored, before EXIF orientation
+    orientation: int                  # EXIF orientation tag (1 = none)
+    format: str                       # what the content is ("JPEG", "PNG", ...), whatever the file name says
+    mode: str                         # PIL mode of the file ("RGB", "L", "CMYK", "P", ...)
+
+
+def decode(path: str | os.PathLike) -> Decoded:
+    """Read an image file; ImageReadError names the file and what is wrong."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            fmt, mode, stored = im.format or "?", im.mode, im.size
+            orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+            image = ImageOps.exif_transpose(im) if orientation in range(2, 9) else im.copy()
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: image file not found") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not an image file (corrupt or unknown format)") from None
+    except _READ_ERRORS as e:
+        raise ImageReadError(f"{path}: cannot decode the image ({e})") from None
+    if image.width < 1 or image.height < 1:
+        raise ImageReadError(f"{path}: empty image")
+    return Decoded(image, stored, orientation if orientation in range(2, 9) else 1, fmt, mode)
+
+
+def to_model_input(image: Image.Image, resolution: int) -> np.ndarray:
+    """uint8 (R, R, 3): clip's eval transform up to ToTensor (resize the short side to R, centre crop, RGB)."""
+    g = Geometry(image.width, image.height, resolution)
+    size = g.resized
+    try:
+        out = image if size == image.size else image.resize(size, Image.BICUBIC)
+        left, top = g.offset
+        out = out.crop((left, top, left + resolution, top + resolution)).convert("RGB")
+    except _READ_ERRORS as e:
+        raise ImageReadError(f"cannot convert a {image.mode} image to RGB ({e})") from None
+    return np.asarray(out, dtype=np.uint8).copy()
+
+
+def masked(array: np.ndarray, boxes: Iterable[Box], fill: tuple[int, int, int]) -> np.ndarray:
+    """Copy of a uint8 (R, R, 3) image with every pixel that a (crop-space) box touches set to `fill`."""
+    out = array.copy()
+    r = array.shape[0]
+    for box in boxes:
+        x0, y0, x1, y1 = pixel_span(box)
+        out[max(y0, 0):min(y1, r), max(x0, 0):min(x1, r)] = fill
+    return out
+
+
+def mean_fill() -> tuple[int, int, int]:
+    """CLIP's mean colour in 0-255: masked regions normalise to about 0."""
+    from clip.transform import MEAN
+    return tuple(int(round(m * 255)) for m in MEAN)
+
+
+def to_storage(array: np.ndarray, storage: str) -> np.ndarray:
+    """What an archive stores: the uint8 (R, R, 3) image, or float32 (3, R, R) = array_to_tensor of it (CLIP-normalised)."""
+    if storage == "uint8":
+        return array
+    if storage != "float32":
+        raise ValueError(f"unknown image storage {storage!r}")
+    from clip.transform import array_to_tensor   # torch: main process only
+    return array_to_tensor(array, array.shape[0]).numpy()
