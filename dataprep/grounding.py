@@ -53,28 +53,30 @@ class Detection:
 
 @dataclass
 class Grounding:
-    """Candidate preds of each caption (label, score) and the boxes of each label, in original pixels."""
+    """Candidate labels of each caption, and the (box, score) pairs of each label in original pixels.
 
-    candidates: list[list[tuple[str, float]]]
-    boxes: dict[str, list[Box]] = field(default_factory=dict)
+    `ranked`: order each caption's preds by score (detectors) instead of by position (gold phrases).
+    """
+
+    candidates: list[list[str]]
+    boxes: dict[str, list[tuple[Box, float]]] = field(default_factory=dict)
+    ranked: bool = False
 
 
 def from_gold(caption_segs: Sequence[Sequence[tuple[str, str]]], chain_boxes: dict[str, list[Box]]) -> Grounding:
     """From each caption's (seg, chain id) gold phrases and the boxes of each chain."""
     g = Grounding([])
     for segs in caption_segs:
-        preds: dict[str, float] = {}
+        labels: dict[str, None] = {}
         for seg, chain in segs:
             boxes = chain_boxes.get(chain)
-            if not boxes:
-                continue
             label = head_label(seg)
-            if not label:
+            if not boxes or not label:
                 continue
-            preds.setdefault(label, GOLD_SCORE)
+            labels[label] = None
             known = g.boxes.setdefault(label, [])
-            known += [b for b in boxes if b not in known]
-        g.candidates.append(list(preds.items()))
+            known += [(b, GOLD_SCORE) for b in boxes if (b, GOLD_SCORE) not in known]
+        g.candidates.append(list(labels))
     return g
 
 
@@ -87,31 +89,36 @@ def mentions(caption: str, label: str) -> bool:
 
 
 def from_detections(captions: Sequence[str], detections: Iterable[Detection], threshold: float) -> Grounding:
-    """From a detector's boxes of one image (labels already normalised)."""
-    best: dict[str, float] = {}
-    g = Grounding([])
+    """From a detector's boxes of one image (labels already normalised); boxes below `threshold` are ignored."""
+    g = Grounding([], ranked=True)
     for d in detections:
-        if d.score < threshold:
-            continue
-        best[d.label] = max(best.get(d.label, d.score), d.score)
-        g.boxes.setdefault(d.label, []).append(d.box)
-    ranked = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))
-    g.candidates = [[(label, s) for label, s in ranked if mentions(c, label)] for c in captions]
+        if d.score >= threshold:
+            g.boxes.setdefault(d.label, []).append((d.box, d.score))
+    g.candidates = [[label for label in g.boxes if mentions(c, label)] for c in captions]
     return g
 
 
 def through_crop(g: Grounding, geometry: Geometry) -> tuple[list[list[dict]], dict[str, list[Box]]]:
-    """(preds of each caption as [{label: score}], crop-space boxes of each surviving label)."""
+    """(preds of each caption as [{label: score}], crop-space boxes of each surviving label).
+
+    A label's score is the highest score among its boxes that survive the crop."""
     kept: dict[str, list[Box]] = {}
-    for label, boxes in g.boxes.items():
-        cropped = [c for c in (geometry.crop_box(b) for b in boxes) if c is not None]
-        if cropped:
-            kept[label] = cropped
-    preds = [[{label: score} for label, score in cands if label in kept] for cands in g.candidates]
+    score: dict[str, float] = {}
+    for label, pairs in g.boxes.items():
+        for box, s in pairs:
+            c = geometry.crop_box(box)
+            if c is not None:
+                kept.setdefault(label, []).append(c)
+                score[label] = max(score.get(label, s), s)
+    preds = []
+    for labels in g.candidates:
+        alive = [label for label in labels if label in kept]
+        if g.ranked:
+            alive.sort(key=lambda label: (-score[label], label))
+        preds.append([{label: score[label]} for label in alive])
     return preds, kept
 
 
 def masked_labels(preds: Sequence[Sequence[dict]]) -> list[str]:
     """The labels training masks (the grounding_label of each caption's preds), distinct, in order."""
     return list(dict.fromkeys(x for x in (grounding_label(p) for p in preds) if x is not None))
-

@@ -128,17 +128,17 @@ def _gold_boxes(task: ItemTask, d: Decoded, out: Outcome) -> dict[str, list[Box]
 def _inside(g: Grounding, size: tuple[int, int], where: str, out: Outcome) -> Grounding:
     """Boxes clipped to the image; boxes with nothing inside are skipped (counted)."""
     w, h = size
-    for label, boxes in list(g.boxes.items()):
+    for label, pairs in list(g.boxes.items()):
         kept = []
-        for b in boxes:
-            c = clip_to_image(b, w, h)
+        for box, score in pairs:
+            c = clip_to_image(box, w, h)
             if c is None:
-                out.skips.append(("boxes", f"{where}: box {tuple(round(v, 1) for v in b)} of {label!r} lies "
+                out.skips.append(("boxes", f"{where}: box {tuple(round(v, 1) for v in box)} of {label!r} lies "
                                            f"outside the {w}x{h} image"))
-            else:
-                if c != b:
-                    out.notes.append(("boxes clipped to their image", f"{where}: {label!r}"))
-                kept.append(c)
+                continue
+            if c != box:
+                out.notes.append(("boxes clipped to their image", f"{where}: {label!r}"))
+            kept.append((c, score))
         g.boxes[label] = kept
     return g
 

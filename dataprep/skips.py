@@ -22,11 +22,12 @@ class SkipLog:
         self.totals: dict[str, int] = {}
         self.noted: Counter = Counter()
         self.first: dict[str, str] = {}
+        self.last_skip: dict[str, str] = {}
 
     def total(self, kind: str, n: int) -> None:
         """Declare how many items of `kind` there are (the budget's base); checks what was skipped so far."""
         self.totals[kind] = n
-        self._check(kind, None)
+        self._check(kind, self.last_skip.get(kind))
 
     def allowed(self, kind: str) -> Optional[int]:
         """How many items of `kind` may be skipped (None while the total is unknown)."""
@@ -36,6 +37,7 @@ class SkipLog:
     def skip(self, kind: str, message: str) -> None:
         """Count one skipped item; print the first few messages; stop the run once the budget is exceeded."""
         self.skipped[kind] += 1
+        self.last_skip[kind] = message
         if self.skipped[kind] <= SHOWN:
             self.log(f"warning: skipped: {message}")
         self._check(kind, message)

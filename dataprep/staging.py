@@ -68,13 +68,17 @@ def write_manifest(folder: Path, settings: dict, counts: dict) -> None:
 
 @contextlib.contextmanager
 def staging_area(out: Path) -> Iterator[Path]:
-    """A temporary folder inside `out` (same file system, so the final renames are atomic); removed at the end."""
+    """A temporary folder inside `out` (same file system, so the final renames are atomic); removed at the end,
+    and `out` too if this run created it and it stayed empty."""
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".prepare_data.", dir=out))
     try:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
 
 
 def commit(targets: list[Target], stage: Path) -> None:

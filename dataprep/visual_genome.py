@@ -124,7 +124,7 @@ def select_candidates(objects_path: str | os.PathLike, images: dict[int, VgImage
                       resolution: int, per_word: int, progress: Iterable = None) -> tuple[dict[str, list[Candidate]], dict]:
     """Stream objects.json; return (word -> its chosen candidates in choice order, counts)."""
     heaps: dict[str, list] = {}
-    counts = {"vg_images_seen": 0, "vg_images_excluded": 0, "vg_images_without_image_data": 0}
+    counts = {"vg_images_in_objects": 0, "vg_images_without_image_data": 0}
     for k, rec in enumerate(iter_array(objects_path)):
         if progress is not None:
             progress.update(1)
@@ -134,9 +134,8 @@ def select_candidates(objects_path: str | os.PathLike, images: dict[int, VgImage
         objs = rec.get("objects")
         if image_id is None or not isinstance(objs, list):
             raise InputError(f"{objects_path}: entry {k}: needs 'image_id' and an 'objects' list")
-        counts["vg_images_seen"] += 1
+        counts["vg_images_in_objects"] += 1
         if image_id in excluded:
-            counts["vg_images_excluded"] += 1
             continue
         im = images.get(image_id)
         if im is None:

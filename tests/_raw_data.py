@@ -127,6 +127,7 @@ def make_flickr30k(raw: Path, n_train: int = 6, n_val: int = 2, n_test: int = 3,
     odd_cases: dict[str, str] = {}
     train = [im for im in images if im.split == "train"]
     if odd:
+        assert n_train >= 8, "the odd cases need 8 training images"
         odd_cases = {"grayscale": train[0].stem, "cmyk": train[1].stem, "png_as_jpg": train[2].stem,
                      "exif": train[3].stem, "box_outside": train[4].stem, "truncated": train[5].stem}
     for k, im in enumerate(images):
