@@ -1,15 +1,17 @@
 """Images: decode a file (any format PIL reads, EXIF orientation applied) and bring it to R x R exactly as
 clip's eval transform does (Resize(R, bicubic) + CenterCrop(R) + RGB), then mask boxes.
 
-Imported by worker processes: nothing here imports torch. The stored float form is made in the
-main process with clip.transform.array_to_tensor (see `to_storage`), so a float archive holds exactly
-what evaluation computes from the uint8 one.
+Imported by worker processes: nothing here imports torch. The float form is CLIP's normalisation
+computed with numpy in float32, the same operations as clip.transform.array_to_tensor (ToTensor's
+/255, then (x - mean) / std): the tests check that both give the same bits, so a float archive holds
+exactly what evaluation computes from the uint8 one. The constants come from clip.transform, read
+once in the main process (`Storage.from_clip`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -78,17 +80,35 @@ def masked(array: np.ndarray, boxes: Iterable[Box], fill: tuple[int, int, int]) 
     return out
 
 
-def mean_fill() -> tuple[int, int, int]:
-    """CLIP's mean colour in 0-255: masked regions normalise to about 0."""
-    from clip.transform import MEAN
-    return tuple(int(round(m * 255)) for m in MEAN)
+@dataclass(frozen=True)
+class Storage:
+    """How the archives store an image: `kind` uint8 (R, R, 3) RGB, or float32 (3, R, R) CLIP-normalised."""
+
+    kind: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_clip(cls, kind: str) -> "Storage":
+        """With clip.transform's MEAN and STD (imports torch: main process only)."""
+        from clip.transform import MEAN, STD
+        if kind not in STORAGE:
+            raise ValueError(f"unknown image storage {kind!r}")
+        return cls(kind, tuple(MEAN), tuple(STD))
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """CLIP's mean colour in 0-255, used for masked regions (they normalise to about 0)."""
+        return tuple(int(round(m * 255)) for m in self.mean)
+
+    def encode(self, array: np.ndarray) -> np.ndarray:
+        """The stored form of a uint8 (R, R, 3) image."""
+        if self.kind == "uint8":
+            return array
+        return normalise(array, self.mean, self.std)
 
 
-def to_storage(array: np.ndarray, storage: str) -> np.ndarray:
-    """What an archive stores: the uint8 (R, R, 3) image, or float32 (3, R, R) = array_to_tensor of it (CLIP-normalised)."""
-    if storage == "uint8":
-        return array
-    if storage != "float32":
-        raise ValueError(f"unknown image storage {storage!r}")
-    from clip.transform import array_to_tensor   # torch: main process only
-    return array_to_tensor(array, array.shape[0]).numpy()
+def normalise(array: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 (R, R, 3) -> float32 (3, R, R): x / 255, then (x - mean) / std, each step in float32."""
+    x = array.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+    return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]

@@ -15,7 +15,7 @@ from agree.io import InputError
 from dataprep.entities_files import GoldBoxes, read_annotation, read_sentences
 from dataprep.geometry import Box, Geometry, clip_to_image, exif_box
 from dataprep.grounding import Detection, Grounding, from_detections, from_gold, masked_labels, through_crop
-from dataprep.images import Decoded, ImageReadError, decode, masked, to_model_input
+from dataprep.images import Decoded, ImageReadError, Storage, decode, masked, to_model_input
 from dataprep.karpathy import ImageEntry
 from dataprep.textual import gold_segs, get_extractor, match_sentence, unique
 
@@ -35,11 +35,11 @@ class ItemTask:
     entry: ImageEntry
     image_path: str
     resolution: int
-    fill: tuple[int, int, int]
+    storage: Storage
     text: TextSettings
     sentences_path: Optional[str] = None        # Flickr30k Entities Sentences/<stem>.txt
     annotation_path: Optional[str] = None       # Flickr30k Entities Annotations/<stem>.xml (train only)
-    detections: tuple[Detection, ...] = ()      # --boxes of this image (score already filtered: no)
+    detections: tuple[Detection, ...] = ()      # --boxes of this image (all scores)
     box_threshold: float = 0.5
     grounding: str = "none"                     # none | gold | boxes (train only)
 
@@ -59,7 +59,7 @@ class ItemResult:
     task: ItemTask
     outcome: Outcome
     error: Optional[str] = None
-    image: Optional[np.ndarray] = None          # uint8 (R, R, 3)
+    image: Optional[np.ndarray] = None          # stored form (Storage.encode)
     segs: list[list[str]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)   # detector labels >= threshold (for objects)
     preds: list[list[dict]] = field(default_factory=list)
@@ -86,7 +86,6 @@ def _segs(task: ItemTask, out: Outcome) -> tuple[list[list[str]], list[list[tupl
             sentences = read_sentences(Path(task.sentences_path))
         except InputError as e:
             out.skips.append(("Flickr30k Entities files", str(e)))
-    extractor = get_extractor(task.text.extractor, task.text.spacy_model)
     segs, gold = [], []
     for i, caption in enumerate(task.entry.captions):
         sentence = match_sentence(caption, i, sentences) if sentences else None
@@ -94,7 +93,10 @@ def _segs(task: ItemTask, out: Outcome) -> tuple[list[list[str]], list[list[tupl
             out.notes.append(("captions without a matching Entities sentence (extractor used)",
                               f"{task.sentences_path}: {caption!r}"))
         phrases = gold_segs(caption, sentence) if sentence is not None else []
-        found = unique(s for s, _ in phrases) if sentence is not None else extractor(caption)
+        if sentence is not None:
+            found = unique(s for s, _ in phrases)
+        else:
+            found = get_extractor(task.text.extractor, task.text.spacy_model)(caption)
         if not found:
             out.notes.append(("captions without any textual entity", f"{task.entry.file}: {caption!r}"))
         segs.append(found)
@@ -149,10 +151,11 @@ def prepare_item(task: ItemTask) -> ItemResult:
     res = ItemResult(task, out)
     try:
         d = decode(task.image_path)
-        res.image = to_model_input(d.image, task.resolution)
+        image = to_model_input(d.image, task.resolution)
     except ImageReadError as e:
         res.error = str(e) if task.image_path in str(e) else f"{task.image_path}: {e}"
         return res
+    res.image = task.storage.encode(image)
     _decode_notes(d, task.image_path, out)
     segs, gold = _segs(task, out)
     res.segs = segs
@@ -173,7 +176,7 @@ def prepare_item(task: ItemTask) -> ItemResult:
     for label in dropped:
         out.notes.append(("grounded labels dropped by the centre crop", f"{task.entry.file}: {label!r}"))
     for label in masked_labels(res.preds):
-        res.masked[label] = masked(res.image, crop_boxes[label], task.fill)
+        res.masked[label] = task.storage.encode(masked(image, crop_boxes[label], task.storage.fill))
     return res
 
 
@@ -187,7 +190,7 @@ class VgTask:
     size: tuple[int, int]
     words: tuple[tuple[str, Box], ...]
     resolution: int
-    fill: tuple[int, int, int]
+    storage: Storage
 
 
 @dataclass
@@ -212,7 +215,7 @@ def prepare_vg(task: VgTask) -> VgResult:
         return res
     try:
         d = decode(path)
-        res.image = to_model_input(d.image, task.resolution)
+        image = to_model_input(d.image, task.resolution)
     except ImageReadError as e:
         res.error = str(e)
         return res
@@ -228,5 +231,7 @@ def prepare_vg(task: VgTask) -> VgResult:
         if not qualifying_box(g, b):
             out.notes.append(("VG objects dropped (box unusable on the real image)", f"{path}: {word!r}"))
             continue
-        res.masked[word] = masked(res.image, [g.crop_box(b)], task.fill)
+        res.masked[word] = task.storage.encode(masked(image, [g.crop_box(b)], task.storage.fill))
+    if res.masked:
+        res.image = task.storage.encode(image)
     return res

@@ -20,7 +20,7 @@ from agree.io import InputError, atomic_write, dumps, write_json
 from agree.layout import DATASETS, Layout, grounding_key, vg_masked_key
 from dataprep import karpathy, visual_genome as vg
 from dataprep.boxes import read_boxes
-from dataprep.images import STORAGE, mean_fill, to_storage
+from dataprep.images import STORAGE, Storage
 from dataprep.item import ItemResult, ItemTask, Outcome, TextSettings, VgResult, VgTask, prepare_item, prepare_vg
 from dataprep.npz import NpzWriter
 from dataprep.objects import image_objects
@@ -150,7 +150,7 @@ class Preparation:
         self.progress = _Progress(cfg.progress)
         self.counts: dict = {}
         self.seconds: dict = {}
-        self.fill = mean_fill()
+        self.storage = Storage.from_clip(cfg.storage)
 
     # ------------------------------------------------------------------ inputs
     def read_inputs(self) -> None:
@@ -236,7 +236,7 @@ class Preparation:
                 else:
                     self.skips.skip("Flickr30k Entities files", f"{p}: box file not found (no gold boxes)")
                     grounding = "none"
-            yield ItemTask(e, str(cfg.raw / e.file), cfg.resolution, self.fill, text, sentences, annotation,
+            yield ItemTask(e, str(cfg.raw / e.file), cfg.resolution, self.storage, text, sentences, annotation,
                            tuple(self.detections.get(Path(e.file).name, ())), cfg.box_threshold, grounding)
 
     def write_dataset(self, lay: Layout) -> None:
@@ -269,7 +269,7 @@ class Preparation:
                     objs = image_objects([s for caption in res.segs for s in caption] + res.labels, vocab)
                     self.used_words.update(dict.fromkeys(objs))
                     objects[e.split].write({"image_id": e.stem, "image_objects": objs})
-                    array = to_storage(res.image, cfg.storage)
+                    array = res.image
                     if e.split == "train":
                         train_npz.add(str(e.image_id), array)
                         preds = res.preds or [[] for _ in e.captions]
@@ -277,7 +277,7 @@ class Preparation:
                             train_jsonl.write({"image": e.file, "caption": caption, "image_id": e.image_id,
                                                "segs": caption_segs, "preds": caption_preds})
                         for label, image in res.masked.items():
-                            grounding_npz.add(grounding_key(e.stem, label), to_storage(image, cfg.storage))
+                            grounding_npz.add(grounding_key(e.stem, label), image)
                         n["train_images"] += 1
                         n["train_captions"] += len(e.captions)
                         n["grounding_images"] += len(res.masked)
@@ -317,7 +317,7 @@ class Preparation:
         self.skips.total("Visual Genome images", len(ids))
         tasks = (VgTask(g, tuple(str(p) for p in vg.image_path(cfg.vg_raw, self.vg_images[g])),
                         (self.vg_images[g].width, self.vg_images[g].height), tuple(words_of[g]), cfg.resolution,
-                        self.fill) for g in ids)
+                        self.storage) for g in ids)
         usable: dict[str, list[int]] = {}
         names = {(w, c.image_id): c.name for w in self.used_words for c in self.vg_choice[w]}
         with ExitStack() as stack:
@@ -333,9 +333,9 @@ class Preparation:
                     if not res.masked:
                         continue
                     g = res.task.image_id
-                    images.add(str(g), to_storage(res.image, cfg.storage))
+                    images.add(str(g), res.image)
                     for word, image in res.masked.items():
-                        masked.add(vg_masked_key(word, g), to_storage(image, cfg.storage))
+                        masked.add(vg_masked_key(word, g), image)
                         usable.setdefault(word, []).append(g)
         order = {(w, c.image_id): k for w in self.used_words for k, c in enumerate(self.vg_choice[w])}
         with atomic_write(lay.vg_vocab) as f:

@@ -14,7 +14,7 @@ import pytest
 from agree.entities import grounding_label
 from agree.layout import Layout, grounding_key
 from dataprep.geometry import Geometry, pixel_span
-from dataprep.images import mean_fill
+from dataprep.images import Storage
 from dataprep.pipeline import PrepareConfig, prepare
 from tests._raw_data import COLOURS, make_coco, make_flickr30k, make_vg, write_boxes
 
@@ -132,7 +132,7 @@ def test_masked_grounding_image_hides_the_gold_box_after_resize_and_crop(flickr)
     x0, y0, x1, y1 = pixel_span(Geometry(*im.size, R).crop_box(person.box))
     inside = np.zeros((R, R), bool)
     inside[max(y0, 0):y1, max(x0, 0):x1] = True
-    assert (masked[inside] == mean_fill()).all()
+    assert (masked[inside] == Storage.from_clip('uint8').fill).all()
     assert (masked[~inside] == image[~inside]).all()
     # and the stored image shows the person's colour there (PNG content read despite the .jpg name)
     centre = image[(y0 + y1) // 2, (x0 + x1) // 2].astype(int)
@@ -200,7 +200,7 @@ def test_objects_and_visual_genome(flickr):
         ys, xs = np.nonzero((masked != image).any(-1))
         rect = np.zeros(masked.shape[:2], bool)
         rect[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
-        assert (masked[rect] == mean_fill()).all() and (masked[~rect] == image[~rect]).all()
+        assert (masked[rect] == Storage.from_clip('uint8').fill).all() and (masked[~rect] == image[~rect]).all()
         assert 0.02 * R * R <= rect.sum() <= 0.8 * R * R + 2 * R
 
 

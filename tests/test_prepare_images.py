@@ -6,7 +6,7 @@ from PIL import Image
 
 from clip.transform import array_to_tensor, image_transform
 from dataprep.geometry import Geometry, MIN_VISIBLE, exif_box, from_one_based, pixel_span
-from dataprep.images import ImageReadError, decode, masked, mean_fill, to_model_input, to_storage
+from dataprep.images import ImageReadError, Storage, decode, masked, to_model_input
 from tests._raw_data import draw, jpeg_bytes, Obj
 
 SIZES = [(500, 375), (375, 500), (333, 500), (64, 64), (40, 30), (1000, 207), (224, 300)]
@@ -27,10 +27,20 @@ def test_stored_uint8_and_float_equal_clips_eval_transform(size, mode, resolutio
     assert arr.dtype == np.uint8 and arr.shape == (resolution, resolution, 3)
     # what training's and evaluation's readers compute from each stored form (spec section 1)
     assert torch.equal(array_to_tensor(arr, resolution, is_train=False), expected)
-    stored = to_storage(arr, "float32")
+    stored = Storage.from_clip("float32").encode(arr)      # numpy in the workers: the same bits as torch
     assert stored.dtype == np.float32 and stored.shape == (3, resolution, resolution)
+    assert torch.equal(torch.from_numpy(stored), expected)
     assert torch.equal(array_to_tensor(stored, resolution, is_train=False), expected)
-    assert to_storage(arr, "uint8") is arr
+    assert Storage.from_clip("uint8").encode(arr) is arr
+
+
+def test_float_storage_equals_array_to_tensor_for_every_byte_value():
+    """The normalisation is per element: checking all 256 values of each channel proves the two paths equal."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    arr = np.stack([values, values.T, values[::-1]], -1)
+    assert all(len(np.unique(arr[..., c])) == 256 for c in range(3))
+    stored = Storage.from_clip("float32").encode(arr)
+    assert torch.equal(torch.from_numpy(stored), array_to_tensor(arr, 16, is_train=False))
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -70,7 +80,7 @@ def test_one_based_corners_and_pixel_spans():
     arr = np.zeros((10, 10, 3), np.uint8)
     m = masked(arr, [(2.2, 3.0, 7.5, 9.0)], (1, 2, 3))
     assert (m[3:9, 2:8] == (1, 2, 3)).all() and m.sum() == 6 * 6 * 6 and arr.sum() == 0
-    assert mean_fill() == (123, 117, 104)
+    assert Storage.from_clip("uint8").fill == (123, 117, 104)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -115,7 +125,7 @@ def test_training_reads_uint8_through_its_augmentation_but_float_as_is():
     training applies RandomResizedCrop to uint8 arrays only (training/dataset.py), as the spec's train
     transform; the release's float archives are used as stored."""
     arr = to_model_input(_picture((300, 200), 3), 64)
-    stored = to_storage(arr, "float32")
+    stored = Storage.from_clip("float32").encode(arr)
     torch.manual_seed(0)
     assert torch.equal(array_to_tensor(stored, 64, is_train=True), array_to_tensor(stored, 64, is_train=False))
     torch.manual_seed(0)
