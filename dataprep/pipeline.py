@@ -4,6 +4,11 @@ Order of work: read the split file (and --boxes); read Visual Genome's image lis
 dataset's val/test images) and choose VG images per vocabulary word; prepare every dataset image in
 worker processes and stream the results into the layout's files; write the VG images that the
 objects files name; write manifests; rename the folders into place.
+
+VG/ is shared by the datasets prepared under one --out (the layout has one VG folder): its manifest
+records, per dataset, the VG images excluded as that dataset's val/test images and the words its
+objects files use. A run for another dataset rebuilds VG/ for the union of both, so it stays free
+of either dataset's test images and serves both.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from dataprep.npz import NpzWriter
 from dataprep.objects import image_objects
 from dataprep.parallel import ordered_map
 from dataprep.skips import SkipLog
-from dataprep.staging import Target, commit, existing_state, staging_area, write_manifest
+from dataprep.staging import Target, check_settings, commit, inspect, staging_area, write_manifest
 from dataprep.textual import EXTRACTORS
 
 ENTITIES_FOLDER = "flickr30k_entities"
@@ -56,11 +61,15 @@ class PrepareConfig:
     log: Callable[[str], None] = print
 
     def settings(self) -> dict:
-        """What determines the output bytes besides the input files (recorded in the manifests)."""
+        """What determines the dataset folder's bytes besides the input files (recorded in its manifest)."""
         return {"dataset": self.dataset, "resolution": self.resolution, "storage": self.storage,
                 "extractor": self.extractor, "spacy_model": self.spacy_model if self.extractor == "spacy" else None,
                 "gold_entities": self.gold_entities, "boxes": self.boxes is not None,
                 "box_threshold": self.box_threshold, "vg_per_word": self.vg_per_word}
+
+    def vg_settings(self) -> dict:
+        """What VG/ shares between datasets (recorded in its manifest)."""
+        return {"resolution": self.resolution, "storage": self.storage, "vg_per_word": self.vg_per_word}
 
 
 @dataclass
@@ -144,8 +153,9 @@ def _absorb(skips: SkipLog, outcome: Outcome) -> None:
 class Preparation:
     """One run of `prepare` (state shared by its stages)."""
 
-    def __init__(self, cfg: PrepareConfig):
+    def __init__(self, cfg: PrepareConfig, other_datasets: Optional[dict] = None):
         self.cfg = cfg
+        self.others = other_datasets or {}      # VG records of the other datasets sharing VG/
         self.skips = SkipLog(cfg.max_missing_fraction, cfg.log)
         self.progress = _Progress(cfg.progress)
         self.counts: dict = {}
@@ -200,15 +210,21 @@ class Preparation:
         self.vg_images = vg.read_image_data(cfg.vg_raw / "image_data.json")
         heldout = {e.stem if cfg.dataset == "flickr30k" else str(e.image_id)
                    for e in self.entries if e.split != "train"}
-        excluded = vg.heldout_images(self.vg_images, cfg.dataset, heldout)
+        self.excluded = vg.heldout_images(self.vg_images, cfg.dataset, heldout)
         key = vg.HELDOUT_KEY[cfg.dataset]
-        log(f"Visual Genome: excluded {len(excluded)} of {len(self.vg_images)} images that are {cfg.dataset} val/test "
-            f"images (by {key})")
+        log(f"Visual Genome: excluded {len(self.excluded)} of {len(self.vg_images)} images that are {cfg.dataset} "
+            f"val/test images (by {key})")
+        excluded = set(self.excluded)
+        for name, record in sorted(self.others.items()):
+            theirs = set(record.get("excluded_vg_ids", []))
+            log(f"Visual Genome: VG/ also serves {name}: its {len(theirs)} excluded images stay excluded and its "
+                f"{len(record.get('words', []))} object words are kept")
+            excluded |= theirs
         with self.progress(len(self.vg_images), "VG objects") as bar:
             self.vg_choice, counts = vg.select_candidates(cfg.vg_raw / "objects.json", self.vg_images, excluded,
                                                           cfg.resolution, cfg.vg_per_word, bar)
         self.counts.update(counts)
-        self.counts["vg_images_excluded_heldout"] = len(excluded)
+        self.counts["vg_images_excluded_heldout"] = len(self.excluded)
         if counts["vg_images_without_image_data"]:
             self.skips.note("VG objects.json images missing from image_data.json (ignored)",
                             str(cfg.vg_raw / "objects.json"), counts["vg_images_without_image_data"])
@@ -309,8 +325,12 @@ class Preparation:
     def write_vg(self, lay: Layout) -> None:
         cfg = self.cfg
         t = time.perf_counter()
+        words = set(self.used_words)
+        for record in self.others.values():
+            words |= {w for w in record.get("words", []) if w in self.vg_choice}
+        self.vg_words = sorted(words)
         words_of: dict[int, list] = {}
-        for word in sorted(self.used_words):
+        for word in self.vg_words:
             for c in self.vg_choice[word]:
                 words_of.setdefault(c.image_id, []).append((word, c.box))
         ids = sorted(words_of)
@@ -319,7 +339,7 @@ class Preparation:
                         (self.vg_images[g].width, self.vg_images[g].height), tuple(words_of[g]), cfg.resolution,
                         self.storage) for g in ids)
         usable: dict[str, list[int]] = {}
-        names = {(w, c.image_id): c.name for w in self.used_words for c in self.vg_choice[w]}
+        names = {(w, c.image_id): c.name for w in self.vg_words for c in self.vg_choice[w]}
         with ExitStack() as stack:
             images, masked = _npz(stack, lay.vg_images), _npz(stack, lay.vg_masked)
             with self.progress(len(ids), "VG images") as bar:
@@ -337,14 +357,14 @@ class Preparation:
                     for word, image in res.masked.items():
                         masked.add(vg_masked_key(word, g), image)
                         usable.setdefault(word, []).append(g)
-        order = {(w, c.image_id): k for w in self.used_words for k, c in enumerate(self.vg_choice[w])}
+        order = {(w, c.image_id): k for w in self.vg_words for k, c in enumerate(self.vg_choice[w])}
         with atomic_write(lay.vg_vocab) as f:
             for word in sorted(usable):
                 entries = sorted(usable[word], key=lambda g: order[(word, g)])
                 f.write(dumps({"vocab": word, "objects": [{"image_id": g, "object": names[(word, g)]}
                                                           for g in entries]}))
                 f.write(b"\n")
-        missing = sorted(set(self.used_words) - set(usable))
+        missing = sorted(set(self.vg_words) - set(usable))
         if missing:
             self.skips.note("object words left without a VG image (their images failed)", missing[0], len(missing))
         self.counts.update({"vg_words": len(usable), "vg_images": len(images), "vg_masked_images": len(masked)})
@@ -358,25 +378,29 @@ def prepare(cfg: PrepareConfig) -> PrepareReport:
     _check_config(cfg)
     final = Layout.under(cfg.out, cfg.dataset)
     report = PrepareReport(final)
-    settings = cfg.settings()
-    if not cfg.overwrite:
-        state = existing_state([Target(Path(), final.data_dir, "dataset"), Target(Path(), final.vg_dir, "VG")],
-                               settings)
-        if state == "done":
-            cfg.log(f"{final.data_dir} and {final.vg_dir} are already prepared with these settings: nothing to do "
-                    "(--overwrite rebuilds them)")
-            report.skipped = True
-            return report
-    run = Preparation(cfg)
+    settings, vg_settings = cfg.settings(), cfg.vg_settings()
+    data_manifest, vg_manifest = inspect(final.data_dir, cfg.overwrite), inspect(final.vg_dir, cfg.overwrite)
+    data_done = check_settings(final.data_dir, data_manifest, settings, cfg.overwrite)
+    vg_done = check_settings(final.vg_dir, vg_manifest, vg_settings, cfg.overwrite)
+    records = dict((vg_manifest or {}).get("datasets", {}))
+    if data_done and vg_done and cfg.dataset in records and not cfg.overwrite:
+        cfg.log(f"{final.data_dir} and {final.vg_dir} are already prepared with these settings: nothing to do "
+                "(--overwrite rebuilds them)")
+        report.skipped = True
+        return report
+    run = Preparation(cfg, {k: v for k, v in records.items() if k != cfg.dataset})
     start = time.perf_counter()
     with staging_area(cfg.out) as stage:
         lay = Layout.under(stage, cfg.dataset)
         run.read_inputs()
         run.choose_vg()
         run.write_dataset(lay)
+        data_counts = {**run.counts, **run.skips.as_dict()}    # before VG/, whose content other datasets share
         run.write_vg(lay)
-        for folder in (lay.data_dir, lay.vg_dir):
-            write_manifest(folder, settings, {**run.counts, **run.skips.as_dict()})
+        write_manifest(lay.data_dir, settings, data_counts)
+        records = {**run.others, cfg.dataset: {"excluded_vg_ids": sorted(run.excluded), "words": sorted(run.used_words)}}
+        write_manifest(lay.vg_dir, vg_settings, {k: run.counts[k] for k in ("vg_words", "vg_images", "vg_masked_images")},
+                       datasets=dict(sorted(records.items())))
         commit([Target(lay.vg_dir, final.vg_dir, "VG"), Target(lay.data_dir, final.data_dir, "dataset")], stage)
     run.seconds["total"] = time.perf_counter() - start
     report.counts, report.odd, report.seconds = run.counts, run.skips.as_dict(), run.seconds

@@ -36,34 +36,34 @@ def read_manifest(folder: Path) -> Optional[dict]:
     return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
 
-def existing_state(targets: list[Target], settings: dict) -> str:
-    """'absent' (nothing there), 'done' (finished with these settings), or an InputError explaining the conflict."""
-    states = []
-    for t in targets:
-        if not t.final.exists():
-            states.append("absent")
-            continue
-        m = read_manifest(t.final)
-        if m is None:
-            raise InputError(f"{t.final} exists and was not written by prepare_data.py (no {MANIFEST}); "
-                             "move it away, or pass --overwrite to replace it")
-        differs = {k: (m.get("settings", {}).get(k), v) for k, v in settings.items()
-                   if m.get("settings", {}).get(k) != v}
-        if differs:
-            what = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in sorted(differs.items()))
-            raise InputError(f"{t.final} was prepared with other settings ({what}); pass --overwrite to rebuild it, "
-                             "or choose another --out")
-        states.append("done")
-    if all(s == "done" for s in states):
-        return "done"
-    if any(s == "done" for s in states):
-        return "partial"
-    return "absent"
+def inspect(folder: Path, overwrite: bool) -> Optional[dict]:
+    """The manifest of an existing output folder, None when there is none (or --overwrite replaces a foreign one);
+    a folder that prepare_data.py did not write is an error without --overwrite."""
+    if not folder.exists():
+        return None
+    m = read_manifest(folder)
+    if m is None and not overwrite:
+        raise InputError(f"{folder} exists and was not written by prepare_data.py (no {MANIFEST}); "
+                         "move it away, or pass --overwrite to replace it")
+    return m
 
 
-def write_manifest(folder: Path, settings: dict, counts: dict) -> None:
+def check_settings(folder: Path, manifest: Optional[dict], settings: dict, overwrite: bool) -> bool:
+    """True when `manifest` records exactly `settings`; other settings are an error without --overwrite."""
+    if manifest is None:
+        return False
+    old = manifest.get("settings", {})
+    differs = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if differs and not overwrite:
+        what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(differs.items()))
+        raise InputError(f"{folder} was prepared with other settings ({what}); pass --overwrite to rebuild it, "
+                         "or choose another --out")
+    return not differs
+
+
+def write_manifest(folder: Path, settings: dict, counts: dict, **extra) -> None:
     """Mark a staged folder complete (written last)."""
-    write_json(folder / MANIFEST, {"format": FORMAT, "version": 1, "settings": settings, "counts": counts})
+    write_json(folder / MANIFEST, {"format": FORMAT, "version": 1, "settings": settings, **extra, "counts": counts})
 
 
 @contextlib.contextmanager

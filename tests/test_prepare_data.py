@@ -318,6 +318,39 @@ def test_coco_grounding_from_detector_boxes(coco):
     assert report.odd["skipped"] == {"boxes": 1}                            # the box outside its image
 
 
+def test_flickr30k_and_coco_share_one_vg_folder_free_of_both_test_sets(tmp_path):
+    flickr = make_flickr30k(tmp_path / "f", n_train=4, n_val=2, n_test=2)
+    coco = make_coco(tmp_path / "c", n_train=3, n_restval=1, n_val=2, n_test=2)
+    heldout = {"flickr_id": [int(im.stem) for im in flickr["images"] if im.split != "train"],
+               "coco_id": [im.source_id for im in coco["images"] if im.split != "train"]}
+    vg_raw = tmp_path / "vg"
+    vg_info = make_vg(vg_raw, heldout, n=12)
+    excluded = {e["image_id"] for e in vg_info["image_data"] if e["flickr_id"] or e["coco_id"]}
+    assert len(excluded) == 8
+
+    def run(dataset, out):
+        return prepare(PrepareConfig(dataset, tmp_path / dataset[0], vg_raw, out, resolution=32, storage="uint8",
+                                     workers=0, progress=False, log=lambda _: None))
+
+    a = run("flickr30k", tmp_path / "a").layout
+    flickr_files = _files(a.data_dir)
+    run("coco", tmp_path / "a")
+    assert _files(a.data_dir) == flickr_files                       # the other dataset's folder is untouched
+    manifest = json.loads((a.vg_dir / "prepare_data.json").read_text())
+    assert list(manifest["datasets"]) == ["coco", "flickr30k"]
+    assert not {str(g) for g in excluded} & set(np.load(a.vg_images).files)
+    vocab = {r["vocab"] for r in _jsonl(a.vg_vocab)}
+    for dataset in ("flickr30k", "coco"):
+        lay = Layout.under(tmp_path / "a", dataset)
+        for split in ("train", "val", "test"):
+            assert all(set(r["image_objects"]) <= vocab for r in _jsonl(lay.objects(split)))
+    assert run("flickr30k", tmp_path / "a").skipped and run("coco", tmp_path / "a").skipped
+    # the other order gives the same bytes
+    run("coco", tmp_path / "b")
+    run("flickr30k", tmp_path / "b")
+    assert _files(tmp_path / "b") == _files(tmp_path / "a")
+
+
 def test_help_lists_the_contract_flags():
     proc = _run("--help")
     assert proc.returncode == 0
