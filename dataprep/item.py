@@ -15,7 +15,7 @@ from agree.io import InputError
 from dataprep.entities_files import GoldBoxes, read_annotation, read_sentences
 from dataprep.geometry import Box, Geometry, clip_to_image, exif_box
 from dataprep.grounding import Detection, Grounding, from_detections, from_gold, masked_labels, through_crop
-from dataprep.images import Decoded, ImageReadError, Storage, decode, masked, to_model_input
+from dataprep.images import Decoded, ImageReadError, decode, masked, to_model_input
 from dataprep.karpathy import ImageEntry
 from dataprep.textual import gold_segs, get_extractor, match_sentence, unique
 
@@ -35,7 +35,7 @@ class ItemTask:
     entry: ImageEntry
     image_path: str
     resolution: int
-    storage: Storage
+    fill: tuple[int, int, int]                  # colour of masked regions (CLIP's mean)
     text: TextSettings
     sentences_path: Optional[str] = None        # Flickr30k Entities Sentences/<stem>.txt
     annotation_path: Optional[str] = None       # Flickr30k Entities Annotations/<stem>.xml (train only)
@@ -59,7 +59,7 @@ class ItemResult:
     task: ItemTask
     outcome: Outcome
     error: Optional[str] = None
-    image: Optional[np.ndarray] = None          # stored form (Storage.encode)
+    image: Optional[np.ndarray] = None          # uint8 (R, R, 3); the main process encodes it for storage
     segs: list[list[str]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)   # detector labels >= threshold (for objects)
     preds: list[list[dict]] = field(default_factory=list)
@@ -151,11 +151,10 @@ def prepare_item(task: ItemTask) -> ItemResult:
     res = ItemResult(task, out)
     try:
         d = decode(task.image_path)
-        image = to_model_input(d.image, task.resolution)
+        res.image = to_model_input(d.image, task.resolution)
     except ImageReadError as e:
         res.error = str(e) if task.image_path in str(e) else f"{task.image_path}: {e}"
         return res
-    res.image = task.storage.encode(image)
     _decode_notes(d, task.image_path, out)
     segs, gold = _segs(task, out)
     res.segs = segs
@@ -176,7 +175,7 @@ def prepare_item(task: ItemTask) -> ItemResult:
     for label in dropped:
         out.notes.append(("grounded labels dropped by the centre crop", f"{task.entry.file}: {label!r}"))
     for label in masked_labels(res.preds):
-        res.masked[label] = task.storage.encode(masked(image, crop_boxes[label], task.storage.fill))
+        res.masked[label] = masked(res.image, crop_boxes[label], task.fill)
     return res
 
 
@@ -190,7 +189,7 @@ class VgTask:
     size: tuple[int, int]
     words: tuple[tuple[str, Box], ...]
     resolution: int
-    storage: Storage
+    fill: tuple[int, int, int]
 
 
 @dataclass
@@ -231,7 +230,6 @@ def prepare_vg(task: VgTask) -> VgResult:
         if not qualifying_box(g, b):
             out.notes.append(("VG objects dropped (box unusable on the real image)", f"{path}: {word!r}"))
             continue
-        res.masked[word] = task.storage.encode(masked(image, [g.crop_box(b)], task.storage.fill))
-    if res.masked:
-        res.image = task.storage.encode(image)
+        res.masked[word] = masked(image, [g.crop_box(b)], task.fill)
+    res.image = image
     return res

@@ -252,7 +252,7 @@ class Preparation:
                 else:
                     self.skips.skip("Flickr30k Entities files", f"{p}: box file not found (no gold boxes)")
                     grounding = "none"
-            yield ItemTask(e, str(cfg.raw / e.file), cfg.resolution, self.storage, text, sentences, annotation,
+            yield ItemTask(e, str(cfg.raw / e.file), cfg.resolution, self.storage.fill, text, sentences, annotation,
                            tuple(self.detections.get(Path(e.file).name, ())), cfg.box_threshold, grounding)
 
     def write_dataset(self, lay: Layout) -> None:
@@ -285,7 +285,7 @@ class Preparation:
                     objs = image_objects([s for caption in res.segs for s in caption] + res.labels, vocab)
                     self.used_words.update(dict.fromkeys(objs))
                     objects[e.split].write({"image_id": e.stem, "image_objects": objs})
-                    array = res.image
+                    array = self.storage.encode(res.image)
                     if e.split == "train":
                         train_npz.add(str(e.image_id), array)
                         preds = res.preds or [[] for _ in e.captions]
@@ -293,7 +293,7 @@ class Preparation:
                             train_jsonl.write({"image": e.file, "caption": caption, "image_id": e.image_id,
                                                "segs": caption_segs, "preds": caption_preds})
                         for label, image in res.masked.items():
-                            grounding_npz.add(grounding_key(e.stem, label), image)
+                            grounding_npz.add(grounding_key(e.stem, label), self.storage.encode(image))
                         n["train_images"] += 1
                         n["train_captions"] += len(e.captions)
                         n["grounding_images"] += len(res.masked)
@@ -337,7 +337,7 @@ class Preparation:
         self.skips.total("Visual Genome images", len(ids))
         tasks = (VgTask(g, tuple(str(p) for p in vg.image_path(cfg.vg_raw, self.vg_images[g])),
                         (self.vg_images[g].width, self.vg_images[g].height), tuple(words_of[g]), cfg.resolution,
-                        self.storage) for g in ids)
+                        self.storage.fill) for g in ids)
         usable: dict[str, list[int]] = {}
         names = {(w, c.image_id): c.name for w in self.vg_words for c in self.vg_choice[w]}
         with ExitStack() as stack:
@@ -353,9 +353,9 @@ class Preparation:
                     if not res.masked:
                         continue
                     g = res.task.image_id
-                    images.add(str(g), res.image)
+                    images.add(str(g), self.storage.encode(res.image))
                     for word, image in res.masked.items():
-                        masked.add(vg_masked_key(word, g), image)
+                        masked.add(vg_masked_key(word, g), self.storage.encode(image))
                         usable.setdefault(word, []).append(g)
         order = {(w, c.image_id): k for w in self.vg_words for k, c in enumerate(self.vg_choice[w])}
         with atomic_write(lay.vg_vocab) as f:

@@ -5,8 +5,10 @@
 Writes a raw Flickr30k (500x375 JPEGs at quality 92, ~120 KiB each like the real ones, Karpathy split file, Flickr30k Entities sentence and
 box files for every image, so each training image also gets its grounding-masked copies) and a small
 Visual Genome into a temporary folder, then times each preparation in a fresh process: the dataset
-stage's images/s (decode, resize + crop, masks, writing), the whole run's wall time, and the peak
-resident memory of the main process and of the largest worker. Generation is not timed.
+stage's images/s (decode, resize + crop, masks, writing), the whole run's wall time, the CPU time per
+image of all its processes (main + workers, the VG stage included, start-up excluded) and the images/s
+that this CPU time allows on idle cores (a figure that a loaded machine does not distort much), and
+the peak resident memory of the main process and of the largest worker. Generation is not timed.
 """
 from __future__ import annotations
 
@@ -104,6 +106,8 @@ class WorkerPeaks(threading.Thread):
 
 def measure(args: argparse.Namespace) -> None:
     """(child process) run one preparation and print its timings and peak memory as JSON."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    args.cpu_before = own.ru_utime + own.ru_stime        # interpreter start-up and imports are not counted
     from dataprep.pipeline import PrepareConfig, prepare
     root = Path(args.root)
     peaks = WorkerPeaks()
@@ -116,7 +120,9 @@ def measure(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - start
     peaks.done.set()
     mb = 1024.0   # KiB -> MiB (ru_maxrss is in KiB on Linux)
-    print(json.dumps({"seconds": report.seconds, "wall": wall, "counts": report.counts,
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime - args.cpu_before
+    print(json.dumps({"seconds": report.seconds, "wall": wall, "counts": report.counts, "cpu": cpu,
                       "main_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / mb,
                       "worker_peak_mb": peaks.peak_kib / mb if peaks.peak_kib else None}))
 
@@ -143,8 +149,10 @@ def main() -> None:
         print(f"generated {args.images} JPEGs ({size / args.images / 1024:.0f} KiB each) in "
               f"{time.perf_counter() - t:.1f} s; {os.cpu_count()} CPUs, --workers {args.workers}, "
               f"--resolution {args.resolution}")
-        print(f"| storage | dataset images/s | dataset stage | whole run | output | peak memory (main / largest worker) |")
-        print("|---|---:|---:|---:|---:|---:|")
+        cpus = os.cpu_count() or 1
+        print(f"| storage | dataset images/s | dataset stage | whole run | CPU time per image | images/s if CPU-bound on "
+              f"{cpus} idle cores | output | peak memory (main / largest worker) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for storage in args.storage:
             out = root / f"out_{storage}"
             cmd = [sys.executable, __file__, "--measure", "--root", str(root), "--out", str(out), "--storage", storage,
@@ -157,8 +165,10 @@ def main() -> None:
             written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
             s = r["seconds"]
             worker = "n/a" if r["worker_peak_mb"] is None else f"{r['worker_peak_mb']:.0f} MiB"
+            per_image = r["cpu"] / args.images
             print(f"| {storage} | {s['dataset images/s']:.0f} | {s['dataset images']:.1f} s | {r['wall']:.1f} s | "
-                  f"{written:.0f} MiB | {r['main_peak_mb']:.0f} MiB / {worker} |")
+                  f"{per_image * 1e3:.1f} ms | {cpus / per_image:.0f} | {written:.0f} MiB | "
+                  f"{r['main_peak_mb']:.0f} MiB / {worker} |")
 
 
 if __name__ == "__main__":
