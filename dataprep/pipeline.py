@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -26,7 +26,7 @@ from agree.layout import DATASETS, Layout, grounding_key, vg_masked_key
 from dataprep import karpathy, visual_genome as vg
 from dataprep.boxes import read_boxes
 from dataprep.images import STORAGE, Storage
-from dataprep.item import ItemResult, ItemTask, Outcome, TextSettings, VgResult, VgTask, prepare_item, prepare_vg
+from dataprep.item import ItemTask, Outcome, TextSettings, VgResult, VgTask, prepare_item, prepare_vg
 from dataprep.npz import NpzWriter
 from dataprep.objects import image_objects
 from dataprep.parallel import ordered_map

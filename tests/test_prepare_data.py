@@ -74,7 +74,7 @@ def test_odd_input_is_skipped_by_name_or_absorbed(flickr):
     # skipped, each named: the missing image, the truncated one, the duplicate entry, the box outside its image
     assert f"{raw}/flickr30k-images/{odd['missing']}.jpg: image file not found" in log
     assert f"{raw}/flickr30k-images/{odd['truncated']}.jpg: cannot decode the image" in log
-    assert f"duplicate file of images[0]" in log and odd["duplicate"] in log
+    assert "duplicate file of images[0]" in log and odd["duplicate"] in log
     assert f"Annotations/{odd['box_outside']}.xml: box" in log and "lies outside the 80x60 image" in log
     assert report.odd["skipped"] == {"boxes": 1, "images": 3}
     # absorbed and reported: EXIF orientation, PNG content in a .jpg, grayscale and CMYK, captions without entities
@@ -304,7 +304,6 @@ def test_coco_grounding_from_detector_boxes(coco):
     by_stem = {im.stem: im for im in info["images"]}
     for r in _jsonl(lay.train_jsonl):
         stem = Path(r["image"]).stem
-        words = [o.word for o in by_stem[stem].objects]
         # detections whose label is a word of the caption, score >= 0.5 ("tree" at 0.2 never), highest score first
         expected = [{o.word: 0.9 - 0.1 * k} for k, o in enumerate(by_stem[stem].objects)
                     if re.search(rf"\b{o.word}\b", r["caption"], re.I)]
