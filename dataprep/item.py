@@ -18,11 +18,12 @@ from dataprep.grounding import Detection, Grounding, from_detections, from_gold,
 from dataprep.images import Decoded, ImageReadError, decode, masked, to_model_input
 from dataprep.karpathy import ImageEntry
 from dataprep.textual import gold_segs, get_extractor, match_sentence, unique
+from dataprep.visual_genome import qualifying_box
 
 
 @dataclass(frozen=True)
 class TextSettings:
-    """How segs are found: gold Entities phrases when `use_gold` and present, else `extractor`."""
+    """The extractor for captions without a matching Flickr30k Entities sentence (see dataprep.textual)."""
 
     extractor: str = "textblob"
     spacy_model: str = "en_core_web_sm"
@@ -205,7 +206,6 @@ class VgResult:
 
 def prepare_vg(task: VgTask) -> VgResult:
     """Decode and transform one VG image; mask each of its words' boxes."""
-    from dataprep.visual_genome import qualifying_box
     out = Outcome()
     res = VgResult(task, out)
     path = next((p for p in task.paths if Path(p).is_file()), None)

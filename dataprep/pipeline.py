@@ -32,7 +32,7 @@ from dataprep.objects import image_objects
 from dataprep.parallel import ordered_map
 from dataprep.skips import SkipLog
 from dataprep.staging import Target, check_settings, commit, inspect, staging_area, write_manifest
-from dataprep.textual import EXTRACTORS
+from dataprep.textual import EXTRACTORS, get_extractor
 
 ENTITIES_FOLDER = "flickr30k_entities"
 COCO_FOLDERS = ("train2014", "val2014")
@@ -202,6 +202,7 @@ class Preparation:
             log(f"grounding: {source}")
         log("textual entities: " + (f"Flickr30k Entities phrases ({self.sentences_dir}), else " if
                                     self.sentences_dir is not None else "") + cfg.extractor)
+        get_extractor(cfg.extractor, cfg.spacy_model)      # a missing extractor stops the run here, not in a worker
         self.seconds["read inputs"] = time.perf_counter() - t
 
     def choose_vg(self) -> None:
