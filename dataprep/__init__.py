@@ -7,7 +7,15 @@ into a temporary folder and renamed into place at the end. Same inputs and setti
 Library use (what scripts/prepare_data.py does)::
 
     from dataprep.pipeline import PrepareConfig, prepare
-    report = prepare(PrepareConfig(dataset="flickr30k", raw=Path("raw"), vg_raw=Path("vg"), out=Path("tmp")))
+    report = prepare(PrepareConfig(dataset="flickr30k", raw=Path("raw"), vg_raw=Path("vg"), out=Path("tmp"),
+                                   resolution=64, storage="uint8", workers=0, progress=False, log=print))
+    report.layout        # agree.layout.Layout of what was written (report.skipped: it was there already)
+    report.counts, report.odd, report.seconds
+
+PrepareConfig's fields are the script's flags (boxes, resolution, storage, extractor, spacy_model,
+gold_entities, box_threshold, vg_per_word, max_missing_fraction, overwrite, workers) plus `progress`
+and `log` (where messages go). Bad input raises agree.io.InputError. The output bytes depend only on
+the input files and the settings, not on `workers` or on timing.
 
 Modules: karpathy (split files), entities_files (Flickr30k Entities sentences and boxes), boxes
 (detector JSONL), visual_genome (image_data/objects and the choice of VG images), jsonstream
