@@ -1,10 +1,16 @@
 """dataprep's grounding rules (preds and masked labels) and odd-input accounting, on hand-made cases."""
+import numpy as np
 import pytest
+from PIL import Image
 
 from agree.io import InputError
 from dataprep.geometry import Geometry
 from dataprep.grounding import Detection, from_detections, from_gold, head_label, masked_labels, mentions, through_crop
+from dataprep.images import masked
+from dataprep.item import ItemTask, TextSettings, prepare_item
+from dataprep.karpathy import ImageEntry
 from dataprep.skips import SkipLog
+from tests._raw_data import COLOURS, Obj, draw, jpeg_bytes
 
 G = Geometry(200, 100, 100)      # short side already 100: no scaling; crop x in [50, 150)
 
@@ -62,3 +68,34 @@ def test_skip_budget_counts_each_kind_against_its_total():
                    "warning: skipped: x.xml: outside", "warning: skipped: c.jpg: corrupt"]
     with pytest.raises(InputError, match="between 0 and 1"):
         SkipLog(1.5)
+
+
+@pytest.mark.parametrize("annotated", ["upright", "stored", "rescaled"])
+def test_entities_boxes_follow_exif_rotation_and_rescaled_annotations(tmp_path, annotated):
+    """An Entities box file may describe the image as shown (EXIF applied), as stored, or a rescaled copy: the
+    masked region is the same in each case."""
+    dog = Obj(1, "dog", (5, 10, 30, 40))
+    upright = draw((60, 80), [dog], 0)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)        # orientation 6 shows it upright again
+    exif = Image.Exif()
+    exif[274] = 6
+    (tmp_path / "7.jpg").write_bytes(jpeg_bytes(stored, exif=exif.tobytes()))
+    if annotated == "upright":
+        size, box = (60, 80), dog.box
+    elif annotated == "stored":
+        ys, xs = np.nonzero((np.abs(np.asarray(stored, int) - COLOURS["dog"]).max(-1) < 40))
+        size, box = (80, 60), (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    else:
+        size, box = (120, 160), tuple(2 * v for v in dog.box)
+    (tmp_path / "7.xml").write_text(
+        f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height></size><object><name>1</name>"
+        f"<bndbox><xmin>{box[0] + 1}</xmin><ymin>{box[1] + 1}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax>"
+        "</bndbox></object></annotation>")
+    (tmp_path / "7.txt").write_text("[/EN#1/animals A dog] runs .\n")
+    entry = ImageEntry("train", "flickr30k-images/7.jpg", "7", 0, ("A dog runs.",), 0, 0)
+    task = ItemTask(entry, str(tmp_path / "7.jpg"), 32, (1, 2, 3), TextSettings(), str(tmp_path / "7.txt"),
+                    str(tmp_path / "7.xml"), grounding="gold")
+    res = prepare_item(task)
+    assert res.error is None and res.segs == [["A dog"]] and res.preds == [[{"dog": 1.0}]]
+    expected = masked(res.image, [Geometry(60, 80, 32).crop_box(dog.box)], (1, 2, 3))
+    assert (res.masked["dog"] == expected).all()
