@@ -13,26 +13,32 @@ from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype (as OpenAI's)."""
+    """LayerNorm computed in fp32 whatever the input dtype (as OpenAI's; fp64 stays fp64)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
 
 
 @contextlib.contextmanager
 def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
-    """BatchNorm layers inside `module` normalise as usual but leave their running statistics untouched.
+    """BatchNorm layers inside `module` compute as usual, but what they add to their running statistics is dropped.
 
-    For passes that repeat a forward already counted: checkpoint recomputation, feature caching.
+    For passes that repeat a forward already counted: checkpoint recomputation, feature caching. The layers
+    update throw-away copies of their statistics buffers (the same ops run, so the same tensors are saved).
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    kept = [{n: getattr(m, n) for n in names} for m in norms]
+    for m, buffers in zip(norms, kept):
+        for n, t in buffers.items():
+            setattr(m, n, t.clone() if t is not None else None)
     try:
         yield
     finally:
-        for m in norms:
-            m.track_running_stats = True
+        for m, buffers in zip(norms, kept):
+            for n, t in buffers.items():
+                setattr(m, n, t)
 
 
 def _checkpointed(fn: nn.Module, *args: Optional[torch.Tensor]) -> torch.Tensor:
