@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from _scripts import load_script
 from _train_data import make_dataset, one_torch_thread, train_argv  # noqa: F401 (autouse fixture)
 from agree.io import InputError
 from agree.precision import autocast, resolve_precision, weight_dtype
@@ -349,3 +350,31 @@ def test_two_ranks_accumulating_match_one_process_with_the_same_global_batch(tmp
         assert two[step] == pytest.approx(one[step], rel=2e-4, abs=2e-5), step
     u1, u2 = _update(tmp_path / "one"), _update(tmp_path / "two")
     assert ((u2 - u1).norm() / u1.norm()).item() < 2e-3
+
+
+# --------------------------------------------------------------------------- the memory benchmark's machinery
+def test_largest_fitting_batch_search():
+    bench = load_script("scripts/bench_memory.py")
+    for limit in (1, 7, 8, 9, 37, 100, 1000):
+        tried = []
+
+        def fits(n, limit=limit):
+            tried.append(n)
+            return n <= limit
+        assert bench.largest_fitting(fits, 8) == (limit, limit + 1)
+        assert len(tried) == len(set(tried)) <= 2 * 11          # each batch measured once, O(log) of them
+    assert bench.largest_fitting(lambda n: n <= 37, 8, unit=4) == (36, 40)
+    assert bench.largest_fitting(lambda n: n <= 3, 8, unit=4) == (0, 4)
+    assert bench.largest_fitting(lambda n: True, 8, limit=100) == (100, None)
+    assert bench.largest_fitting(lambda n: n <= 100, 8, unit=3, limit=100) == (99, None)
+    lo, hi = bench.largest_fitting(lambda n: n <= 1000, 8, resolution=0.125)
+    assert lo <= 1000 < hi and hi - lo <= 0.125 * lo
+
+
+def test_memory_benchmark_child_measures_a_step_and_reports_errors():
+    bench = load_script("scripts/bench_memory.py")
+    r = bench.run_child("tiny", 4, ["--accum-freq", "2", "--grad-checkpointing", "--lock-text"], "cpu", 1)
+    assert r["ok"], r
+    assert r["peak"] >= r["rss_before_steps"] > 100e6 and r["precision"] == "fp32" and r["loss"] > 0
+    bad = bench.run_child("tiny", 3, ["--accum-freq", "2"], "cpu", 1)
+    assert not bad["ok"] and not bad["oom"] and "not a multiple of --accum-freq 2" in bad["error"]
