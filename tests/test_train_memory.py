@@ -17,7 +17,7 @@ from training.data import resolve_paths
 from training.dataset import build_train_dataset
 from training.distributed import DistEnv
 from training.engine import build_model, build_optimizer, lock_towers, run
-from training.params import parse_args
+from training.params import build_parser, parse_args
 from training.terms import AGREE_TERMS, enabled_terms
 from training.train import StepConfig, accumulate_gradients, compute_loss, train_step
 
@@ -60,6 +60,17 @@ def _assert_same_grads(got, want, rel=1e-6):
 
 
 CFG = StepConfig(terms=AGREE_TERMS, env=DistEnv())
+
+
+def test_the_levers_have_their_openclip_flag_names():
+    help_text = build_parser().format_help()
+    for flag in ("--grad-checkpointing", "--accum-freq", "--precision", "--lock-image", "--lock-text",
+                 "--lock-image-unlocked-groups", "--lock-text-unlocked-groups", "--grad-clip-norm"):
+        assert f"  {flag} " in help_text or f"  {flag}\n" in help_text, flag
+    assert "{amp,amp_bf16,bf16,fp16,fp32}" in help_text
+    args = parse_args(["--train-data", "x.jsonl"])
+    assert (args.accum_freq, args.grad_checkpointing, args.grad_clip_norm, args.lock_image, args.lock_text) == \
+        (1, False, None, False, False)
 
 
 # --------------------------------------------------------------------------- gradient checkpointing
