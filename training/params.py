@@ -69,7 +69,11 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     """Batch, schedule, optimiser, precision."""
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch-size", type=int, default=64, help="Batch size per rank.")
+    o.add_argument("--batch-size", type=int, default=64,
+                   help="Batch size per rank (per micro-batch with --accum-freq).")
+    o.add_argument("--accum-freq", type=int, default=1,
+                   help="Micro-batches per optimiser step. Features of all of them are cached, so every term sees "
+                        "the batch-size x accum-freq x ranks examples of a step, in the memory of one micro-batch.")
     o.add_argument("--batch-size-eval", type=int, default=None, help="Validation batch size (default: --batch-size).")
     o.add_argument("--epochs", type=int, default=32, help="Number of epochs.")
     o.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
@@ -84,7 +88,10 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--warmup", type=int, default=10000, help="Linear warm-up steps before the cosine decay.")
     o.add_argument("--skip-scheduler", action="store_true", help="Keep the learning rate constant at --lr.")
     o.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="amp (default on GPU), fp16 (fp16 weights, GPU only) or fp32 (default on CPU).")
+                   help="amp (fp16 autocast, default on GPU), amp_bf16 (bfloat16 autocast), bf16 (bfloat16 "
+                        "weights), fp16 (fp16 weights, GPU only) or fp32 (default on CPU).")
+    o.add_argument("--grad-clip-norm", type=float, default=None,
+                   help="Clip the gradient's global L2 norm to this value before each update.")
     o.add_argument("--seed", type=int, default=0, help="Seed for initialisation, shuffling and augmentation.")
 
 
@@ -103,6 +110,19 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--jit", action="store_true",
                    help="Read a TorchScript archive with torch.jit.load, which runs the archive's code, instead "
                         "of the reader that takes only its weights (for an archive that reader refuses).")
+    m.add_argument("--grad-checkpointing", action="store_true",
+                   help="Recompute each transformer block (ResNet stage) of both towers in the backward pass "
+                        "instead of keeping its activations.")
+    m.add_argument("--lock-image", action="store_true",
+                   help="Freeze the image tower (its BatchNorm statistics too), except --lock-image-unlocked-groups.")
+    m.add_argument("--lock-image-unlocked-groups", type=int, default=0,
+                   help="With --lock-image: leave the last N layer groups trainable (groups: stem, each "
+                        "transformer block or ResNet stage, head = final norm + projection or attention pool).")
+    m.add_argument("--lock-text", action="store_true",
+                   help="Freeze the text tower, except --lock-text-unlocked-groups.")
+    m.add_argument("--lock-text-unlocked-groups", type=int, default=0,
+                   help="With --lock-text: leave the last N layer groups trainable (groups: token + position "
+                        "embeddings, each transformer block, head = final norm + projection).")
 
 
 def _term_flags(p: argparse.ArgumentParser) -> None:
@@ -186,6 +206,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.batch_size_eval is None:
         args.batch_size_eval = args.batch_size
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--batch-size-eval", args.batch_size_eval, 1),
+                             ("--accum-freq", args.accum_freq, 1),
+                             ("--lock-image-unlocked-groups", args.lock_image_unlocked_groups, 0),
+                             ("--lock-text-unlocked-groups", args.lock_text_unlocked_groups, 0),
                              ("--epochs", args.epochs, 1), ("--workers", args.workers, 0),
                              ("--warmup", args.warmup, 0), ("--save-frequency", args.save_frequency, 0),
                              ("--save-every-n-steps", args.save_every_n_steps, 0),
@@ -197,6 +220,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          f"got {args.stop_after_epoch}")
     if not 0.0 <= args.max_missing_fraction <= 1.0:
         raise InputError(f"--max-missing-fraction must be between 0 and 1, got {args.max_missing_fraction}")
+    if args.grad_clip_norm is not None and not args.grad_clip_norm > 0:
+        raise InputError(f"--grad-clip-norm must be > 0, got {args.grad_clip_norm}")
+    for tower in ("image", "text"):
+        if getattr(args, f"lock_{tower}_unlocked_groups") and not getattr(args, f"lock_{tower}"):
+            raise InputError(f"--lock-{tower}-unlocked-groups needs --lock-{tower}")
     report = {s.strip() for s in args.report_to.split(",") if s.strip()}
     if "all" in report:
         report = {"tensorboard", "wandb"}
