@@ -318,3 +318,15 @@ def test_max_missing_fraction_flag_is_checked():
     proc = subprocess.run([PY, str(ROOT / "training" / "main_all.py"), "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "--max-missing-fraction" in proc.stdout
+
+
+def test_dataset_defaults_to_the_one_the_training_file_is_named_for(tmp_path):
+    coco = parse_args(["--train-data", str(tmp_path / "annotation" / "coco_train_pred.jsonl"), "--model", "tiny"])
+    assert coco.dataset == "coco"
+    assert D.resolve_paths(coco).train_images == tmp_path / "annotation" / "coco_train_images.npz"
+    assert D.resolve_paths(coco).grounding_images == tmp_path / "coco_visual_grounding.224.npz"
+    other = parse_args(["--train-data", str(tmp_path / "captions.jsonl"), "--model", "tiny"])
+    assert other.dataset == "flickr30k"
+    forced = parse_args(["--train-data", str(tmp_path / "coco_train_pred.jsonl"), "--dataset", "flickr30k",
+                         "--model", "tiny"])
+    assert forced.dataset == "flickr30k"

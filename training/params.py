@@ -6,7 +6,7 @@ from time import gmtime, strftime
 from typing import Optional, Sequence
 
 from agree.io import InputError
-from agree.layout import DATASETS, DEFAULT_DATASET
+from agree.layout import DATASETS, DEFAULT_DATASET, dataset_of
 from agree.precision import PRECISIONS
 from training.terms import add_term_flags
 
@@ -21,8 +21,9 @@ def default_hyperparams(model_name: str) -> dict:
 def _data_flags(p: argparse.ArgumentParser) -> None:
     """Where the training data is."""
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET,
-                   help="Dataset name in the layout's file names (<dataset>_train_pred.jsonl, ...).")
+    d.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="Dataset name in the layout's file names (<dataset>_train_pred.jsonl, ...). Default: the "
+                        f"one --train-data is named for (coco_train_pred.jsonl -> coco), else {DEFAULT_DATASET}.")
     d.add_argument("--train-data", type=str, default=None,
                    help="Training captions + entities (flickr30k_train_pred.jsonl).")
     d.add_argument("--val-data", type=str, default=None,
@@ -199,6 +200,8 @@ def default_run_name(args: argparse.Namespace) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse flags, fill model-dependent defaults and check flag values."""
     args = build_parser().parse_args(argv)
+    if args.dataset is None:
+        args.dataset = dataset_of(args.train_data) if args.train_data else DEFAULT_DATASET
     for key, value in default_hyperparams(args.model).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
