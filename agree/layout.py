@@ -9,6 +9,7 @@ from here, so another dataset (e.g. "coco") is one word away.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -136,3 +137,9 @@ def grounding_key(stem: str, label: str) -> str:
 def vg_masked_key(word: str, vg_image_id: object) -> str:
     """Key of a masked Visual Genome image: "{object word}_{VG image id}"."""
     return f"{word}_{vg_image_id}"
+
+
+def dataset_of(train_file: PathLike, default: str = DEFAULT_DATASET) -> str:
+    """The dataset a "<dataset>_train_pred.jsonl" file belongs to (`default` for any other name)."""
+    m = re.fullmatch(r"(.+)_train_pred\.jsonl", Path(train_file).name)
+    return m.group(1) if m and m.group(1) in DATASETS else default

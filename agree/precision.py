@@ -13,7 +13,9 @@ from agree.io import InputError
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS = ("amp", "fp16", "fp32")
+PRECISIONS = ("amp", "amp_bf16", "bf16", "fp16", "fp32")
+# amp: fp32 weights, fp16 autocast (CUDA only); amp_bf16: fp32 weights, bfloat16 autocast (CPU and CUDA);
+# fp16 / bf16: the weights of linear, conv and attention layers in that dtype (fp16 on CUDA only).
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -33,7 +35,10 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 def resolve_precision(requested: Optional[str], device: torch.device, default_on_cuda: str = "amp",
                       flag: str = "--precision") -> str:
-    """None -> `default_on_cuda` on CUDA, fp32 on the CPU. On the CPU amp runs in fp32; fp16 is an error."""
+    """None -> `default_on_cuda` on CUDA, fp32 on the CPU. On the CPU amp runs in fp32; fp16 is an error.
+
+    bf16 and amp_bf16 run on both devices.
+    """
     if requested is not None and requested not in PRECISIONS:
         raise InputError(f"{flag}: unknown precision {requested!r}; choose {', '.join(PRECISIONS)}")
     if requested is None:
@@ -48,16 +53,18 @@ def resolve_precision(requested: Optional[str], device: torch.device, default_on
 
 
 def weight_dtype(precision: str) -> torch.dtype:
-    """dtype of the model's weights and of the image batches fed to it: fp16 for 'fp16', else fp32."""
+    """dtype of the model's weights and of the image batches fed to it: fp16 / bf16 for 'fp16' / 'bf16', else fp32."""
     import torch
 
-    return torch.float16 if precision == "fp16" else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for 'amp' on CUDA, else a no-op."""
+    """Mixed-precision context: fp16 for 'amp' on CUDA, bfloat16 for 'amp_bf16' on any device, else a no-op."""
     import torch
 
     if precision == "amp" and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.float16)
+    if precision == "amp_bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

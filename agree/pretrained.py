@@ -9,6 +9,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 import clip.clip as clip_api
+from clip.transform import image_transform
 from agree.io import InputError
 
 PRETRAINED_DIR = Path("tmp/pretrained_models")   # relative to the working directory, as in the README
@@ -49,9 +50,21 @@ def resolve_pretrained(name_or_path: Union[str, os.PathLike]) -> Path:
 
 
 def load_pretrained(name_or_path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                    precision: Optional[str] = "fp32", is_train: bool = False, jit: bool = False):
-    """clip.load with the project's search folders and checksum setting -> (model, train_tf, eval_tf)."""
+                    precision: Optional[str] = "fp32", is_train: bool = False, jit: bool = False,
+                    model_name: Optional[str] = None):
+    """Our CLIP from a checkpoint, with the project's search folders and checksum setting -> (model, train_tf, eval_tf).
+
+    `model_name` (e.g. ViT-B-32-gelu; default: `name_or_path` when it is a config name) builds that config,
+    its activation included, after checking that the weights fit it; without it the architecture is
+    inferred, with OpenAI's QuickGELU. `jit=True` reads a
+    TorchScript archive with torch.jit.load (runs the archive's code) instead of the restricted reader.
+    """
     path = resolve_pretrained(name_or_path)
+    if model_name is None:
+        model_name = clip_api.config_name(name_or_path)
     with clip_errors_as_input_errors():
-        return clip_api.load(path, device=device, jit=jit, is_train=is_train, precision=precision,
-                             verify=verify_checksums())
+        if verify_checksums():
+            clip_api.verify_openai_checkpoint(path)
+        model = clip_api.load_model(path, model_name, jit=jit, device=device, precision=precision, is_train=is_train)
+    resolution = model.visual.input_resolution
+    return model, image_transform(resolution, is_train=True), image_transform(resolution, is_train=False)

@@ -4,19 +4,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from clip.model import CLIP, build_model, config_from_state_dict, convert_weights
+from clip.archive import is_torchscript_archive, read_archive_state_dict
+from clip.errors import LoadError
+from clip.model import ACTIVATIONS, CLIP, build_model, config_from_state_dict, convert_weights
 from clip.simple_tokenizer import SimpleTokenizer
 from clip.transform import image_transform
 
-__all__ = ["LoadError", "available_models", "create_model", "load", "load_checkpoint_state_dict", "model_config",
-           "normalize_model_name", "resolve_checkpoint", "tokenize"]
+__all__ = ["LoadError", "available_models", "create_model", "load", "load_checkpoint_state_dict", "load_model",
+           "model_config", "model_from_state_dict", "normalize_model_name", "resolve_checkpoint", "tokenize"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 DEFAULT_DOWNLOAD_ROOT = Path("~/.cache/clip")
@@ -37,10 +38,6 @@ OPENAI_SHA256 = {
 _tokenizer: Optional[SimpleTokenizer] = None
 
 
-class LoadError(ValueError):
-    """A model name, checkpoint file or state dict that cannot be loaded; the message names the culprit."""
-
-
 def normalize_model_name(name: str) -> str:
     """'ViT-L/14' -> 'ViT-L-14' (the spelling of config and checkpoint file names)."""
     return name.replace("/", "-")
@@ -52,11 +49,14 @@ def available_models() -> list[str]:
 
 
 def model_config(name: str) -> dict:
-    """Constructor arguments of the CLIP config `name` (e.g. 'ViT-B/32', 'tiny')."""
+    """Constructor arguments of the CLIP config `name` (e.g. 'ViT-B/32', 'ViT-B-32-gelu', 'tiny')."""
     path = CONFIG_DIR / f"{normalize_model_name(name)}.json"
     if not path.is_file():
         raise LoadError(f"unknown model name {name!r}; available: {', '.join(available_models())}")
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text())
+    if config.get("activation", "quick_gelu") not in ACTIVATIONS:
+        raise LoadError(f"{path}: unknown activation {config['activation']!r}; choose {', '.join(ACTIVATIONS)}")
+    return config
 
 
 def _cast(model: CLIP, device: Union[str, torch.device], precision: Optional[str]) -> CLIP:
@@ -74,6 +74,14 @@ def _cast(model: CLIP, device: Union[str, torch.device], precision: Optional[str
 def create_model(name: str, device: Union[str, torch.device] = "cpu", precision: Optional[str] = "fp32") -> CLIP:
     """A randomly initialised CLIP of config `name` on `device` (fp16 weights if precision='fp16')."""
     return _cast(CLIP(**model_config(name)), device, precision)
+
+
+def config_name(name_or_path: Union[str, os.PathLike]) -> Optional[str]:
+    """`name_or_path` if it is a config name rather than an existing file (e.g. 'ViT-B-32-gelu'), else None."""
+    text = str(name_or_path)
+    if Path(text).expanduser().is_file() or normalize_model_name(text) not in available_models():
+        return None
+    return text
 
 
 def _roots(download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> list[Path]:
@@ -127,15 +135,22 @@ def verify_openai_checkpoint(path: Path) -> None:
                        "it with verify=False.")
 
 
-def _read_checkpoint(path: Path) -> tuple[dict, Optional[torch.jit.ScriptModule]]:
-    """Return (raw object as a dict, TorchScript module or None) from a checkpoint file."""
+def _jit_state_dict(path: Path) -> dict:
+    """State dict of a TorchScript archive through torch.jit.load (runs the archive's code: jit=True only)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.9 deprecates torch.jit.load
-            archive = torch.jit.load(str(path), map_location="cpu").eval()
-        return archive.state_dict(), archive
-    except (RuntimeError, ValueError):
-        pass
+        return dict(_jit_load(path).state_dict())
+    except RuntimeError as e:
+        raise LoadError(f"{path}: torch.jit.load failed: {str(e).strip().splitlines()[0]}") from None
+
+
+def _jit_load(path: Path) -> torch.jit.ScriptModule:
+    return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def _read_weights(path: Path, jit: bool) -> dict:
+    """The dict a checkpoint file holds: an archive's state dict, or what torch.load(weights_only=True) gives."""
+    if is_torchscript_archive(path):
+        return _jit_state_dict(path) if jit else read_archive_state_dict(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises many kinds of error on damaged files
@@ -147,15 +162,19 @@ def _read_checkpoint(path: Path) -> tuple[dict, Optional[torch.jit.ScriptModule]
                          f"(truncated or corrupt file?): {first}") from None
     if not isinstance(obj, dict):
         raise LoadError(f"{path}: expected a state dict or a training checkpoint, got {type(obj).__name__}")
-    return obj, None
+    return obj
 
 
-def load_checkpoint_state_dict(path: Union[str, os.PathLike]) -> dict:
-    """State dict from an OpenAI archive, a plain state dict, or a training checkpoint ('module.' stripped)."""
+def load_checkpoint_state_dict(path: Union[str, os.PathLike], jit: bool = False) -> dict:
+    """State dict from a TorchScript archive, a plain state dict, or a training checkpoint ('module.' stripped).
+
+    An archive (e.g. OpenAI's) is read without running its code (clip.archive); ``jit=True`` reads it
+    with torch.jit.load instead, which runs the archive's TorchScript code.
+    """
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"checkpoint file not found: {path}")
-    obj, _ = _read_checkpoint(path)
+    obj = _read_weights(path, jit)
     state_dict = obj.get("state_dict", obj)
     if not isinstance(state_dict, dict) or not state_dict:
         raise LoadError(f"{path}: no model weights found (expected a state dict or {{'state_dict': ...}})")
@@ -177,15 +196,53 @@ def load_state_dict_into(model: nn.Module, state_dict: dict, source: Union[str, 
         raise LoadError(f"{source}: weights do not fit the model: {detail}") from None
 
 
-def model_from_state_dict(state_dict: dict, source: Union[str, os.PathLike]) -> CLIP:
-    """build_model with errors that name `source` (missing keys, inconsistent shapes)."""
+def _inferred_config(state_dict: dict, source: Union[str, os.PathLike]) -> dict:
     try:
-        return build_model(state_dict)
+        return config_from_state_dict(state_dict)
     except KeyError as e:
         raise LoadError(f"{source}: not a CLIP state dict (missing {e.args[0]!r})") from None
+
+
+def model_from_state_dict(state_dict: dict, source: Union[str, os.PathLike], model_name: Optional[str] = None) -> CLIP:
+    """A CLIP holding `state_dict` (fp32, eval mode); errors name `source`.
+
+    Without `model_name` the architecture is inferred from the weights and the activation is QuickGELU
+    (OpenAI's). With it, the named config is built (its activation included: a state dict cannot tell
+    QuickGELU from GELU) after checking that the weights have its architecture.
+    """
+    config = None
+    if model_name is not None:
+        config = model_config(model_name)
+        inferred = _inferred_config(state_dict, source)
+        diff = [k for k, v in inferred.items() if k != "transformer_heads" and v != config[k]]
+        if diff:
+            found = ", ".join(f"{k} {inferred[k]} != {config[k]}" for k in diff[:3])
+            raise LoadError(f"{source}: weights are not a {normalize_model_name(model_name)} model ({found}); "
+                            "check the model name")
+    else:
+        _inferred_config(state_dict, source)
+    try:
+        return build_model(state_dict, config)
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
         raise LoadError(f"{source}: inconsistent CLIP state dict: {'; '.join(lines[1:3]) or lines[0]}") from None
+
+
+def load_model(
+    path: Union[str, os.PathLike],
+    model_name: Optional[str] = None,
+    jit: bool = False,
+    device: Union[str, torch.device] = "cpu",
+    precision: Optional[str] = "fp32",
+    is_train: bool = False,
+) -> CLIP:
+    """Our CLIP from a checkpoint file (no name lookup, no checksum; see load).
+
+    ``model_name``: see model_from_state_dict. ``jit=True`` reads a TorchScript archive's weights with
+    torch.jit.load (which runs the archive's code) instead of the restricted reader.
+    """
+    model = _cast(model_from_state_dict(load_checkpoint_state_dict(path, jit=jit), path, model_name), device, precision)
+    return model.train(is_train)
 
 
 def load(
@@ -196,31 +253,36 @@ def load(
     precision: Optional[str] = None,
     verify: bool = True,
     download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]] = None,
+    model_name: Optional[str] = None,
 ):
     """Load a CLIP model by name or path -> (model, train_transform, eval_transform).
 
-    Accepts an OpenAI TorchScript archive, a plain state dict, or a training checkpoint
-    ``{"epoch", "state_dict", ...}`` (``module.`` prefixes stripped); the architecture is
-    inferred from the weights. ``precision`` None gives fp16 weights on CUDA and fp32 on CPU
+    Accepts a TorchScript archive (OpenAI's checkpoints), a plain state dict, or a training checkpoint
+    ``{"epoch", "state_dict", ...}`` (``module.`` prefixes stripped). Archives are read without running
+    their code. The architecture is inferred from the weights, with QuickGELU activations (OpenAI's);
+    ``model_name`` (e.g. 'ViT-B-32-gelu' for an OpenCLIP GELU checkpoint; default: ``name`` when it is a
+    config name) builds that config instead, after checking the weights fit it. ``precision`` None gives fp16 weights on CUDA and fp32 on CPU
     (OpenAI's behaviour); 'fp32' or 'amp' give fp32 weights, 'fp16' half weights.
-    With ``jit=True`` the TorchScript module stored in the archive is returned as is.
+    ``jit=True`` returns the TorchScript module stored in the archive, through torch.jit.load (which
+    runs the archive's code and is deprecated in recent torch).
     A name is looked up in ``download_root`` (see resolve_checkpoint); a file named like one of
     OpenAI's checkpoints is checked against its SHA-256 unless ``verify=False``.
     The model is in eval mode unless ``is_train``.
     """
     path = resolve_checkpoint(name, download_root)
+    if model_name is None:
+        model_name = config_name(name)
     if verify:
         verify_openai_checkpoint(path)
     if jit:
-        obj, archive = _read_checkpoint(path)
-        if archive is None:
+        if not is_torchscript_archive(path):
             raise LoadError(f"{path}: jit=True needs a TorchScript archive; this file is a state dict")
-        resolution = config_from_state_dict(obj)["image_resolution"]
-        model = archive.to(device)
+        model = _jit_load(path)
+        resolution = config_from_state_dict(model.state_dict())["image_resolution"]
+        model = model.to(device).train(is_train)
     else:
-        model = _cast(model_from_state_dict(load_checkpoint_state_dict(path), path), device, precision)
+        model = load_model(path, model_name, device=device, precision=precision, is_train=is_train)
         resolution = model.visual.input_resolution
-    model.train(is_train)
     return model, image_transform(resolution, is_train=True), image_transform(resolution, is_train=False)
 
 

@@ -1,20 +1,50 @@
 """CLIP: modified-ResNet or ViT image tower, causal text transformer, OpenAI parameter names."""
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype (as OpenAI's)."""
+    """LayerNorm computed in fp32 whatever the input dtype (as OpenAI's; fp64 stays fp64)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers inside `module` compute as usual, but what they add to their running statistics is dropped.
+
+    For passes that repeat a forward already counted: checkpoint recomputation, feature caching. The layers
+    update throw-away copies of their statistics buffers (the same ops run, so the same tensors are saved).
+    """
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    kept = [{n: getattr(m, n) for n in names} for m in norms]
+    for m, buffers in zip(norms, kept):
+        for n, t in buffers.items():
+            setattr(m, n, t.clone() if t is not None else None)
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, kept):
+            for n, t in buffers.items():
+                setattr(m, n, t)
+
+
+def _checkpointed(fn: nn.Module, *args: Optional[torch.Tensor]) -> torch.Tensor:
+    """fn(*args), its activations recomputed in the backward pass (non-reentrant; BN statistics counted once)."""
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), frozen_bn_stats(fn)))
 
 
 class QuickGELU(nn.Module):
@@ -22,6 +52,18 @@ class QuickGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
+
+
+# The MLP activation of the transformer blocks (both towers), a config entry: OpenAI trained with
+# QuickGELU; OpenCLIP's models without "-quickgelu" in their name (e.g. its LAION-2B ViT-B-32) use exact GELU.
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+
+
+def activation_layer(name: str) -> nn.Module:
+    """A new activation module for config name `name` ('quick_gelu' or 'gelu')."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
 
 
 # ---------------------------------------------------------------------------
@@ -103,6 +145,7 @@ class ModifiedResNet(nn.Module):
         self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
         embed_dim = width * 32
         self.attnpool = AttentionPool2d(input_resolution // 32, embed_dim, heads, output_dim)
+        self.grad_checkpointing = False
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         mods = [Bottleneck(self._inplanes, planes, stride)]
@@ -116,7 +159,8 @@ class ModifiedResNet(nn.Module):
         x = F.relu(self.bn2(self.conv2(x)))
         x = F.relu(self.bn3(self.conv3(x)))
         x = self.avgpool(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = _checkpointed(stage, x) if self.grad_checkpointing and torch.is_grad_enabled() else stage(x)
         return self.attnpool(x)
 
 
@@ -125,13 +169,13 @@ class ModifiedResNet(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, d_model: int, n_head: int):
+    def __init__(self, d_model: int, n_head: int, activation: str = "quick_gelu"):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
         self.ln_1 = LayerNorm(d_model)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(d_model, d_model * 4)),
-            ("gelu", QuickGELU()),
+            ("gelu", activation_layer(activation)),
             ("c_proj", nn.Linear(d_model * 4, d_model)),
         ]))
         self.ln_2 = LayerNorm(d_model)
@@ -146,22 +190,25 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual attention blocks over (batch, tokens, width) inputs."""
 
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, activation: str = "quick_gelu"):
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, activation) for _ in range(layers)])
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.resblocks:
-            x = block(x, attn_mask)
+            x = _checkpointed(block, x, attn_mask) if checkpointed else block(x, attn_mask)
         return x
 
 
 class VisionTransformer(nn.Module):
     """ViT image tower: patches + class token, pre-LN, class token projected out."""
 
-    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int):
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
+                 activation: str = "quick_gelu"):
         super().__init__()
         self.input_resolution = input_resolution
         self.output_dim = output_dim
@@ -170,7 +217,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -199,15 +246,17 @@ class CLIP(nn.Module):
         transformer_width: int,
         transformer_heads: int,
         transformer_layers: int,
+        activation: str = "quick_gelu",
     ):
         super().__init__()
         self.context_length = context_length
+        self.activation = activation
         if isinstance(vision_layers, (tuple, list)):
             self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width)
         else:
             self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                            vision_width // 64 or 1, embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+                                            vision_width // 64 or 1, embed_dim, activation)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, activation)
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -276,27 +325,83 @@ class CLIP(nn.Module):
         text_features = F.normalize(self.encode_text(text), dim=-1)
         return image_features, text_features, self.logit_scale.exp()
 
+    # ----------------------------------------------------------------- memory levers for fine-tuning
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Both towers keep only each transformer block's (ResNet stage's) input and recompute the rest in backward."""
+        self.transformer.grad_checkpointing = enable
+        tower = self.visual.transformer if isinstance(self.visual, VisionTransformer) else self.visual
+        tower.grad_checkpointing = enable
 
-def convert_weights(model: nn.Module) -> None:
-    """Cast the weights of linear, conv and attention layers and the projections to fp16, in place."""
+    def layer_groups(self, tower: str) -> list[list[nn.Parameter]]:
+        """The parameters of the 'image' or 'text' tower in groups, input to output.
 
-    def _to_half(module: nn.Module) -> None:
+        Groups: the stem (patch/token and position embeddings, first norm; the ResNet's conv stem), one
+        group per transformer block (ResNet stage), and the head (final norm and projection; attention pool).
+        """
+        if tower == "text":
+            stem = [self.token_embedding.weight, self.positional_embedding]
+            blocks = [list(b.parameters()) for b in self.transformer.resblocks]
+            head = [*self.ln_final.parameters(), self.text_projection]
+        elif tower == "image" and isinstance(self.visual, VisionTransformer):
+            v = self.visual
+            stem = [v.conv1.weight, v.class_embedding, v.positional_embedding, *v.ln_pre.parameters()]
+            blocks = [list(b.parameters()) for b in v.transformer.resblocks]
+            head = [*v.ln_post.parameters(), v.proj]
+        elif tower == "image":
+            v = self.visual
+            stem = [p for m in (v.conv1, v.bn1, v.conv2, v.bn2, v.conv3, v.bn3) for p in m.parameters()]
+            blocks = [list(s.parameters()) for s in (v.layer1, v.layer2, v.layer3, v.layer4)]
+            head = list(v.attnpool.parameters())
+        else:
+            raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+        return [stem, *blocks, head]
+
+    def _lock(self, tower: str, unlocked_groups: int) -> None:
+        groups = self.layer_groups(tower)
+        if not 0 <= unlocked_groups < len(groups):
+            raise ValueError(f"{tower} tower: unlocked_groups must be in [0, {len(groups) - 1}], got {unlocked_groups}")
+        for group in groups[:len(groups) - unlocked_groups]:
+            for p in group:
+                p.requires_grad_(False)
+        self.train(self.training)  # frozen BatchNorm layers switch to eval mode
+
+    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
+        """Freeze the image tower except its last `unlocked_groups` layer groups (see layer_groups)."""
+        self._lock("image", unlocked_groups)
+
+    def lock_text_tower(self, unlocked_groups: int = 0) -> None:
+        """Freeze the text tower except its last `unlocked_groups` layer groups (see layer_groups)."""
+        self._lock("text", unlocked_groups)
+
+    def train(self, mode: bool = True) -> "CLIP":
+        """As nn.Module.train, but BatchNorm layers with frozen parameters (a locked tower) stay in eval mode."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+                m.eval()
+        return self
+
+
+def convert_weights(model: nn.Module, dtype: torch.dtype = torch.float16) -> None:
+    """Cast the weights of linear, conv and attention layers and the projections to `dtype` (fp16), in place."""
+
+    def _to_low(module: nn.Module) -> None:
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            module.weight.data = module.weight.data.half()
+            module.weight.data = module.weight.data.to(dtype)
             if module.bias is not None:
-                module.bias.data = module.bias.data.half()
+                module.bias.data = module.bias.data.to(dtype)
         if isinstance(module, nn.MultiheadAttention):
             for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
                          "in_proj_bias", "bias_k", "bias_v"):
                 tensor = getattr(module, name, None)
                 if tensor is not None:
-                    tensor.data = tensor.data.half()
+                    tensor.data = tensor.data.to(dtype)
         for name in ("text_projection", "proj"):
             tensor = getattr(module, name, None)
             if isinstance(tensor, nn.Parameter):
-                tensor.data = tensor.data.half()
+                tensor.data = tensor.data.to(dtype)
 
-    model.apply(_to_half)
+    model.apply(_to_low)
 
 
 def _count_blocks(state_dict: dict, prefix: str) -> int:
@@ -332,11 +437,15 @@ def config_from_state_dict(state_dict: dict) -> dict:
     )
 
 
-def build_model(state_dict: dict) -> CLIP:
-    """Build a CLIP whose architecture is inferred from `state_dict` and load it strictly (fp32, eval mode)."""
+def build_model(state_dict: dict, config: Optional[dict] = None) -> CLIP:
+    """Build a CLIP of `config` and load `state_dict` strictly (fp32, eval mode).
+
+    Without `config` the architecture is inferred from the weights, with QuickGELU (OpenAI's activation;
+    the weights cannot tell it from GELU).
+    """
     # OpenAI archives carry three scalar entries; TorchScript state dicts also hold the causal mask buffer
     extras = ("input_resolution", "context_length", "vocab_size", "attn_mask")
     state_dict = {k: v for k, v in state_dict.items() if k not in extras}
-    model = CLIP(**config_from_state_dict(state_dict))
+    model = CLIP(**(config if config is not None else config_from_state_dict(state_dict)))
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     return model.eval()

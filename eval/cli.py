@@ -36,7 +36,7 @@ def add_extraction_args(p: argparse.ArgumentParser, resume_help: str) -> None:
     p.add_argument("--text-feat-output-path", default=None, help="caption features to write (.jsonl, or .npy)")
     p.add_argument("--model", default=None, help="model config, e.g. ViT-L-14, ViT-B-32 (or ViT-L/14)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="default fp32 (the release's); fp16 = half weights (CUDA, or the CPU to measure it), "
-                        "amp = CUDA autocast (fp32 on the CPU)")
+                   help="default fp32 (the release's); fp16 / bf16 = half / bfloat16 weights (fp16: CUDA, or the "
+                        "CPU to measure it), amp = fp16 autocast (CUDA; fp32 on the CPU), amp_bf16 = bfloat16 autocast")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images")

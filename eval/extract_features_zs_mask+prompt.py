@@ -1,4 +1,4 @@
-"""Zero-shot features from an OpenAI checkpoint: images, captions, and entity prompt / mask slots (spec 4.1).
+"""Zero-shot features from a pre-trained checkpoint (OpenAI or OpenCLIP): images, captions, and entity prompt / mask slots (spec 4.1).
 
 Runs in one process, or sharded over processes with `torchrun --nproc_per_node N ...` (one output
 file per feature set, in input order, the same as a single process writes).
@@ -15,7 +15,11 @@ from eval.extraction import load_zero_shot, plan_extraction, resolve_extraction_
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    add_extraction_args(p, "OpenAI CLIP checkpoint (e.g. tmp/pretrained_models/ViT-L-14.pt) or a model name")
+    add_extraction_args(p, "pre-trained CLIP checkpoint: OpenAI archive (e.g. tmp/pretrained_models/ViT-L-14.pt), "
+                           "OpenCLIP state dict (with --model, e.g. ViT-B-32-gelu), or a model name")
+    p.add_argument("--jit", action="store_true",
+                   help="read a TorchScript archive with torch.jit.load (runs the archive's code) instead of "
+                        "the reader that takes only its weights")
     p.add_argument("--extract-mask-feats", action="store_true", help="write masked-caption slot features")
     p.add_argument("--extract-prompt-feats", action="store_true", help="write prompt slot features")
     p.add_argument("--prompt-data", default=None, help="textual entities per caption (..._texts_segs.jsonl)")
@@ -28,7 +32,8 @@ def main(argv=None) -> int:
     try:
         precision = resolve_extraction_precision(args.precision, device)
         plan, model = run_everywhere(shard, device, lambda: (
-            plan_extraction(args, slots=True), load_zero_shot(args.resume, args.model, device, precision)))
+            plan_extraction(args, slots=True),
+            load_zero_shot(args.resume, args.model, device, precision, jit=args.jit)))
         run_extraction(plan, model, args, device, precision, shard)
     finally:
         close_shard(shard)

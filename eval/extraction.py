@@ -16,11 +16,10 @@ from tqdm import tqdm
 from agree.entities import EVAL_SLOTS, PROMPT_TEMPLATE, entity_slots
 from agree.io import InputError, iter_jsonl
 from agree.images import ImageArchive
-from agree.precision import autocast, resolve_precision
+from agree.precision import autocast, resolve_precision, weight_dtype
 from agree.pretrained import clip_errors_as_input_errors, load_pretrained
-from clip.clip import (create_model, load_checkpoint_state_dict, load_state_dict_into, model_config,
-                       normalize_model_name, tokenize)
-from clip.model import CLIP, config_from_state_dict, convert_weights
+from clip.clip import create_model, load_checkpoint_state_dict, load_state_dict_into, tokenize
+from clip.model import CLIP, convert_weights
 from eval.distributed import Shard, rows_in_order
 from eval.feature_io import FeatureWriter
 
@@ -42,10 +41,10 @@ def resolve_extraction_precision(requested: str | None, device: torch.device) ->
 
 
 def _place(model: CLIP, device: torch.device, precision: str) -> CLIP:
-    """Move to `device`; fp16 weights for 'fp16', fp32 otherwise; eval mode."""
+    """Move to `device`; fp16 / bf16 weights for 'fp16' / 'bf16', fp32 otherwise; eval mode."""
     model = model.to(device).eval()
-    if precision == "fp16":
-        convert_weights(model)
+    if precision in ("fp16", "bf16"):
+        convert_weights(model, weight_dtype(precision))
     return model
 
 
@@ -57,20 +56,11 @@ def load_finetuned(resume: str | os.PathLike, model_name: str, device: torch.dev
     return _place(model, device, precision)
 
 
-def load_zero_shot(resume: str | os.PathLike, model_name: str | None, device: torch.device, precision: str) -> CLIP:
-    """An OpenAI checkpoint (TorchScript archive or state dict); `model_name`, if given, must match it."""
-    model, _, _ = load_pretrained(resume, device="cpu", precision="fp32")
-    if model_name:
-        with clip_errors_as_input_errors():
-            config = model_config(model_name)
-        want = {k: v for k, v in config.items() if k != "transformer_heads"}
-        got = config_from_state_dict(model.state_dict())
-        diff = [k for k, v in want.items() if got.get(k) != v]
-        if diff:
-            raise InputError(
-                f"{resume}: weights are not a {normalize_model_name(model_name)} model "
-                f"({', '.join(f'{k} {got.get(k)} != {want[k]}' for k in diff[:3])}); check --model"
-            )
+def load_zero_shot(resume: str | os.PathLike, model_name: str | None, device: torch.device, precision: str,
+                   jit: bool = False) -> CLIP:
+    """A pre-trained checkpoint (TorchScript archive or state dict); `model_name`, if given, must fit its
+    weights and gives the activation (e.g. ViT-B-32-gelu for OpenCLIP's GELU models). `jit`: torch.jit.load."""
+    model, _, _ = load_pretrained(resume, device="cpu", precision="fp32", jit=jit, model_name=model_name or None)
     return _place(model, device, precision)
 
 

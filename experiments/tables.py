@@ -15,12 +15,38 @@ from agree.layout import Layout
 from training.terms import AGREE_TERMS, OPTIONAL, flags_of
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPE_EPOCH = 2        # the README recipe evaluates checkpoints/epoch_2.pt
 SECTIONS = {"zeroshot": "Zero-shot re-ranking", "finetune": "Fine-tuning", "ablation": "Ablation (fine-tuned, no re-ranking)"}
 
 
 def ablation_configs() -> list[tuple[str, tuple[str, ...]]]:
     """AGREE minus each term in turn: (row label, names of the enabled terms)."""
     return [(f"AGREE w/o {t.label}", tuple(n for n in AGREE_TERMS if n != t.name)) for t in OPTIONAL]
+
+
+def evaluated_epoch(epochs: int, requested: Optional[int]) -> int:
+    """The fine-tuned epoch to evaluate: `requested`, else the recipe's when `epochs` reaches it, else the last."""
+    if requested is None:
+        return RECIPE_EPOCH if epochs >= RECIPE_EPOCH else epochs
+    if not 1 <= requested <= epochs:
+        raise InputError(f"--epoch must be between 1 and --epochs ({epochs}), got {requested}")
+    return requested
+
+
+def fine_tune_flags(args: argparse.Namespace) -> list[str]:
+    """main_all.py flags that the table runner passes through to every fine-tuning run."""
+    flags = [f"--save-frequency={args.epoch}", f"--stop-after-epoch={args.epoch}"]
+    if args.nproc is not None:
+        flags.append(f"--nproc={args.nproc}")
+    if args.legacy_detached_rank:
+        flags.append("--legacy-detached-rank")
+    if args.max_missing_fraction is not None:
+        flags.append(f"--max-missing-fraction={args.max_missing_fraction}")
+    if args.precision:
+        flags.append(f"--precision={args.precision}")
+    if args.jit:
+        flags.append("--jit")
+    return flags
 
 
 def _slug(label: str) -> str:
@@ -54,11 +80,14 @@ class TableRunner:
     def _device_flags(self) -> list[str]:
         return ["--device", self.args.device] if self.args.device else []
 
-    def run(self, stage: str, script: str, *flags: str, launcher: Sequence[str] = ()) -> None:
+    def _jit_flags(self) -> list[str]:
+        return ["--jit"] if self.args.jit else []
+
+    def run(self, stage: str, script: str, *flags: str) -> None:
         """Run one README script; its output goes to logs/<stage>.log; a failure stops everything."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{stage}.log"
-        cmd = [*(launcher or [sys.executable, "-u"]), str(REPO / script), *flags]
+        cmd = [sys.executable, "-u", str(REPO / script), *flags]
         start = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {stage} ...", flush=True)
         with open(log, "w") as f:
@@ -131,7 +160,7 @@ class TableRunner:
                  f"--resume={a.pretrained}",
                  f"--image-feat-output-path={feats['img']}", f"--text-feat-output-path={feats['txt']}",
                  f"--mask-feat-output-path={feats['mask']}", f"--prompt-feat-output-path={feats['prompt']}",
-                 "--model", a.model, *self._device_flags())
+                 "--model", a.model, *self._jit_flags(), *self._device_flags())
         section = SECTIONS["zeroshot"]
         base_i, base_t = self.topk("zeroshot.topk", folder, feats["img"], feats["txt"])
         self.add_row(section, "CLIP zero-shot", self.evaluate("zeroshot.base", base_t, base_i))
@@ -149,23 +178,17 @@ class TableRunner:
         a = self.args
         slug = _slug(label)
         runs = self.out / "runs"
-        launcher: Sequence[str] = ()
-        if a.nproc > 1:
-            # '--' ends torchrun's own options: its --logs-specs would make our --logs ambiguous
-            launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}",
-                        f"--master_port={_free_port()}", "--"]
-        flags = [f"--save-frequency={a.epochs}", f"--train-data={self.lay.train_jsonl}",
+        flags = [f"--train-data={self.lay.train_jsonl}",
                  f"--val-data={self.lay.val_json}", "--img-key", "image", "--caption-key", "caption",
                  "--dataset-type", "json", *flags_of(terms), f"--dist-url=tcp://127.0.0.1:{_free_port()}",
                  f"--warmup={a.warmup}", f"--batch-size={a.batch_size}", f"--lr={a.lr}", f"--wd={a.wd}",
                  f"--epochs={a.epochs}", f"--workers={a.workers}", "--model", a.model, "--openai-pretrained",
                  f"--pretrained-path={a.pretrained}", f"--data-root={self.lay.data_dir}", f"--vg-root={self.lay.vg_dir}",
                  f"--dataset={self.lay.dataset}",
-                 f"--logs={runs}", f"--name={slug}", f"--seed={a.seed}", *self._device_flags()]
-        if a.precision:
-            flags.append(f"--precision={a.precision}")
-        self.run(f"{slug}.train", "training/main_all.py", *flags, launcher=launcher)
-        checkpoint = runs / slug / "checkpoints" / f"epoch_{a.epochs}.pt"
+                 f"--logs={runs}", f"--name={slug}", f"--seed={a.seed}", *self._device_flags(),
+                 *fine_tune_flags(a)]
+        self.run(f"{slug}.train", "training/main_all.py", *flags)
+        checkpoint = runs / slug / "checkpoints" / f"epoch_{a.epoch}.pt"
         folder = self.out / "predictions" / slug
         img_feat = folder / f"{self.lay.dataset}_test_images.img_feat.jsonl"
         txt_feat = folder / f"{self.lay.dataset}_test_texts.txt_feat.jsonl"
@@ -200,12 +223,14 @@ class TableRunner:
         """results.md and results.json under --out."""
         a = self.args
         setup = {"dataset": a.dataset, "data_root": str(a.data_root), "pretrained": str(a.pretrained), "model": a.model,
-                 "device": a.device or "auto", "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
-                 "wd": a.wd, "warmup": a.warmup, "seed": a.seed}
+                 "device": a.device or "auto", "epochs": a.epochs, "epoch": a.epoch, "batch_size": a.batch_size,
+                 "nproc": a.nproc if a.nproc is not None else "default", "lr": a.lr, "wd": a.wd, "warmup": a.warmup,
+                 "seed": a.seed, "legacy_detached_rank": a.legacy_detached_rank}
+        legacy = " with `--legacy-detached-rank`" if a.legacy_detached_rank else ""
         header = ("# AGREE tables\n\n"
-                  f"Model `{a.model}` from `{a.pretrained}`, data `{a.data_root}`; fine-tuning: {a.epochs} "
-                  f"epoch{'s' if a.epochs != 1 else ''}, "
-                  f"batch {a.batch_size}, lr {a.lr}, wd {a.wd}, warm-up {a.warmup}. "
+                  f"Model `{a.model}` from `{a.pretrained}`, data `{a.data_root}`; fine-tuned models: checkpoint "
+                  f"`epoch_{a.epoch}.pt` (epoch {a.epoch} of a {a.epochs}-epoch schedule){legacy}, "
+                  f"batch {a.batch_size} per worker, lr {a.lr}, wd {a.wd}, warm-up {a.warmup}. "
                   "T→I: text query retrieves images; I→T: image query retrieves texts. Recall in percent.\n\n")
         with atomic_write(self.out / "results.md", "w") as f:
             f.write(header + self.markdown())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agree.io import InputError, run_cli
 from agree.layout import DATASETS, DEFAULT_DATASET, Layout
-from experiments.tables import TableRunner, ablation_configs
+from experiments.tables import RECIPE_EPOCH, TableRunner, ablation_configs, evaluated_epoch
 from training.terms import AGREE_TERMS
 
 
@@ -30,7 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vg-root", default="./tmp/VG", help="Visual Genome entity data folder")
     p.add_argument("--pretrained", default="./tmp/pretrained_models/ViT-L-14.pt",
                    help="the pre-trained CLIP checkpoint (zero-shot model and fine-tuning start)")
-    p.add_argument("--model", default="ViT-L-14", help="model config name (ViT-L-14, ViT-B-32, RN50, tiny)")
+    p.add_argument("--model", default="ViT-L-14",
+                   help="model config name: ViT-L-14, ViT-B-32, RN50, tiny (OpenAI's, QuickGELU) or ViT-L-14-gelu, "
+                        "ViT-B-32-gelu, RN50-gelu (OpenCLIP's GELU checkpoints)")
+    p.add_argument("--jit", action="store_true",
+                   help="read a TorchScript --pretrained with torch.jit.load (runs the archive's code)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default="./tmp/tables", help="where predictions, runs, results.md and results.json go")
     p.add_argument("--overwrite", action="store_true", help="delete --out first if it exists")
@@ -45,7 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--precision", default=None, help="amp, fp16 or fp32 (default: amp on CUDA, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nproc", type=int, default=1, help="processes per fine-tuning run (torchrun when > 1)")
+    p.add_argument("--epoch", type=int, default=None,
+                   help=f"the fine-tuned checkpoint evaluated, epoch_N.pt (default: the recipe's epoch_{RECIPE_EPOCH}.pt "
+                        "when --epochs reaches it, else the last); training stops after it, on the --epochs schedule")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="worker processes per fine-tuning run, passed to main_all.py --nproc (default: main_all.py's, "
+                        "one per visible GPU as in the release, one on the CPU)")
+    p.add_argument("--legacy-detached-rank", action="store_true",
+                   help="passed to every fine-tuning run: the released code's gradients of the ranking terms")
+    p.add_argument("--max-missing-fraction", type=float, default=None,
+                   help="passed to every fine-tuning run (default: main_all.py's, 0: any missing input is an error)")
     # Evaluation recipe.
     p.add_argument("--top-k", type=int, default=10, help="top-k of the plain predictions (README: 10)")
     p.add_argument("--egr-top-k", type=int, default=20, help="top-k of the EGR predictions (README: 20)")
@@ -58,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         raise InputError(f"--parts: unknown part(s) {', '.join(sorted(unknown))}")
     args.parts = parts
+    args.epoch = evaluated_epoch(args.epochs, args.epoch)
     if args.data_root is None:
         args.data_root = str(Layout.under("./tmp", args.dataset).data_dir)
     return args

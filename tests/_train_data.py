@@ -57,8 +57,9 @@ def make_dataset(root: Path, n_images: int = 8, caps_per_image: int = 2, n_val: 
         masked = img.copy()
         masked[: res // 2] = 0
         grounding[f"{stem}_{animal}"] = masked
-        # the last image has no object with a usable VG entry: exercises the spec 3.1.3 fallback
-        objs = ["unicorn"] if i == n_images - 1 else [OBJECTS[i % len(OBJECTS)], "unicorn"]
+        # the last image has no object with a usable VG entry ('unicorn' has only an empty region, 'thing' no
+        # vocabulary line at all): exercises the spec 3.1.3 fallback
+        objs = ["unicorn", "thing"] if i == n_images - 1 else [OBJECTS[i % len(OBJECTS)], "unicorn"]
         objects.append({"image_id": stem, "image_objects": objs})
 
     vocab_lines, vg_images, vg_masked = [], {}, {}
@@ -85,6 +86,8 @@ def make_dataset(root: Path, n_images: int = 8, caps_per_image: int = 2, n_val: 
         "train": ann / "flickr30k_train_pred.jsonl", "train_images": ann / "flickr30k_train_images.npz",
         "val": ann / "flickr30k_val.json", "val_images": ann / "flickr30k_val_images.npz",
         "objects": data_root / "objects" / "flickr30k_train_imgs_objs.jsonl",
+        "objects_test": data_root / "objects" / "flickr30k_test_imgs_objs.jsonl",
+        "objects_val": data_root / "objects" / "flickr30k_val_imgs_objs.jsonl",
         "grounding": data_root / "flickr30k_visual_grounding.224.npz",
         "vg_images": vg_root / "VG_images.224.npz", "vg_mask_images": vg_root / "VG_mask_images.224.npz",
         "vg_vocab": vg_root / "vocab_VG_images_objs.jsonl",
@@ -92,6 +95,10 @@ def make_dataset(root: Path, n_images: int = 8, caps_per_image: int = 2, n_val: 
     paths["train"].write_text("".join(json.dumps(r) + "\n" for r in train_lines))
     paths["val"].write_text(json.dumps(val))
     paths["objects"].write_text("".join(json.dumps(r) + "\n" for r in objects))
+    # the release also reads the test and val objects files (other images)
+    paths["objects_test"].write_text(json.dumps({"image_id": "7000", "image_objects": ["tree"]}) + "\n")
+    paths["objects_val"].write_text("".join(json.dumps({"image_id": str(5000 + k), "image_objects": ["hat"]}) + "\n"
+                                            for k in range(n_val)))
     paths["vg_vocab"].write_text("".join(json.dumps(r) + "\n" for r in vocab_lines))
     np.savez(paths["train_images"], **train_images)
     np.savez(paths["val_images"], **val_images)

@@ -1,5 +1,6 @@
 """clip.load on every accepted checkpoint form and its errors; the project's checkpoint folders (agree.pretrained)."""
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -37,15 +38,22 @@ def _assert_same(a, b):
 
 def test_torchscript_archive_round_trip(tmp_path, tiny, batch):
     path = tmp_path / "archive.pt"
-    torch.jit.save(torch.jit.trace(tiny, batch, check_trace=False), str(path))
-    model, train_tf, eval_tf = load(path, device="cpu")
+    with warnings.catch_warnings():  # torch >= 2.9 deprecates torch.jit
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(tiny, batch, check_trace=False), str(path))
+    model, train_tf, eval_tf = load(path, device="cpu")  # read without torch.jit.load (test_clip_archive.py)
     _assert_same(_outputs(model, batch), _outputs(tiny, batch))
     assert not model.training
     assert eval_tf(Image.new("RGB", (80, 100))).shape == (3, 64, 64)
     assert train_tf(Image.new("RGB", (80, 100))).shape == (3, 64, 64)
-    scripted, _, _ = load(path, device="cpu", jit=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted, _, _ = load(path, device="cpu", jit=True)
     assert isinstance(scripted, torch.jit.ScriptModule)
     _assert_same(_outputs(scripted, batch), _outputs(tiny, batch))
+    torch.save(tiny.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(LoadError, match="jit=True needs a TorchScript archive"):
+        load(tmp_path / "plain.pt", device="cpu", jit=True)
 
 
 def test_plain_state_dict_and_training_checkpoint(tmp_path, tiny, batch):

@@ -214,3 +214,8 @@ def test_extraction_defaults_to_fp32_and_fp16_runs_half_weights_on_the_cpu(env, 
     full = read_features(tmp_path / "full" / "txt.jsonl", "query_id").data
     np.testing.assert_allclose(half, full, atol=2e-2)  # fp16 rounding, not another computation
     assert not np.array_equal(half, full)
+    for precision in ("bf16", "amp_bf16"):  # bfloat16 weights / autocast: also rounding only
+        assert FT.main(ft_args(env["dir"], tmp_path / precision, precision=precision)) == 0
+        low = read_features(tmp_path / precision / "txt.jsonl", "query_id").data
+        np.testing.assert_allclose(low, full, atol=6e-2)
+        assert not np.array_equal(low, full)

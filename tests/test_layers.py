@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"clip": 0, "agree": 1, "training": 2, "eval": 2, "synth": 2, "experiments": 3, "scripts": 4}
+LAYERS = {"clip": 0, "agree": 1, "training": 2, "eval": 2, "synth": 2, "dataprep": 2, "experiments": 3, "scripts": 4}
 THIRD_PARTY_OF_CLIP = {"torch", "torchvision", "numpy", "PIL", "ftfy", "regex"}
 
 

@@ -1,5 +1,6 @@
 """Spec 3.1 example construction, per-flag file loading and input errors of the training data."""
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from clip.transform import array_to_tensor
 from training import data as D
 from training import dataset as DS
 from training import validation as V
+from training.distributed import DistEnv
+from training.engine import run
 from training.params import parse_args
 from training.terms import enabled_terms
 
@@ -153,7 +156,8 @@ def test_default_paths_follow_the_release_layout(ds):
     args = _args(ds, "--is-da-mask", "--is-vg")
     p = D.resolve_paths(args)
     assert p.train_images == ds["train_images"] and p.grounding_images == ds["grounding"]
-    assert p.vg_images == ds["vg_images"] and p.vg_vocab == ds["vg_vocab"] and p.train_objects == ds["objects"]
+    assert p.vg_images == ds["vg_images"] and p.vg_vocab == ds["vg_vocab"]
+    assert p.train_objects == (ds["objects"], ds["objects_test"], ds["objects_val"])    # the release's order
     assert p.val_images == ds["val_images"]
 
 
@@ -199,3 +203,130 @@ def test_cli_reports_bad_input_without_traceback(ds, tmp_path):
     assert "--is-vg" in proc.stderr and str(missing) in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "logs").exists()
+
+
+# --------------------------------------------------------------------------- missing inputs (--max-missing-fraction)
+def _without(src: Path, dst: Path, drop: set) -> Path:
+    """A copy of an .npz archive without the keys in `drop`."""
+    with np.load(src) as z:
+        np.savez(dst, **{k: z[k] for k in z.files if k not in drop})
+    return dst
+
+
+def _inputs(paths, *flags):
+    args = _args(paths, *flags)
+    return DS.load_train_inputs(args, D.resolve_paths(args), enabled_terms(args))
+
+
+def test_complete_data_passes_the_check_and_reports_the_spec_fallbacks(ds):
+    inputs = _inputs(ds, "--is-da-mask", "--is-vg")
+    report = "\n".join(m for _, m in inputs.report)
+    assert all(level == logging.INFO for level, _ in inputs.report)
+    assert "grounding image: 0 of 4 captions with a grounded label missing" in report
+    assert "objects line: 0 of 4 train images missing" in report
+    # shirt, ball, tree: two usable entries each ('unicorn' has only an empty one, 'thing' no vocabulary line)
+    assert "Visual Genome image: 0 of 6 usable VG entries" in report
+    assert "Visual Genome masked image: 0 of 6" in report
+    assert "1 of 4 captions' images list no object with a usable VG entry" in report   # the spec's own fallback
+    assert "0 of 4 captions have no grounded label" in report
+
+
+def test_caption_without_grounded_label_is_the_spec_fallback_not_a_miss(ds, tmp_path):
+    lines = [json.loads(x) for x in ds["train"].read_text().splitlines()]
+    lines[2]["preds"] = [{"object": 0.9}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    args = _args(ds, "--is-vg", "--data-root", str(ds["data_root"]))
+    args.train_data = str(train)
+    inputs = DS.load_train_inputs(args, D.resolve_paths(args), enabled_terms(args))
+    report = "\n".join(m for _, m in inputs.report)
+    assert "0 of 3 captions with a grounded label missing" in report and "1 of 4 captions have no grounded" in report
+
+
+def test_missing_grounding_image_stops_before_training_naming_file_and_key(ds, tmp_path):
+    npz = _without(ds["grounding"], tmp_path / "grounding.npz", {"1001_cat"})
+    with pytest.raises(InputError) as err:
+        _inputs(ds, "--is-vg", "--grounding-images", str(npz))
+    msg = str(err.value)
+    assert msg.startswith(f"--is-vg (--grounding-images): {npz} has no grounding image '1001_cat' "
+                          f"(needed by {ds['train']}:2)")
+    assert "1 of 4 captions with a grounded label (25.00%)" in msg and "--max-missing-fraction 0.25" in msg
+    with pytest.raises(InputError, match="above --max-missing-fraction 0.2"):
+        _inputs(ds, "--is-vg", "--grounding-images", str(npz), "--max-missing-fraction", "0.2")
+
+
+def test_allowed_missing_grounding_image_takes_the_masked_square(ds, tmp_path):
+    npz = _without(ds["grounding"], tmp_path / "grounding.npz", {"1001_cat"})
+    inputs = _inputs(ds, "--is-vg", "--grounding-images", str(npz), "--max-missing-fraction", "0.25")
+    warnings = [m for level, m in inputs.report if level == logging.WARNING]
+    assert len(warnings) == 1 and "'1001_cat'" in warnings[0] and "masked-square substitute" in warnings[0]
+    dset = inputs.dataset(64)
+    dset.augment = False
+    ex = dset[1]
+    diff = (ex["grounding_masked"] != ex["image"]).any(0)
+    assert 0 < diff.sum() <= 32 * 32
+    ground = np.load(npz)
+    assert torch.equal(dset[0]["grounding_masked"], array_to_tensor(ground["1000_dog"], 64))
+
+
+def test_train_image_without_objects_line_is_a_miss(ds, tmp_path):
+    objects = tmp_path / "objects.jsonl"
+    lines = ds["objects"].read_text().splitlines()
+    objects.write_text("\n".join(lines[:2] + lines[3:]) + "\n")          # no line for image 1002
+    with pytest.raises(InputError) as err:
+        _inputs(ds, "--is-da-loss", "--train-objects", str(objects))
+    msg = str(err.value)
+    assert msg.startswith(f"--is-da-loss (--train-objects): {objects} has no objects line '1002' "
+                          f"(needed by {ds['train']}:3)")
+    assert "1 of 4 train images" in msg
+    inputs = _inputs(ds, "--is-da-loss", "--train-objects", str(objects), "--max-missing-fraction", "0.3")
+    assert "2 of 4 captions' images list no object" in "\n".join(m for _, m in inputs.report)
+
+
+def test_objects_are_read_from_every_file_in_order(tmp_path):
+    a, b = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    a.write_text('{"image_id": "1", "image_objects": ["dog"]}\n{"image_id": "2", "image_objects": ["cat"]}\n')
+    b.write_text('{"image_id": "2", "image_objects": ["hat"]}\n{"image_id": "3", "image_objects": []}\n')
+    assert D.load_objects([a, b]) == {"1": ["dog"], "2": ["hat"], "3": []}
+
+
+@pytest.mark.parametrize("archive,flag,key", [("vg_images", "--vg-images", "2010"),
+                                              ("vg_mask_images", "--vg-mask-images", "ball_2011")])
+def test_missing_visual_genome_image_is_a_miss(ds, tmp_path, archive, flag, key):
+    npz = _without(ds[archive], tmp_path / "vg.npz", {key})
+    with pytest.raises(InputError) as err:
+        _inputs(ds, "--is-da-mask", flag, str(npz))
+    msg = str(err.value)
+    assert msg.startswith(f"--is-da-mask ({flag}): {npz} has no Visual Genome ")
+    assert f"'{key}' (needed by {ds['vg_vocab']}:2)" in msg and "1 of 6 usable VG entries" in msg
+    inputs = _inputs(ds, "--is-da-mask", flag, str(npz), "--max-missing-fraction", "0.2")
+    assert inputs.vg_vocab["ball"] == ["2011" if key.endswith("2010") else "2010"]     # the other entry only
+
+
+def test_missing_data_leaves_no_run_directory(ds, tmp_path):
+    npz = _without(ds["grounding"], tmp_path / "grounding.npz", {"1003_bird"})
+    argv = ["--train-data", str(ds["train"]), "--model", "tiny", "--is-vg", "--grounding-images", str(npz),
+            "--logs", str(tmp_path / "logs"), "--name", "run", "--device", "cpu"]
+    with pytest.raises(InputError, match="'1003_bird'"):
+        run(parse_args(argv), DistEnv())
+    assert not (tmp_path / "logs").exists()
+
+
+def test_max_missing_fraction_flag_is_checked():
+    with pytest.raises(InputError, match="--max-missing-fraction must be between 0 and 1"):
+        parse_args(["--train-data", "x.jsonl", "--max-missing-fraction", "1.5"])
+    proc = subprocess.run([PY, str(ROOT / "training" / "main_all.py"), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--max-missing-fraction" in proc.stdout
+
+
+def test_dataset_defaults_to_the_one_the_training_file_is_named_for(tmp_path):
+    coco = parse_args(["--train-data", str(tmp_path / "annotation" / "coco_train_pred.jsonl"), "--model", "tiny"])
+    assert coco.dataset == "coco"
+    assert D.resolve_paths(coco).train_images == tmp_path / "annotation" / "coco_train_images.npz"
+    assert D.resolve_paths(coco).grounding_images == tmp_path / "coco_visual_grounding.224.npz"
+    other = parse_args(["--train-data", str(tmp_path / "captions.jsonl"), "--model", "tiny"])
+    assert other.dataset == "flickr30k"
+    forced = parse_args(["--train-data", str(tmp_path / "coco_train_pred.jsonl"), "--dataset", "flickr30k",
+                         "--model", "tiny"])
+    assert forced.dataset == "flickr30k"

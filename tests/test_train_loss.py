@@ -145,21 +145,26 @@ def test_weighted_total_uses_spec_weights_and_only_enabled_terms():
 
 @pytest.mark.parametrize("term,inputs", [("text_mask", ("masked",)), ("vg_mask", ("vg_image_masked",)),
                                          ("grounding_mask", ("grounding_masked",))])
-def test_ranking_terms_have_gradient_by_default_and_none_with_legacy_flag(term, inputs):
+def test_ranking_terms_have_gradient_by_default_and_only_to_tau_with_legacy_flag(term, inputs):
     f = _all_feats(requires_grad=True)
-    values = T.loss_terms(f, TAU, (term,))
+    scale = TAU.clone().requires_grad_(True)
+    values = T.loss_terms(f, scale, (term,))
     assert values[term].item() > 0
-    T.total_loss(values).backward()
+    values[term].backward()
     for k in inputs:  # only the ranking term reads these features
         assert f[k].grad is not None and f[k].grad.abs().sum() > 0
+    # S/tau with S computed from tau-scaled scores does not depend on tau
+    assert scale.grad.item() == pytest.approx(0.0, abs=1e-12)
 
     f = _all_feats(requires_grad=True)
-    legacy = T.loss_terms(f, TAU, (term,), legacy_detached_rank=True)
+    scale = TAU.clone().requires_grad_(True)
+    legacy = T.loss_terms(f, scale, (term,), legacy_detached_rank=True)
     assert legacy[term].item() == pytest.approx(values[term].item())  # same value, reported
-    assert not legacy[term].requires_grad
-    T.total_loss(legacy).backward()
-    for k in inputs:
+    legacy[term].backward()
+    for k in inputs:  # the towers get nothing from the term ...
         assert f[k].grad is None or f[k].grad.abs().sum() == 0
+    # ... but tau does, as in the release: d(S/tau)/dtau = -S/tau^2 = -value/tau
+    assert scale.grad.item() == pytest.approx(-values[term].item() / tau, rel=1e-9)
 
 
 def test_registry_matches_the_spec_table():

@@ -92,6 +92,8 @@ def test_readme_recipe_runs_verbatim_with_tiny_model(tmp_path):
     assert (run_dir / "params.txt").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     log = (run_dir / "out.log").read_text()
+    # no GPU here: the plain launch is one process (on N GPUs it would start N workers, see test_train_dist)
+    assert log.splitlines()[0].endswith("world size 1 (one process); batch size 8 per worker, global batch 8")
     assert "Train Epoch: 0 [1/1] step 1" in log and "Eval Epoch: 1" in log
     for term in ("global", "prompt", "text_mask", "vg_contrastive", "vg_mask", "grounding_mask"):
         assert f"{term} " in log
@@ -127,7 +129,7 @@ def _batch(paths, *flags, n=2):
     return torch.utils.data.default_collate([dset[i] for i in range(n)]), enabled_terms(args)
 
 
-def test_ranking_terms_train_the_model_unless_legacy(medium):
+def test_ranking_terms_train_the_towers_unless_legacy(medium):
     batch, terms = _batch(medium, "--is-mask", "--is-da-mask", "--is-vg", n=4)
     torch.manual_seed(0)
     model = create_model("tiny")
@@ -138,9 +140,12 @@ def test_ranking_terms_train_the_model_unless_legacy(medium):
         values[term].backward()
         grad = sum(p.grad.abs().sum().item() for p in model.parameters() if p.grad is not None)
         assert grad > 0, term
+        model.zero_grad()
         _, legacy = compute_loss(model, batch, StepConfig(terms=terms, env=DistEnv(), legacy_detached_rank=True))
         assert legacy[term].item() == pytest.approx(values[term].item(), rel=1e-5)
-        assert not legacy[term].requires_grad
+        legacy[term].backward()      # as in the release: only the logit scale gets gradient from the term
+        moved = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert moved == {"logit_scale"}, term
 
 
 def test_logit_scale_is_clamped_after_each_step(small):
@@ -308,3 +313,23 @@ def test_flag_value_errors(small, tmp_path):
         parse_args([])
     with pytest.raises(InputError, match="fewer than one global batch"):
         run(parse_args(train_argv(small, tmp_path, "big", batch_size=64)), DistEnv())
+
+
+def test_stop_after_epoch_writes_the_checkpoint_of_the_full_schedule(small, tmp_path):
+    full = parse_args(train_argv(small, tmp_path, "full", "--save-frequency", "2", batch_size=2, epochs=3))
+    run(full, DistEnv())
+    stopped = parse_args(train_argv(small, tmp_path, "stopped", "--stop-after-epoch", "2", "--save-frequency", "5",
+                                    batch_size=2, epochs=3))
+    res = run(stopped, DistEnv(), keep_history=True)
+    assert [s for s, _ in res.history] == [1, 2] and res.final_step == 2
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["epoch_2.pt"]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "stopped" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)      # the same learning rates as the 3-epoch run
+    with pytest.raises(InputError, match="--stop-after-epoch must be between 1 and --epochs"):
+        parse_args(train_argv(small, tmp_path, "x", "--stop-after-epoch", "4", epochs=3))
+
+
+def test_model_defaults_to_the_recipes_vit_l_14():
+    args = parse_args(["--train-data", "x.jsonl"])
+    assert args.model == "ViT-L/14" and args.lr == 4e-4

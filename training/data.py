@@ -8,13 +8,16 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from agree.entities import grounding_label
 from agree.images import ImageArchive
 from agree.io import InputError, iter_jsonl
 from agree.layout import DEFAULT_ROOT, Layout, grounding_key, vg_masked_key
 from training.terms import BY_NAME, slots_of
+
+# The release reads the objects of every split (train, then test, then val) into one table.
+OBJECT_SPLITS = ("train", "test", "val")
 
 
 @dataclass
@@ -24,7 +27,7 @@ class DataPaths:
     train_images: Path
     val_data: Optional[Path]
     val_images: Path
-    train_objects: Path
+    train_objects: tuple[Path, ...]     # read in this order; a later file's line wins for the same image
     grounding_images: Path
     vg_images: Path
     vg_mask_images: Path
@@ -55,7 +58,8 @@ def resolve_paths(args: argparse.Namespace) -> DataPaths:
         train_images=pick(args.train_images, lay.train_npz),
         val_data=Path(args.val_data) if args.val_data else None,
         val_images=pick(args.val_images, lay.val_npz),
-        train_objects=pick(args.train_objects, lay.objects("train")),
+        train_objects=tuple(Path(p) for p in args.train_objects) if args.train_objects else
+        tuple(lay.objects(split) for split in OBJECT_SPLITS),
         grounding_images=pick(args.grounding_images, lay.grounding),
         vg_images=pick(args.vg_images, lay.vg_images),
         vg_mask_images=pick(args.vg_mask_images, lay.vg_masked),
@@ -79,8 +83,8 @@ def required_files(terms: Iterable[str], paths: DataPaths) -> list[tuple[str, st
                 ("--val-data", "val image archive (--val-images)", paths.val_images)]
     if "vg_image" in slots:
         flag = slot_flag(terms, "vg_image")
-        req += [(flag, "objects per train image (--train-objects)", paths.train_objects),
-                (flag, "Visual Genome vocabulary (--vg-vocab)", paths.vg_vocab),
+        req += [(flag, "objects per image (--train-objects)", p) for p in paths.train_objects]
+        req += [(flag, "Visual Genome vocabulary (--vg-vocab)", paths.vg_vocab),
                 (flag, "Visual Genome images (--vg-images)", paths.vg_images)]
     if "vg_image_masked" in slots:
         req.append((slot_flag(terms, "vg_image_masked"), "Visual Genome masked images (--vg-mask-images)",
@@ -112,6 +116,7 @@ class TrainRecord:
     caption: str
     segs: list[str] = field(default_factory=list)
     grounding_key: Optional[str] = None
+    where: str = ""                     # file:line of the record, for messages
 
 
 def str_list(value: object, what: str, where: str) -> list[str]:
@@ -134,7 +139,7 @@ def load_train_records(path: Path, img_key: str, caption_key: str, need_segs: bo
         image = rec[img_key]
         if not isinstance(image, str):
             raise InputError(f"{where}: {img_key!r} must be an image path string (set --img-key)")
-        r = TrainRecord(image_key=str(rec["image_id"]), stem=Path(image).stem, caption=caption)
+        r = TrainRecord(image_key=str(rec["image_id"]), stem=Path(image).stem, caption=caption, where=where)
         if need_segs:
             r.segs = str_list(rec["segs"], "'segs'", where)
         if need_preds:
@@ -149,19 +154,81 @@ def load_train_records(path: Path, img_key: str, caption_key: str, need_segs: bo
     return records
 
 
-def load_objects(path: Path) -> dict[str, list[str]]:
-    """Image stem -> objects seen in it (objects/<dataset>_train_imgs_objs.jsonl)."""
+def load_objects(paths: Sequence[Path]) -> dict[str, list[str]]:
+    """Image stem -> objects seen in it, from objects/<dataset>_{split}_imgs_objs.jsonl files (later files win)."""
     out: dict[str, list[str]] = {}
-    for lineno, rec in iter_jsonl(path, ("image_id", "image_objects")):
-        out[str(rec["image_id"])] = str_list(rec["image_objects"], "'image_objects'", f"{path}:{lineno}")
+    for path in paths:
+        for lineno, rec in iter_jsonl(path, ("image_id", "image_objects")):
+            out[str(rec["image_id"])] = str_list(rec["image_objects"], "'image_objects'", f"{path}:{lineno}")
     return out
 
 
-def load_vg_vocab(path: Path, words: set[str], vg_images: ImageArchive,
-                  vg_masked: Optional[ImageArchive]) -> dict[str, list[str]]:
-    """Object word -> VG image ids whose 'object' entry is non-empty and whose images are present."""
+# --------------------------------------------------------------------------- missing data
+@dataclass
+class Misses:
+    """Items of one kind of training input that were looked up at start-up, and those not found."""
+    kind: str            # what a miss lacks, e.g. "grounding image"
+    flag: str            # the flag of the file looked in
+    path: str            # that file (or files)
+    unit: str            # what was checked, plural ("grounded captions")
+    fallback: str        # what a miss turns into when allowed
+    checked: int = 0
+    missing: int = 0
+    first_key: Optional[str] = None
+    first_where: Optional[str] = None
+
+    def check(self, found: bool, key: str, where: Optional[str] = None) -> bool:
+        """Count one look-up of `key` (needed at `where`); return `found`."""
+        self.checked += 1
+        if not found:
+            self.missing += 1
+            if self.first_key is None:
+                self.first_key, self.first_where = key, where
+        return found
+
+    @property
+    def fraction(self) -> float:
+        """Missing / checked (0 when nothing was checked)."""
+        return self.missing / self.checked if self.checked else 0.0
+
+    def summary(self) -> str:
+        """One line for the log."""
+        return (f"{self.kind}: {self.missing} of {self.checked} {self.unit} missing ({100 * self.fraction:.2f}%) "
+                f"in {self.path}")
+
+
+def enforce_missing(misses: Iterable[Misses], max_fraction: float) -> list[tuple[int, str]]:
+    """Raise InputError for the first kind whose missing fraction is above `max_fraction`, else return
+    (logging level, message) lines that report each kind's count.
+
+    With `max_fraction` 0 any miss is an error; a miss allowed by a larger fraction takes the spec's
+    masked-square substitute (reported as a warning).
+    """
+    report = []
+    for m in misses:
+        report.append((logging.INFO, f"start-up data check: {m.summary()}"))
+        if m.missing == 0:
+            continue
+        at = f" (needed by {m.first_where})" if m.first_where else ""
+        if m.fraction > max_fraction:
+            raise InputError(
+                f"{m.flag}: {m.path} has no {m.kind} {m.first_key!r}{at}; {m.missing} of {m.checked} {m.unit} "
+                f"({100 * m.fraction:.2f}%) have none, above --max-missing-fraction {max_fraction:g}. Fix the data, "
+                f"or pass --max-missing-fraction {m.fraction:.4g} (or more) to train with {m.fallback} "
+                "in their place")
+        report.append((logging.WARNING, f"{m.summary()}; allowed by --max-missing-fraction {max_fraction:g}: "
+                                        f"{m.fallback} in their place (first: {m.first_key!r}{at})"))
+    return report
+
+
+def load_vg_vocab(path: Path, words: set[str], vg_images: ImageArchive, vg_masked: Optional[ImageArchive],
+                  image_misses: Misses, masked_misses: Optional[Misses]) -> dict[str, list[str]]:
+    """Object word -> VG image ids of its usable entries (non-empty 'object') whose images are present.
+
+    Every usable entry of a word in `words` is looked up in the VG archives; the look-ups are counted
+    in `image_misses` (--vg-images) and `masked_misses` (--vg-mask-images, when `vg_masked` is given).
+    """
     out: dict[str, list[str]] = {}
-    dropped = 0
     for lineno, rec in iter_jsonl(path, ("vocab", "objects")):
         word = rec["vocab"]
         if word not in words:
@@ -175,13 +242,12 @@ def load_vg_vocab(path: Path, words: set[str], vg_images: ImageArchive,
             if not obj.get("object"):
                 continue
             g = str(obj["image_id"])
-            if g not in vg_images or (vg_masked is not None and vg_masked_key(word, g) not in vg_masked):
-                dropped += 1
-                continue
-            ids.append(g)
+            ok = image_misses.check(g in vg_images, g, f"{path}:{lineno}")
+            if vg_masked is not None and masked_misses is not None:
+                key = vg_masked_key(word, g)
+                ok = masked_misses.check(key in vg_masked, key, f"{path}:{lineno}") and ok
+            if ok:
+                ids.append(g)
         if ids:
             out.setdefault(word, []).extend(ids)
-    if dropped:
-        logging.warning("%d Visual Genome entries of %s have no image in the archives; they are skipped",
-                        dropped, path)
     return out

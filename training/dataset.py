@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -20,7 +21,8 @@ from agree.io import InputError
 from agree.layout import vg_masked_key
 from clip.clip import tokenize
 from clip.transform import array_to_tensor
-from training.data import DataPaths, TrainRecord, load_objects, load_train_records, load_vg_vocab, slot_flag
+from training.data import (DataPaths, Misses, TrainRecord, enforce_missing, load_objects, load_train_records,
+                           load_vg_vocab, slot_flag)
 from training.terms import slots_of
 
 SQUARE = 32            # side of the zeroed square of the image fallbacks
@@ -132,9 +134,30 @@ class AgreeDataset(Dataset):
         return out
 
 
-def build_train_dataset(args: argparse.Namespace, paths: DataPaths, terms: Sequence[str],
-                        resolution: int) -> AgreeDataset:
-    """Read the files the enabled terms need and build the training dataset."""
+@dataclass
+class TrainInputs:
+    """Everything the training examples are built from, read and checked before the run starts."""
+    records: list[TrainRecord]
+    images: ImageArchive
+    terms: tuple[str, ...]
+    grounding: Optional[ImageArchive] = None
+    objects: Optional[dict[str, list[str]]] = None
+    vg_vocab: Optional[dict[str, list[str]]] = None
+    vg_images: Optional[ImageArchive] = None
+    vg_masked: Optional[ImageArchive] = None
+    report: list[tuple[int, str]] = field(default_factory=list)   # (logging level, message) of the data check
+
+    def dataset(self, resolution: int, seed: int = 0) -> AgreeDataset:
+        """The training dataset for a model of input size `resolution`."""
+        return AgreeDataset(self.records, self.images, resolution, self.terms, seed=seed, grounding=self.grounding,
+                            objects=self.objects, vg_vocab=self.vg_vocab, vg_images=self.vg_images,
+                            vg_masked=self.vg_masked)
+
+
+def load_train_inputs(args: argparse.Namespace, paths: DataPaths, terms: Sequence[str]) -> TrainInputs:
+    """Read the files the enabled terms need and check, over the whole training file, that every grounding
+    image, objects line and Visual Genome image it needs is there (data.enforce_missing: an InputError
+    above --max-missing-fraction)."""
     slots = slots_of(terms)
     records = load_train_records(paths.train_data, args.img_key, args.caption_key,
                                  need_segs=bool(slots & {"prompts", "masked"}),
@@ -144,25 +167,60 @@ def build_train_dataset(args: argparse.Namespace, paths: DataPaths, terms: Seque
     if missing:
         raise InputError(f"--train-images: {paths.train_images} has no image for {len(missing)} image_id(s) "
                          f"of {paths.train_data} (first: {missing[0]!r})")
-    grounding = objects = vocab = vg_images = vg_masked = None
+    inputs = TrainInputs(records, images, tuple(terms))
+    misses: list[Misses] = []
+    fallbacks: list[str] = []
     if "grounding_masked" in slots:
         flag = slot_flag(terms, "grounding_masked")
-        grounding = ImageArchive(paths.grounding_images, f"{flag}: visual grounding images (--grounding-images)")
-        absent = sum(1 for r in records if r.grounding_key is not None and r.grounding_key not in grounding)
-        if absent:
-            logging.warning("%d grounded entities have no image in %s; those examples use the masked-square "
-                            "fallback", absent, paths.grounding_images)
+        inputs.grounding = ImageArchive(paths.grounding_images,
+                                        f"{flag}: visual grounding images (--grounding-images)")
+        m = Misses("grounding image", f"{flag} (--grounding-images)", str(paths.grounding_images),
+                   "captions with a grounded label", "the masked-square substitute of spec 3.1.4")
+        for r in records:
+            if r.grounding_key is not None:
+                m.check(r.grounding_key in inputs.grounding, r.grounding_key, r.where)
+        misses.append(m)
+        fallbacks.append(f"{sum(r.grounding_key is None for r in records)} of {len(records)} captions have no "
+                         "grounded label (spec 3.1.4: masked-square substitute)")
     if "vg_image" in slots:
         flag = slot_flag(terms, "vg_image")
-        objects = load_objects(paths.train_objects)
-        vg_images = ImageArchive(paths.vg_images, f"{flag}: Visual Genome images (--vg-images)")
+        objects = inputs.objects = load_objects(paths.train_objects)
+        m = Misses("objects line", f"{flag} (--train-objects)", ", ".join(map(str, paths.train_objects)),
+                   "train images", "an empty object list (spec 3.1.3's substitute pair)")
+        first_use: dict[str, str] = {}
+        for r in records:
+            first_use.setdefault(r.stem, r.where)
+        for stem, where in first_use.items():
+            m.check(stem in objects, stem, where)
+        misses.append(m)
+        inputs.vg_images = ImageArchive(paths.vg_images, f"{flag}: Visual Genome images (--vg-images)")
+        image_misses = Misses("Visual Genome image", f"{flag} (--vg-images)", str(paths.vg_images),
+                              "usable VG entries of the train images' objects",
+                              "the entry left out (an image without any usable entry takes spec 3.1.3's "
+                              "substitute pair)")
+        masked_misses = None
         if "vg_image_masked" in slots:
-            vg_masked = ImageArchive(paths.vg_mask_images, f"{slot_flag(terms, 'vg_image_masked')}: Visual Genome "
-                                                           "masked images (--vg-mask-images)")
+            mflag = slot_flag(terms, "vg_image_masked")
+            inputs.vg_masked = ImageArchive(paths.vg_mask_images,
+                                            f"{mflag}: Visual Genome masked images (--vg-mask-images)")
+            masked_misses = Misses("Visual Genome masked image", f"{mflag} (--vg-mask-images)",
+                                   str(paths.vg_mask_images), image_misses.unit, image_misses.fallback)
         words = {o for r in records for o in objects.get(r.stem, [])}
-        vocab = load_vg_vocab(paths.vg_vocab, words, vg_images, vg_masked)
-    return AgreeDataset(records, images, resolution, terms, seed=args.seed, grounding=grounding,
-                        objects=objects, vg_vocab=vocab, vg_images=vg_images, vg_masked=vg_masked)
+        vocab = inputs.vg_vocab = load_vg_vocab(paths.vg_vocab, words, inputs.vg_images, inputs.vg_masked,
+                                                image_misses, masked_misses)
+        misses += [image_misses] + ([masked_misses] if masked_misses is not None else [])
+        no_object = sum(not any(vocab.get(o) for o in objects.get(r.stem, [])) for r in records)
+        fallbacks.append(f"{no_object} of {len(records)} captions' images list no object with a usable VG entry "
+                         "(spec 3.1.3: substitute pair)")
+    inputs.report = enforce_missing(misses, args.max_missing_fraction)
+    inputs.report += [(logging.INFO, f"start-up data check: {line}") for line in fallbacks]
+    return inputs
+
+
+def build_train_dataset(args: argparse.Namespace, paths: DataPaths, terms: Sequence[str],
+                        resolution: int) -> AgreeDataset:
+    """load_train_inputs, then the dataset for a model of input size `resolution`."""
+    return load_train_inputs(args, paths, terms).dataset(resolution, args.seed)
 
 
 class ResumableSampler(DistributedSampler):

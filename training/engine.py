@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -15,10 +16,11 @@ from agree.io import InputError, atomic_write
 from agree.precision import resolve_precision
 from agree.pretrained import clip_errors_as_input_errors, default_checkpoint, load_pretrained
 from clip.clip import create_model
+from clip.model import convert_weights
 from training import checkpoint as ckpt_io
 from training.data import check_files, resolve_paths
-from training.dataset import build_train_dataset, make_train_loader
-from training.distributed import DistEnv, barrier, unwrap
+from training.dataset import load_train_inputs, make_train_loader
+from training.distributed import SPAWN, DistEnv, LaunchPlan, barrier, cleanup, init_distributed, unwrap
 from training.logger import close_logging, setup_logging
 from training.scheduler import constant_lr, cosine_lr
 from training.terms import enabled_terms
@@ -38,17 +40,44 @@ class RunResult:
 
 
 def build_model(args: argparse.Namespace, device: torch.device, precision: str) -> nn.Module:
-    """Random init of --model, or the OpenAI checkpoint at --pretrained-path with --openai-pretrained."""
+    """Random init of --model, or with --openai-pretrained the --model weights at --pretrained-path
+    (OpenAI archive or OpenCLIP state dict; --model's config gives the activation; --jit: torch.jit.load);
+    then the memory levers: bf16 weights, --grad-checkpointing, --lock-image / --lock-text."""
     weights = "fp16" if precision == "fp16" else "fp32"
     if args.openai_pretrained:
         path = Path(args.pretrained_path or default_checkpoint(args.model))
         if not path.is_file():
             raise InputError(f"--openai-pretrained: checkpoint not found: {path} (set --pretrained-path)")
-        model, _, _ = load_pretrained(path, device=device, is_train=True, precision=weights)
+        try:
+            model, _, _ = load_pretrained(path, device=device, is_train=True, precision=weights, jit=args.jit,
+                                          model_name=args.model)
+        except InputError as e:
+            raise InputError(f"--openai-pretrained: {e}") from None
     else:
         with clip_errors_as_input_errors():
             model = create_model(args.model, device=device, precision=weights)
+    if precision == "bf16":
+        convert_weights(model, torch.bfloat16)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    lock_towers(model, args)
     return model
+
+
+def lock_towers(model: nn.Module, args: argparse.Namespace) -> None:
+    """--lock-image / --lock-text: freeze a tower except its last --lock-*-unlocked-groups layer groups."""
+    for tower in ("image", "text"):
+        if not getattr(args, f"lock_{tower}"):
+            continue
+        unlocked = getattr(args, f"lock_{tower}_unlocked_groups")
+        groups = model.layer_groups(tower)
+        if unlocked >= len(groups):
+            raise InputError(f"--lock-{tower}-unlocked-groups {unlocked}: the {tower} tower of {args.model} has "
+                             f"{len(groups)} layer groups; leave at most {len(groups) - 1} unlocked "
+                             f"(or drop --lock-{tower})")
+        (model.lock_image_tower if tower == "image" else model.lock_text_tower)(unlocked)
+        frozen = sum(p.numel() for g in groups[:len(groups) - unlocked] for p in g)
+        logging.info("--lock-%s: %d of %d layer groups frozen (%.1fM parameters)", tower, len(groups) - unlocked,
+                     len(groups), frozen / 1e6)
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
@@ -139,7 +168,8 @@ def _end_of_epoch(args: argparse.Namespace, ctx: TrainContext, val: Optional[Val
         if ctx.wandb is not None:
             ctx.wandb.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
     saved = None
-    if args.save_frequency > 0 and (epochs_done % args.save_frequency == 0 or epochs_done == args.epochs):
+    last = args.stop_after_epoch or args.epochs
+    if args.save_frequency > 0 and (epochs_done % args.save_frequency == 0 or epochs_done == last):
         saved = ckpt_io.save_checkpoint(_checkpoint(args, ctx, epochs_done, step), ckpt_dir / f"epoch_{epochs_done}.pt")
         logging.info("saved %s", saved)
     if args.save_most_recent or args.save_every_n_steps:
@@ -185,35 +215,58 @@ def _context(args: argparse.Namespace, env: DistEnv, model: nn.Module, precision
         set_lr=constant_lr(optimizer, args.lr) if args.skip_scheduler else
         cosine_lr(optimizer, args.lr, args.warmup, total_steps),
         cfg=StepConfig(terms=terms, env=env, precision=precision, aggregate=args.aggregate,
-                       gather_with_grad=args.gather_with_grad, legacy_detached_rank=args.legacy_detached_rank),
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=args.batch_size * env.world_size,
+                       gather_with_grad=args.gather_with_grad, legacy_detached_rank=args.legacy_detached_rank,
+                       grad_clip_norm=args.grad_clip_norm),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        global_batch=args.batch_size * args.accum_freq * env.world_size, accum_freq=args.accum_freq,
         log_every=args.log_every_n_steps, writer=writer, wandb=wandb, history=[] if keep_history else None)
 
 
-def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> RunResult:
-    """Train as the flags say; rank 0 writes the run directory. `keep_history`: record every step's losses."""
+def train_worker(local_rank: int, plan: LaunchPlan, args: argparse.Namespace) -> None:
+    """One process of a run laid out by `plan`: join the process group, train, leave."""
+    if plan.launcher == SPAWN and not plan.use_cuda and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.world_size))   # CPU workers share the cores
+    env = init_distributed(plan, local_rank, args.device, args.dist_url, args.gpu)
+    try:
+        run(args, env, describe=plan.describe())
+    finally:
+        cleanup(env)
+
+
+def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False, describe: str = "") -> RunResult:
+    """Train as the flags say; rank 0 writes the run directory. `keep_history`: record every step's losses.
+
+    `describe`: how the processes were started, for the first log line."""
+    describe = describe or ("one process" if env.world_size == 1 else f"{env.world_size} processes")
     if "wandb" in args.report and importlib.util.find_spec("wandb") is None:
         raise InputError("--report-to wandb needs the wandb package (pip install wandb)")
     terms = enabled_terms(args)
     paths = resolve_paths(args)
     check_files(args, terms, paths)
+    inputs = load_train_inputs(args, paths, terms)      # every missing input is found here, before the run starts
     precision = resolve_precision(args.precision, env.device)
     ctx = None
     try:
         run_dir, ckpt_dir, resume_path = _prepare_run_dir(args, env)
-        logging.info("run directory %s; device %s; world size %d; precision %s; terms %s",
-                     run_dir, env.device, env.world_size, precision, ", ".join(("global",) + terms))
+        accum = f" x {args.accum_freq} micro-batches" if args.accum_freq > 1 else ""
+        logging.info("world size %d (%s); batch size %d per worker%s, global batch %d", env.world_size, describe,
+                     args.batch_size, accum, args.batch_size * args.accum_freq * env.world_size)
+        logging.info("run directory %s; device %s; precision %s; terms %s",
+                     run_dir, env.device, precision, ", ".join(("global",) + terms))
+        for level, message in inputs.report:
+            logging.log(level, message)
         torch.manual_seed(args.seed)
         model = build_model(args, env.device, precision)
-        resolution = model.visual.input_resolution
-        dataset = build_train_dataset(args, paths, terms, resolution)
+        dataset = inputs.dataset(model.visual.input_resolution, args.seed)
         val = load_val(paths.val_data, paths.val_images, args.caption_key) if paths.val_data else None
         loader, sampler = make_train_loader(dataset, args.batch_size, args.workers, env.world_size, env.rank,
                                             args.seed, pin_memory=env.device.type == "cuda")
-        steps_per_epoch = len(sampler) // args.batch_size
+        per_step = args.batch_size * args.accum_freq      # examples per rank and optimiser step
+        steps_per_epoch = len(sampler) // per_step
         if steps_per_epoch == 0:
             raise InputError(f"--train-data: {paths.train_data} has {len(dataset)} examples, fewer than one "
-                             f"global batch ({args.batch_size} x {env.world_size} ranks); lower --batch-size")
+                             f"global batch ({args.batch_size} x {args.accum_freq} micro-batches x "
+                             f"{env.world_size} ranks); lower --batch-size or --accum-freq")
         total_steps = steps_per_epoch * args.epochs
         logging.info("%d training examples, %d steps per epoch, %d steps in all", len(dataset),
                      steps_per_epoch, total_steps)
@@ -231,11 +284,11 @@ def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False) -> R
         result = RunResult(run_dir=run_dir, history=ctx.history if ctx.history is not None else [],
                            final_step=start_step)
         step = start_step
-        for epoch in range(start_step // steps_per_epoch, args.epochs):
+        for epoch in range(start_step // steps_per_epoch, args.stop_after_epoch or args.epochs):
             first = max(step, epoch * steps_per_epoch)
             dataset.set_epoch(epoch)
             sampler.set_epoch(epoch)
-            sampler.set_start((first - epoch * steps_per_epoch) * args.batch_size)
+            sampler.set_start((first - epoch * steps_per_epoch) * per_step)
             train_one_epoch(ctx, loader, epoch, first)
             step = (epoch + 1) * steps_per_epoch
             if env.is_master:

@@ -3,6 +3,8 @@
 Each term reads L2-normalised features from a dict keyed by batch slot (see training.terms) and the
 logit scale `scale` (tau = logit_scale.exp()), and returns a scalar. Cross-entropy targets are on
 the diagonal; rank(a, b) = sum_i max(0, b_i - a_i): the unmasked score must beat the masked one.
+A ranking term is its hinge sum S (over tau-scaled scores) divided by tau; the `*_hinge` functions
+return S alone, so that --legacy-detached-rank can detach S and still divide by tau (spec 5.1).
 """
 from __future__ import annotations
 
@@ -43,12 +45,17 @@ def prompt_loss(f: Feats, scale: Tensor) -> Tensor:
     return (i2p + p2i) / 2
 
 
-def text_mask_loss(f: Feats, scale: Tensor) -> Tensor:
-    """sum_j rank(diag(tau I T^T), diag(tau I M_j^T)) / tau; masked [N, S, d]."""
+def text_mask_hinge(f: Feats, scale: Tensor) -> Tensor:
+    """sum_j rank(diag(tau I T^T), diag(tau I M_j^T)); masked [N, S, d]."""
     image = f["image"]
     pos = scale * (image * f["text"]).sum(-1)                       # [N]
     neg = scale * torch.einsum("nd,nsd->ns", image, f["masked"])    # [N, S]
-    return rank(pos.unsqueeze(1), neg) / scale
+    return rank(pos.unsqueeze(1), neg)
+
+
+def text_mask_loss(f: Feats, scale: Tensor) -> Tensor:
+    """sum_j rank(diag(tau I T^T), diag(tau I M_j^T)) / tau: the caption must beat each entity-masked caption."""
+    return text_mask_hinge(f, scale) / scale
 
 
 def vg_contrastive_loss(f: Feats, scale: Tensor) -> Tensor:
@@ -56,15 +63,25 @@ def vg_contrastive_loss(f: Feats, scale: Tensor) -> Tensor:
     return contrastive(f["vg_image"], f["vg_text"], scale)
 
 
-def vg_mask_loss(f: Feats, scale: Tensor) -> Tensor:
-    """rank(diag(tau D Dt^T), diag(tau Dm Dt^T)) / tau: the VG image must beat its object-masked copy."""
+def vg_mask_hinge(f: Feats, scale: Tensor) -> Tensor:
+    """rank(diag(tau D Dt^T), diag(tau Dm Dt^T))."""
     pos = scale * (f["vg_image"] * f["vg_text"]).sum(-1)
     neg = scale * (f["vg_image_masked"] * f["vg_text"]).sum(-1)
-    return rank(pos, neg) / scale
+    return rank(pos, neg)
+
+
+def vg_mask_loss(f: Feats, scale: Tensor) -> Tensor:
+    """rank(diag(tau D Dt^T), diag(tau Dm Dt^T)) / tau: the VG image must beat its object-masked copy."""
+    return vg_mask_hinge(f, scale) / scale
+
+
+def grounding_mask_hinge(f: Feats, scale: Tensor) -> Tensor:
+    """rank(diag(tau I T^T), diag(tau V T^T))."""
+    pos = scale * (f["image"] * f["text"]).sum(-1)
+    neg = scale * (f["grounding_masked"] * f["text"]).sum(-1)
+    return rank(pos, neg)
 
 
 def grounding_mask_loss(f: Feats, scale: Tensor) -> Tensor:
     """rank(diag(tau I T^T), diag(tau V T^T)) / tau: the image must beat its grounding-masked copy."""
-    pos = scale * (f["image"] * f["text"]).sum(-1)
-    neg = scale * (f["grounding_masked"] * f["text"]).sum(-1)
-    return rank(pos, neg) / scale
+    return grounding_mask_hinge(f, scale) / scale

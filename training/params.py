@@ -6,7 +6,7 @@ from time import gmtime, strftime
 from typing import Optional, Sequence
 
 from agree.io import InputError
-from agree.layout import DATASETS, DEFAULT_DATASET
+from agree.layout import DATASETS, DEFAULT_DATASET, dataset_of
 from agree.precision import PRECISIONS
 from training.terms import add_term_flags
 
@@ -21,8 +21,9 @@ def default_hyperparams(model_name: str) -> dict:
 def _data_flags(p: argparse.ArgumentParser) -> None:
     """Where the training data is."""
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET,
-                   help="Dataset name in the layout's file names (<dataset>_train_pred.jsonl, ...).")
+    d.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="Dataset name in the layout's file names (<dataset>_train_pred.jsonl, ...). Default: the "
+                        f"one --train-data is named for (coco_train_pred.jsonl -> coco), else {DEFAULT_DATASET}.")
     d.add_argument("--train-data", type=str, default=None,
                    help="Training captions + entities (flickr30k_train_pred.jsonl).")
     d.add_argument("--val-data", type=str, default=None,
@@ -43,9 +44,10 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--val-images", type=str, default=None,
                    help="Val image archive (key = index in --val-data). "
                         "Default: <data-root>/annotation/flickr30k_val_images.npz.")
-    d.add_argument("--train-objects", type=str, default=None,
-                   help="Objects per train image (--is-da-loss/--is-da-mask). "
-                        "Default: <data-root>/objects/flickr30k_train_imgs_objs.jsonl.")
+    d.add_argument("--train-objects", type=str, nargs="+", default=None, metavar="FILE",
+                   help="Objects per image (--is-da-loss/--is-da-mask), one or more files read in order (a later "
+                        "file's line wins for the same image). Default, as the release: "
+                        "<data-root>/objects/flickr30k_{train,test,val}_imgs_objs.jsonl.")
     d.add_argument("--grounding-images", type=str, default=None,
                    help="Images with a grounded entity masked (--is-vg). "
                         "Default: <data-root>/flickr30k_visual_grounding.224.npz.")
@@ -56,15 +58,29 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--vg-vocab", type=str, default=None,
                    help="Object word -> VG images (--is-da-loss/--is-da-mask). "
                         "Default: <vg-root>/vocab_VG_images_objs.jsonl.")
+    d.add_argument("--max-missing-fraction", type=float, default=0.0, metavar="F",
+                   help="Largest fraction of missing training inputs allowed, per kind: grounding images of "
+                        "grounded captions, objects lines of train images, VG (masked) images of usable VG "
+                        "entries. Checked over the whole training file before the first step; above it the run "
+                        "stops with an error naming the file and the first missing key. 0 = any miss is an "
+                        "error; a larger F trains the missing ones with the spec's masked-square substitute.")
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes per rank.")
 
 
 def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     """Batch, schedule, optimiser, precision."""
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch-size", type=int, default=64, help="Batch size per rank.")
+    o.add_argument("--batch-size", type=int, default=64,
+                   help="Batch size per rank (per micro-batch with --accum-freq).")
+    o.add_argument("--accum-freq", type=int, default=1,
+                   help="Micro-batches per optimiser step. Features of all of them are cached, so every term sees "
+                        "the batch-size x accum-freq x ranks examples of a step, in the memory of one micro-batch.")
     o.add_argument("--batch-size-eval", type=int, default=None, help="Validation batch size (default: --batch-size).")
     o.add_argument("--epochs", type=int, default=32, help="Number of epochs.")
+    o.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
+                   help="Stop after epoch N of the --epochs schedule (the learning rate still follows the "
+                        "--epochs schedule, so epoch_N.pt is the one a full run writes); epoch_N.pt is saved. "
+                        "Default: run every epoch.")
     o.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: 5e-4, 4e-4 for ViT-L/14).")
     o.add_argument("--beta1", type=float, default=None, help="AdamW beta1 (default 0.9).")
     o.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default 0.98).")
@@ -73,19 +89,41 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--warmup", type=int, default=10000, help="Linear warm-up steps before the cosine decay.")
     o.add_argument("--skip-scheduler", action="store_true", help="Keep the learning rate constant at --lr.")
     o.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="amp (default on GPU), fp16 (fp16 weights, GPU only) or fp32 (default on CPU).")
+                   help="amp (fp16 autocast, default on GPU), amp_bf16 (bfloat16 autocast), bf16 (bfloat16 "
+                        "weights), fp16 (fp16 weights, GPU only) or fp32 (default on CPU).")
+    o.add_argument("--grad-clip-norm", type=float, default=None,
+                   help="Clip the gradient's global L2 norm to this value before each update.")
     o.add_argument("--seed", type=int, default=0, help="Seed for initialisation, shuffling and augmentation.")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     """Which model and starting weights."""
     m = p.add_argument_group("model")
-    m.add_argument("--model", type=str, default="RN50",
-                   help="Model config: RN50, ViT-B/32, ViT-L/14 (or ViT-B-32, ViT-L-14), tiny.")
+    m.add_argument("--model", type=str, default="ViT-L/14",
+                   help="Model config: ViT-L/14 (the recipe's and the paper's), ViT-B/32, RN50 (or ViT-L-14, "
+                        "ViT-B-32), tiny: OpenAI's (QuickGELU); ViT-L-14-gelu, ViT-B-32-gelu, RN50-gelu, tiny-gelu: "
+                        "OpenCLIP's GELU models (e.g. its LAION-2B weights).")
     m.add_argument("--openai-pretrained", action="store_true",
-                   help="Start from the OpenAI checkpoint at --pretrained-path instead of random weights.")
+                   help="Start from the pre-trained --model weights at --pretrained-path (an OpenAI archive "
+                        "or an OpenCLIP state dict) instead of random weights.")
     m.add_argument("--pretrained-path", type=str, default=None,
                    help="What --openai-pretrained loads. Default: tmp/pretrained_models/<model, '/'->'-'>.pt.")
+    m.add_argument("--jit", action="store_true",
+                   help="Read a TorchScript archive with torch.jit.load, which runs the archive's code, instead "
+                        "of the reader that takes only its weights (for an archive that reader refuses).")
+    m.add_argument("--grad-checkpointing", action="store_true",
+                   help="Recompute each transformer block (ResNet stage) of both towers in the backward pass "
+                        "instead of keeping its activations.")
+    m.add_argument("--lock-image", action="store_true",
+                   help="Freeze the image tower (its BatchNorm statistics too), except --lock-image-unlocked-groups.")
+    m.add_argument("--lock-image-unlocked-groups", type=int, default=0,
+                   help="With --lock-image: leave the last N layer groups trainable (groups: stem, each "
+                        "transformer block or ResNet stage, head = final norm + projection or attention pool).")
+    m.add_argument("--lock-text", action="store_true",
+                   help="Freeze the text tower, except --lock-text-unlocked-groups.")
+    m.add_argument("--lock-text-unlocked-groups", type=int, default=0,
+                   help="With --lock-text: leave the last N layer groups trainable (groups: token + position "
+                        "embeddings, each transformer block, head = final norm + projection).")
 
 
 def _term_flags(p: argparse.ArgumentParser) -> None:
@@ -93,15 +131,21 @@ def _term_flags(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("AGREE loss terms (each flag enables its own term only)")
     add_term_flags(a)
     a.add_argument("--legacy-detached-rank", action="store_true",
-                   help="Reproduce the released code: the three ranking terms add to the loss value "
-                        "but carry no gradient (spec 5.1).")
+                   help="Reproduce the released code's gradients (spec 5.1): the hinge sums of the three "
+                        "ranking terms are detached (no gradient to the towers), then divided by the logit "
+                        "scale tau, so tau alone receives their gradient, -S/tau^2.")
 
 
 def _distributed_flags(p: argparse.ArgumentParser) -> None:
     """Processes, gathering, devices."""
     t = p.add_argument_group("distributed")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="Worker processes to start, one per GPU on CUDA (gloo workers on the CPU); the global batch "
+                        "is N x --batch-size. Default, as the release: one per visible GPU when training on CUDA "
+                        "(without --gpu or a --device index), 1 otherwise. Not with torchrun, which sets its own.")
     t.add_argument("--dist-url", type=str, default="tcp://127.0.0.1:6100",
-                   help="Rendezvous URL when RANK/WORLD_SIZE are set without MASTER_ADDR (torchrun uses env://).")
+                   help="Rendezvous URL of the workers started with --nproc (or per GPU), and of torchrun workers "
+                        "without MASTER_ADDR (torchrun's own is env://).")
     t.add_argument("--dist-backend", type=str, default=None, help="nccl (default on GPU) or gloo (default on CPU).")
     t.add_argument("--skip-aggregate", action="store_true",
                    help="Do not gather features across ranks (each rank's terms see only its own batch).")
@@ -109,8 +153,9 @@ def _distributed_flags(p: argparse.ArgumentParser) -> None:
                    help="Send gradients through the features gathered from other ranks.")
     t.add_argument("--use-bn-sync", action="store_true", help="Convert BatchNorm to SyncBatchNorm under DDP (RN50).")
     t.add_argument("--device", type=str, default=None,
-                   help="cpu or cuda (default: cuda when available). Under torchrun each rank uses cuda:LOCAL_RANK.")
-    t.add_argument("--gpu", type=int, default=None, help="CUDA device index for a single-process run.")
+                   help="cpu, cuda (every visible GPU, one worker each) or cuda:K (one process on GPU K); default: "
+                        "cuda when available. Worker k (torchrun: LOCAL_RANK k) uses cuda:k.")
+    t.add_argument("--gpu", type=int, default=None, help="Train in one process on this CUDA device (as the release).")
 
 
 def _bookkeeping_flags(p: argparse.ArgumentParser) -> None:
@@ -155,6 +200,8 @@ def default_run_name(args: argparse.Namespace) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse flags, fill model-dependent defaults and check flag values."""
     args = build_parser().parse_args(argv)
+    if args.dataset is None:
+        args.dataset = dataset_of(args.train_data) if args.train_data else DEFAULT_DATASET
     for key, value in default_hyperparams(args.model).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -162,12 +209,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.batch_size_eval is None:
         args.batch_size_eval = args.batch_size
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--batch-size-eval", args.batch_size_eval, 1),
+                             ("--accum-freq", args.accum_freq, 1),
+                             ("--lock-image-unlocked-groups", args.lock_image_unlocked_groups, 0),
+                             ("--lock-text-unlocked-groups", args.lock_text_unlocked_groups, 0),
                              ("--epochs", args.epochs, 1), ("--workers", args.workers, 0),
                              ("--warmup", args.warmup, 0), ("--save-frequency", args.save_frequency, 0),
                              ("--save-every-n-steps", args.save_every_n_steps, 0),
                              ("--log-every-n-steps", args.log_every_n_steps, 1)):
         if value < low:
             raise InputError(f"{flag} must be >= {low}, got {value}")
+    if args.stop_after_epoch is not None and not 1 <= args.stop_after_epoch <= args.epochs:
+        raise InputError(f"--stop-after-epoch must be between 1 and --epochs ({args.epochs}), "
+                         f"got {args.stop_after_epoch}")
+    if not 0.0 <= args.max_missing_fraction <= 1.0:
+        raise InputError(f"--max-missing-fraction must be between 0 and 1, got {args.max_missing_fraction}")
+    if args.grad_clip_norm is not None and not args.grad_clip_norm > 0:
+        raise InputError(f"--grad-clip-norm must be > 0, got {args.grad_clip_norm}")
+    for tower in ("image", "text"):
+        if getattr(args, f"lock_{tower}_unlocked_groups") and not getattr(args, f"lock_{tower}"):
+            raise InputError(f"--lock-{tower}-unlocked-groups needs --lock-{tower}")
     report = {s.strip() for s in args.report_to.split(",") if s.strip()}
     if "all" in report:
         report = {"tensorboard", "wandb"}

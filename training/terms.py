@@ -27,8 +27,14 @@ class Term:
     weight: float                      # weight in the total loss
     slots: tuple[str, ...]             # batch slots its loss reads
     loss: Callable[[Mapping[str, Tensor], Tensor], Tensor]
-    ranking: bool = False              # a ranking (mask) term, detached by --legacy-detached-rank
+    # ranking (mask) terms only: the hinge sum S of the loss S / tau (what --legacy-detached-rank detaches)
+    hinge: Optional[Callable[[Mapping[str, Tensor], Tensor], Tensor]] = None
     help: str = ""
+
+    @property
+    def ranking(self) -> bool:
+        """True for the three ranking (mask) terms."""
+        return self.hinge is not None
 
     @property
     def dest(self) -> str:
@@ -41,14 +47,14 @@ TERMS: tuple[Term, ...] = (
          help="Image vs caption contrastive term (always on)."),
     Term("prompt", "prompt", "--is-prompt", 0.03, ("image", "prompts"), L.prompt_loss,
          help="Image vs entity prompt 'a photo containing {entity}' contrastive term"),
-    Term("text_mask", "text mask", "--is-mask", 0.10, ("image", "text", "masked"), L.text_mask_loss, ranking=True,
-         help="Caption vs entity-masked caption ranking term"),
+    Term("text_mask", "text mask", "--is-mask", 0.10, ("image", "text", "masked"), L.text_mask_loss,
+         L.text_mask_hinge, help="Caption vs entity-masked caption ranking term"),
     Term("vg_contrastive", "VG contrastive", "--is-da-loss", 0.03, ("vg_image", "vg_text"), L.vg_contrastive_loss,
          help="Visual Genome object image vs its prompt contrastive term"),
     Term("vg_mask", "VG mask", "--is-da-mask", 0.15, ("vg_image", "vg_image_masked", "vg_text"), L.vg_mask_loss,
-         ranking=True, help="Visual Genome image vs object-masked VG image ranking term"),
+         L.vg_mask_hinge, help="Visual Genome image vs object-masked VG image ranking term"),
     Term("grounding_mask", "grounding mask", "--is-vg", 0.10, ("image", "text", "grounding_masked"),
-         L.grounding_mask_loss, ranking=True, help="Image vs grounding-masked image ranking term"),
+         L.grounding_mask_loss, L.grounding_mask_hinge, help="Image vs grounding-masked image ranking term"),
 )
 BY_NAME: dict[str, Term] = {t.name: t for t in TERMS}
 GLOBAL = BY_NAME["global"]
@@ -81,16 +87,19 @@ def loss_terms(feats: Mapping[str, Tensor], scale: Tensor, names: Iterable[str],
                legacy_detached_rank: bool = False) -> dict[str, Tensor]:
     """Unweighted value of the global term and of each named term.
 
-    With `legacy_detached_rank` the ranking terms are detached, as in the released code (they change
-    the reported loss, not the gradient).
+    With `legacy_detached_rank` a ranking term is computed as the released code computes it (spec 5.1):
+    its hinge sum S is detached (no gradient to the towers), then divided by tau, which keeps its
+    gradient, so the logit scale still receives d(S/tau)/dtau = -S/tau^2 from the term.
     """
     out = {}
     for name in ("global", *names):
         term = BY_NAME.get(name)
         if term is None:
             raise ValueError(f"unknown loss term {name!r}")
-        value = term.loss(feats, scale)
-        out[name] = value.detach() if legacy_detached_rank and term.ranking else value
+        if legacy_detached_rank and term.hinge is not None:
+            out[name] = term.hinge(feats, scale).detach() / scale
+        else:
+            out[name] = term.loss(feats, scale)
     return out
 
 

@@ -1,16 +1,22 @@
-"""One training step (all AGREE inputs of a batch through the model in one forward pass) and the epoch loop."""
+"""One training step (all AGREE inputs of a batch through the model in one forward pass) and the epoch loop.
+
+A step is one optimiser update over `accum_freq` micro-batches (--accum-freq): with more than one, the
+features of every micro-batch are cached first, so that each term sees the whole accumulated batch.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from agree.precision import autocast, weight_dtype
+from clip.model import frozen_bn_stats
 from training.distributed import DistEnv, gather_features, unwrap
 from training.terms import IMAGE_SLOTS, TEXT_SLOTS, loss_terms, total_loss
 
@@ -23,7 +29,7 @@ def encode_batch(model: nn.Module, batch: dict[str, Tensor], device: torch.devic
     """Encode every image and text slot present in `batch` with one model call.
 
     Images [B, K_img, 3, R, R] and texts [B, K_txt, L] are flattened to B*K rows; the returned
-    features are L2-normalised, fp32, keyed like the batch (prompts/masked as [B, S, d]).
+    features are L2-normalised, fp32 (fp64 for an fp64 model), keyed like the batch (prompts/masked as [B, S, d]).
     """
     img_slots = [k for k in IMAGE_SLOTS if k in batch]
     txt_slots = [k for k in TEXT_SLOTS if k in batch]
@@ -35,14 +41,19 @@ def encode_batch(model: nn.Module, batch: dict[str, Tensor], device: torch.devic
     images = images.flatten(0, 1)
     texts = texts.flatten(0, 1).to(device=device, non_blocking=True)  # the text tower cuts trailing padding
     img_f, txt_f, scale = model(images, texts)
-    img_f = img_f.float().view(b, len(img_slots), -1)
-    txt_f = txt_f.float().view(b, sum(widths), -1)
+    img_f = _loss_precision(img_f).view(b, len(img_slots), -1)
+    txt_f = _loss_precision(txt_f).view(b, sum(widths), -1)
     feats = {k: img_f[:, i] for i, k in enumerate(img_slots)}
     start = 0
     for k, w in zip(txt_slots, widths):
         feats[k] = txt_f[:, start] if batch[k].dim() == 2 else txt_f[:, start:start + w]
         start += w
-    return feats, scale.float()
+    return feats, _loss_precision(scale)
+
+
+def _loss_precision(x: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32 for the loss; fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def gather_all(feats: dict[str, Tensor], env: DistEnv, with_grad: bool) -> dict[str, Tensor]:
@@ -75,29 +86,77 @@ class StepConfig:
     aggregate: bool = True
     gather_with_grad: bool = False
     legacy_detached_rank: bool = False
+    grad_clip_norm: Optional[float] = None     # clip the gradient's global L2 norm before each update
 
 
-def compute_loss(model: nn.Module, batch: dict[str, Tensor], cfg: StepConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward the batch and return (weighted total, unweighted terms) over the global batch."""
+Batch = Mapping[str, Tensor]
+
+
+def _encode(model: nn.Module, batch: Batch, cfg: StepConfig) -> tuple[dict[str, Tensor], Tensor]:
     with autocast(cfg.precision, cfg.env.device):
-        feats, scale = encode_batch(model, batch, cfg.env.device, weight_dtype(cfg.precision))
+        return encode_batch(model, batch, cfg.env.device, weight_dtype(cfg.precision))
+
+
+def _terms(feats: dict[str, Tensor], scale: Tensor, cfg: StepConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """(weighted total, unweighted terms) of this rank's features, gathered over ranks unless --skip-aggregate."""
     if cfg.aggregate:
         feats = gather_all(feats, cfg.env, cfg.gather_with_grad)
     values = loss_terms(feats, scale, cfg.terms, cfg.legacy_detached_rank)
     return total_loss(values), values
 
 
-def train_step(model: nn.Module, batch: dict[str, Tensor], optimizer: torch.optim.Optimizer,
+def compute_loss(model: nn.Module, batch: Batch, cfg: StepConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward the batch and return (weighted total, unweighted terms) over the global batch."""
+    return _terms(*_encode(model, batch, cfg), cfg)
+
+
+def _backward(total: Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
+    (scaler.scale(total) if scaler is not None else total).backward()
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: Sequence[Batch], cfg: StepConfig,
+                         scaler: Optional[torch.amp.GradScaler] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Add to .grad the gradient of the loss over the concatenation of `micro_batches`; return its value.
+
+    One micro-batch: forward and backward. Several (--accum-freq): a no-grad pass caches every
+    micro-batch's features; then each micro-batch is encoded again with gradient, its rows replace
+    its cached ones, and the loss over the whole accumulated batch is back-propagated. The sum of these
+    backward passes is the gradient of one step over the concatenated batch (the contrastive terms
+    see all of it), while only one micro-batch's activations are alive at a time.
+    """
+    if len(micro_batches) == 1:
+        total, values = compute_loss(model, micro_batches[0], cfg)
+        _backward(total, scaler)
+        return total, values
+    with torch.no_grad(), frozen_bn_stats(model):     # BatchNorm statistics: counted in the passes below
+        cached = [_encode(model, mb, cfg)[0] for mb in micro_batches]
+    last = len(micro_batches) - 1
+    for i, mb in enumerate(micro_batches):
+        # DDP: reduce the gradients once, in the last backward pass
+        sync = model.no_sync() if i < last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync:
+            fresh, scale = _encode(model, mb, cfg)
+            feats = {k: torch.cat([fresh[k] if j == i else c[k] for j, c in enumerate(cached)]) for k in fresh}
+            # every pass sees logit_scale; only the last one back-propagates into it, so it is counted once
+            total, values = _terms(feats, scale if i == last else scale.detach(), cfg)
+            _backward(total, scaler)
+    return total, values
+
+
+def train_step(model: nn.Module, batch: Union[Batch, Sequence[Batch]], optimizer: torch.optim.Optimizer,
                scaler: Optional[torch.amp.GradScaler], cfg: StepConfig) -> dict[str, float]:
-    """One optimiser step; returns the loss and its terms (global batch) as floats."""
+    """One optimiser step over a batch or a list of micro-batches; returns the loss and its terms as floats."""
+    micro_batches = [batch] if isinstance(batch, Mapping) else list(batch)
     optimizer.zero_grad(set_to_none=True)
-    total, values = compute_loss(model, batch, cfg)
+    total, values = accumulate_gradients(model, micro_batches, cfg, scaler)
+    if cfg.grad_clip_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip_norm)
     if scaler is not None:
-        scaler.scale(total).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        total.backward()
         optimizer.step()
     clamp_logit_scale(model)
     out = {"loss": total.detach()}
@@ -117,7 +176,8 @@ class TrainContext:
     cfg: StepConfig
     steps_per_epoch: int
     total_steps: int
-    global_batch: int
+    global_batch: int            # examples per optimiser step over all ranks (batch x accum_freq x world size)
+    accum_freq: int = 1          # micro-batches (loader batches) per optimiser step
     log_every: int = 100
     writer: Any = None           # TensorBoard SummaryWriter (rank 0) or None
     wandb: Any = None            # wandb module (rank 0) or None
@@ -156,11 +216,16 @@ def train_one_epoch(ctx: TrainContext, loader: Iterable, epoch: int, first_step:
     step = first_step
     t_last, n_since, t_start, steps_timed = time.time(), 0, time.time(), 0
     sums: dict[str, float] = {}
+    micro_batches: list = []
     for batch in loader:
         if step >= end_step:
             break
+        micro_batches.append(batch)
+        if len(micro_batches) < ctx.accum_freq:
+            continue
         lr = ctx.set_lr(step)
-        losses = train_step(ctx.model, batch, ctx.optimizer, ctx.scaler, ctx.cfg)
+        losses = train_step(ctx.model, micro_batches, ctx.optimizer, ctx.scaler, ctx.cfg)
+        micro_batches = []
         step += 1
         n_since += 1
         steps_timed += 1

@@ -1,0 +1,90 @@
+"""The output folders: built under a temporary folder inside --out and renamed into place only at the end,
+so a failed run leaves no partial layout. A manifest in each finished folder marks it complete; a
+re-run with the same settings is a no-op unless --overwrite.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from agree.io import InputError, read_json, write_json
+
+MANIFEST = "prepare_data.json"
+FORMAT = "agree-prepare-data"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One output folder: where it is built (`staged`) and where it goes (`final`)."""
+
+    staged: Path
+    final: Path
+    what: str
+
+
+def read_manifest(folder: Path) -> Optional[dict]:
+    """The manifest of a finished folder, or None."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def inspect(folder: Path, overwrite: bool) -> Optional[dict]:
+    """The manifest of an existing output folder, None when there is none (or --overwrite replaces a foreign one);
+    a folder that prepare_data.py did not write is an error without --overwrite."""
+    if not folder.exists():
+        return None
+    m = read_manifest(folder)
+    if m is None and not overwrite:
+        raise InputError(f"{folder} exists and was not written by prepare_data.py (no {MANIFEST}); "
+                         "move it away, or pass --overwrite to replace it")
+    return m
+
+
+def check_settings(folder: Path, manifest: Optional[dict], settings: dict, overwrite: bool) -> bool:
+    """True when `manifest` records exactly `settings`; other settings are an error without --overwrite."""
+    if manifest is None:
+        return False
+    old = manifest.get("settings", {})
+    differs = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if differs and not overwrite:
+        what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(differs.items()))
+        raise InputError(f"{folder} was prepared with other settings ({what}); pass --overwrite to rebuild it, "
+                         "or choose another --out")
+    return not differs
+
+
+def write_manifest(folder: Path, settings: dict, counts: dict, **extra) -> None:
+    """Mark a staged folder complete (written last)."""
+    write_json(folder / MANIFEST, {"format": FORMAT, "version": 1, "settings": settings, **extra, "counts": counts})
+
+
+@contextlib.contextmanager
+def staging_area(out: Path) -> Iterator[Path]:
+    """A temporary folder inside `out` (same file system, so the final renames are atomic); removed at the end,
+    and `out` too if this run created it and it stayed empty."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".prepare_data.", dir=out))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+
+
+def commit(targets: list[Target], stage: Path) -> None:
+    """Rename each staged folder into place; a folder already there (--overwrite) is moved aside, then deleted."""
+    for k, t in enumerate(targets):
+        t.final.parent.mkdir(parents=True, exist_ok=True)
+        if t.final.exists():
+            os.replace(t.final, stage / f"replaced.{k}")
+        os.replace(t.staged, t.final)
