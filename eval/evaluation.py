@@ -1,4 +1,8 @@
-"""Recall@1/5/10 of a prediction file against ground truth: `evaluation.py GT PRED OUT KEY`."""
+"""Recall@1/5/10 of a prediction file against ground truth: `evaluation.py GT PRED OUT KEY`.
+
+Predictions made with `--folds N` (their records carry "fold") are scored within each fold and
+averaged over the folds (MSCOCO's 1k-fold protocol); `scoreJson.folds` then lists each fold's values.
+"""
 import argparse
 import json
 

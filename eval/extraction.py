@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,27 +16,35 @@ from tqdm import tqdm
 from agree.entities import EVAL_SLOTS, PROMPT_TEMPLATE, entity_slots
 from agree.io import InputError, iter_jsonl
 from agree.images import ImageArchive
-from agree.precision import autocast, resolve_precision
+from agree.precision import autocast, resolve_precision, weight_dtype
 from agree.pretrained import clip_errors_as_input_errors, load_pretrained
 from clip.clip import create_model, load_checkpoint_state_dict, load_state_dict_into, tokenize
 from clip.model import CLIP, convert_weights
+from eval.distributed import Shard, rows_in_order
 from eval.feature_io import FeatureWriter
 
-DEFAULT_PRECISION_ON_CUDA = "fp16"  # without --precision; fp32 on the CPU
+DEFAULT_PRECISION_ON_CUDA = "fp32"  # without --precision, as the release extracts; fp32 on the CPU too
 
 
 # ---------------------------------------------------------------- models
 
 def resolve_extraction_precision(requested: str | None, device: torch.device) -> str:
-    """--precision of the extraction scripts (see agree.precision.resolve_precision)."""
+    """--precision of the extraction scripts: fp32 unless asked (see agree.precision.resolve_precision).
+
+    Unlike training, extraction accepts fp16 on the CPU (half weights and activations; torch runs
+    CLIP's ops in half on the CPU, slowly): it measures what fp16 does to the features without a GPU.
+    """
+    if requested == "fp16" and device.type != "cuda":
+        logging.warning("--precision fp16 on the CPU: half-precision weights (slow; meant to measure its effect)")
+        return "fp16"
     return resolve_precision(requested, device, default_on_cuda=DEFAULT_PRECISION_ON_CUDA)
 
 
 def _place(model: CLIP, device: torch.device, precision: str) -> CLIP:
-    """Move to `device`; fp16 weights for 'fp16', fp32 otherwise; eval mode."""
+    """Move to `device`; fp16 / bf16 weights for 'fp16' / 'bf16', fp32 otherwise; eval mode."""
     model = model.to(device).eval()
-    if precision == "fp16":
-        convert_weights(model)
+    if precision in ("fp16", "bf16"):
+        convert_weights(model, weight_dtype(precision))
     return model
 
 
@@ -92,15 +101,16 @@ def open_images(path: str | os.PathLike) -> ImageArchive:
 
 
 def encode_images(
-    model: CLIP, archive: ImageArchive, batch_size: int, device: torch.device, precision: str | None, workers: int = 0
+    model: CLIP, archive: ImageArchive, batch_size: int, device: torch.device, precision: str | None, workers: int = 0,
+    keys: Sequence[str] | None = None, progress: bool = True,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Yield (npz keys, L2-normalised float32 features) batch by batch, in archive order; images are read lazily."""
-    keys = archive.keys()
+    """Yield (npz keys, L2-normalised float32 features) batch by batch, in archive order (or of `keys`); images are read lazily."""
+    keys = archive.keys() if keys is None else list(keys)
     loader = DataLoader(_ArchiveImages(archive, keys, model.visual.input_resolution), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate)
     start = 0
     with torch.no_grad(), autocast(precision, device):
-        for batch in tqdm(loader, desc="images", unit="batch", dynamic_ncols=True):
+        for batch in tqdm(loader, desc="images", unit="batch", dynamic_ncols=True, disable=not progress):
             if isinstance(batch, str):
                 raise InputError(batch)
             feats = model.encode_image(batch.to(device=device, dtype=model.dtype))
@@ -153,9 +163,9 @@ def encode_texts(model: CLIP, texts: Sequence[str], device: torch.device, precis
     return feats[[where[t] for t in texts]]
 
 
-def batches(seq: Sequence, size: int, desc: str) -> Iterator[Sequence]:
+def batches(seq: Sequence, size: int, desc: str, progress: bool = True) -> Iterator[Sequence]:
     """Consecutive slices of `seq` with a tqdm progress bar."""
-    for start in tqdm(range(0, len(seq), size), desc=desc, unit="batch", dynamic_ncols=True):
+    for start in tqdm(range(0, len(seq), size), desc=desc, unit="batch", dynamic_ncols=True, disable=not progress):
         yield seq[start : start + size]
 
 
@@ -234,32 +244,61 @@ def plan_extraction(args, slots: bool = False) -> ExtractionPlan:
     return plan
 
 
-def run_extraction(plan: ExtractionPlan, model: CLIP, args, device: torch.device, precision: str) -> None:
-    """Encode and write everything in `plan`; the output files appear together at the end, or none."""
+def run_extraction(plan: ExtractionPlan, model: CLIP, args, device: torch.device, precision: str,
+                   shard: Shard | None = None) -> None:
+    """Encode and write everything in `plan`; the output files appear together at the end, or none.
+
+    With several ranks (`shard`), each encodes its run of whole batches and rank 0 writes the files.
+    """
+    shard = shard or Shard()
+    dim = int(model.text_projection.shape[1])
+    if shard.world > 1:
+        spans = [(what, len(items), size) for what, items, size in (
+            ("images", plan.archive.keys() if plan.archive is not None else None, args.img_batch_size),
+            ("captions", plan.queries, args.text_batch_size),
+            ("entity slots", plan.slot_queries, args.text_batch_size)) if items is not None]
+        print(f"rank {shard.rank} of {shard.world} encodes " + ", ".join(
+            "{} [{}, {})".format(what, *shard.span(n, size)) for what, n, size in spans), flush=True)
     with contextlib.ExitStack() as outputs:
+
+        def writer(path: str | None, key: str, slots: bool = False) -> FeatureWriter | None:
+            return outputs.enter_context(FeatureWriter(path, key, slots)) if path and shard.is_writer else None
+
         if plan.archive is not None:
-            w = outputs.enter_context(FeatureWriter(plan.image_out, "image_id"))
-            for keys, feats in encode_images(model, plan.archive, args.img_batch_size, device, precision, args.workers):
-                w.add(keys, feats)
+            w = writer(plan.image_out, "image_id")
+            keys = plan.archive.keys()
+            lo, hi = shard.span(len(keys), args.img_batch_size)
+            blocks = (f for _, f in encode_images(model, plan.archive, args.img_batch_size, device, precision,
+                                                  args.workers, keys[lo:hi], shard.is_writer))
+            for start, rows in rows_in_order(shard, device, blocks, len(keys), args.img_batch_size, (dim,)):
+                w.add(keys[start : start + len(rows)], rows)
         if plan.queries is not None:
-            w = outputs.enter_context(FeatureWriter(plan.text_out, "query_id"))
-            for batch in batches(plan.queries, args.text_batch_size, "captions"):
-                w.add([q.id for q in batch], encode_texts(model, [q.text for q in batch], device, precision))
+            w = writer(plan.text_out, "query_id")
+            ids = [q.id for q in plan.queries]
+            lo, hi = shard.span(len(ids), args.text_batch_size)
+            blocks = (encode_texts(model, [q.text for q in batch], device, precision)
+                      for batch in batches(plan.queries[lo:hi], args.text_batch_size, "captions", shard.is_writer))
+            for start, rows in rows_in_order(shard, device, blocks, len(ids), args.text_batch_size, (dim,)):
+                w.add(ids[start : start + len(rows)], rows)
         if plan.slot_queries is not None:
-            wp = outputs.enter_context(FeatureWriter(plan.prompt_out, "query_id", slots=True)) if plan.prompt_out else None
-            wm = outputs.enter_context(FeatureWriter(plan.mask_out, "query_id", slots=True)) if plan.mask_out else None
-            s = plan.n_slots
-            for batch in batches(plan.slot_queries, args.text_batch_size, "entity slots"):
-                texts: list[str] = []
-                n_real = []
-                for q in batch:
-                    slots = entity_slots(q.text, q.items, s, plan.template)
-                    texts += (slots.prompts if wp else []) + (slots.masked if wm else [])
-                    n_real.append(slots.n_real)
-                # every prompt and mask slot of the batch in one forward pass
-                feats = encode_texts(model, texts, device, precision).reshape(len(batch), (wp is not None) + (wm is not None), s, -1)
-                ids = [q.id for q in batch]
+            wp = writer(plan.prompt_out, "query_id", slots=True)
+            wm = writer(plan.mask_out, "query_id", slots=True)
+            s, qs = plan.n_slots, plan.slot_queries
+            sets = [name for name, out in (("prompts", plan.prompt_out), ("masked", plan.mask_out)) if out]
+            slots = [entity_slots(q.text, q.items, s, plan.template) for q in qs]
+            ids, n_real = [q.id for q in qs], [x.n_real for x in slots]
+            lo, hi = shard.span(len(qs), args.text_batch_size)
+
+            def slot_blocks() -> Iterator[np.ndarray]:
+                for b0 in batches(range(lo, hi), args.text_batch_size, "entity slots", shard.is_writer):
+                    # every prompt and mask slot of the batch in one forward pass
+                    texts = [t for j in b0 for name in sets for t in getattr(slots[j], name)]
+                    yield encode_texts(model, texts, device, precision).reshape(len(b0), len(sets), s, -1)
+
+            for start, rows in rows_in_order(shard, device, slot_blocks(), len(qs), args.text_batch_size,
+                                             (len(sets), s, dim)):
+                part = slice(start, start + len(rows))
                 if wp:
-                    wp.add(ids, feats[:, 0], n_real)
+                    wp.add(ids[part], rows[:, 0], n_real[part])
                 if wm:
-                    wm.add(ids, feats[:, -1], n_real)
+                    wm.add(ids[part], rows[:, -1], n_real[part])

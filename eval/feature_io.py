@@ -33,7 +33,7 @@ class Features:
     path: Path
     key: str
     ids: list
-    data: np.ndarray  # float32, [N, D] or [N, S, D]
+    data: np.ndarray  # float32, [N, D] or [N, S, D]; read-only when mapped from a .npy file
     n_real: np.ndarray | None = None  # int64 [N], slot files only
 
     def __len__(self) -> int:
@@ -149,10 +149,11 @@ def _read_npy(path: Path, key: str, slots: bool) -> Features:
     ids = meta["ids"]
     if len(ids) != arr.shape[0]:
         raise InputError(f"{side}: {len(ids)} ids for {arr.shape[0]} feature rows in {path.name}")
-    data = np.array(arr, dtype=np.float32)  # in-memory, writable copy of the mapped file
-    bad = ~np.isfinite(data.reshape(len(data), -1)).all(axis=1)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    # float32 files stay mapped (read-only, no copy: the page cache serves them); others are converted
+    data = np.asarray(arr) if arr.dtype == np.float32 else np.asarray(arr, dtype=np.float32)
+    bad = non_finite_rows(data)
+    if len(bad):
+        i = int(bad[0])
         raise InputError(f"{path}: row {i} (id {ids[i]!r}) holds NaN or infinite values")
     n_real = None
     if slots and meta.get(N_REAL_KEY) is not None:
@@ -161,6 +162,16 @@ def _read_npy(path: Path, key: str, slots: bool) -> Features:
             raise InputError(f"{side}: {N_REAL_KEY!r} must be a list with one count per id")
         n_real = np.asarray([_check_n_real(c, data.shape[1], str(side)) for c in counts], dtype=np.int64)
     return Features(path, key, list(ids), data, n_real)
+
+
+def non_finite_rows(data: np.ndarray) -> np.ndarray:
+    """Indices of the rows of `data` that hold a NaN or an infinity."""
+    flat = data.reshape(len(data), -1)
+    # a row sum is finite when every entry is (bar float32 overflow): only suspect rows are checked
+    # entry by entry, which spares a boolean copy of the whole matrix
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = np.flatnonzero(~np.isfinite(flat.sum(axis=1)))
+    return suspect[~np.isfinite(flat[suspect]).all(axis=1)]
 
 
 def _check_unique(feats: Features) -> None:

@@ -2,9 +2,10 @@
 import argparse
 
 from agree.io import run_cli
-from agree.precision import resolve_device
+from eval.array_ops import array_ops
 from eval.cli import add_prediction_args
 from eval.feature_io import read_retrieval_features
+from eval.folds import split_folds, tag_fold
 from eval.predictions import write_ranked_lists
 from eval.topk import topk_lists
 
@@ -13,9 +14,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     add_prediction_args(p)
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
+    ops = array_ops(args.device)
     image, text = read_retrieval_features(args.image_feats, args.text_feats)
-    t2i, i2t = topk_lists(text, image, args.top_k, args.eval_batch_size, device)
+    t2i, i2t = [], []
+    for fold, text_f, image_f in split_folds(args.folds, text, image):
+        fold_t2i, fold_i2t = topk_lists(ops, text_f, image_f, args.top_k, args.eval_batch_size, args.faiss)
+        t2i += tag_fold(fold_t2i, fold, args.folds)
+        i2t += tag_fold(fold_i2t, fold, args.folds)
     write_ranked_lists((args.output_images, "image_id", i2t), (args.output_texts, "query_id", t2i))
     print(f"wrote {len(t2i)} text and {len(i2t)} image queries' top-{args.top_k} lists")
     return 0

@@ -2,10 +2,11 @@
 import argparse
 
 from agree.io import run_cli
-from agree.precision import resolve_device
+from eval.array_ops import array_ops
 from eval.cli import add_prediction_args
 from eval.egr import POOL, egr_lists
 from eval.feature_io import read_retrieval_features, read_slot_features
+from eval.folds import split_folds, tag_fold
 from eval.predictions import write_ranked_lists
 
 
@@ -22,13 +23,16 @@ def main(argv=None) -> int:
         "needs the n_real_slots that extract_features_zs_mask+prompt.py records",
     )
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
+    ops = array_ops(args.device)
     image, text = read_retrieval_features(args.image_feats, args.text_feats)
     prompt = read_slot_features(args.prompt_feats, text)
     mask = read_slot_features(args.mask_feats, text)
-    t2i, i2t = egr_lists(
-        text, image, prompt, mask, args.top_k, args.eval_batch_size, device, args.real_slots_only, args.pool_size
-    )
+    t2i, i2t = [], []
+    for fold, text_f, image_f, prompt_f, mask_f in split_folds(args.folds, text, image, prompt, mask):
+        fold_t2i, fold_i2t = egr_lists(ops, text_f, image_f, prompt_f, mask_f, args.top_k, args.eval_batch_size,
+                                       args.real_slots_only, args.pool_size, args.faiss)
+        t2i += tag_fold(fold_t2i, fold, args.folds)
+        i2t += tag_fold(fold_i2t, fold, args.folds)
     write_ranked_lists((args.output_images, "image_id", i2t), (args.output_texts, "query_id", t2i))
     print(f"wrote {len(t2i)} text and {len(i2t)} image queries' EGR top-{args.top_k} lists")
     return 0

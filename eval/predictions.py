@@ -10,6 +10,7 @@ from typing import Any, Iterable
 from agree.io import InputError, atomic_write, dumps, iter_jsonl
 
 QUERY_KEYS = ("query_id", "image_id")
+FOLD_KEY = "fold"
 
 
 @dataclass
@@ -22,6 +23,7 @@ class RankedLists:
     items: list[list] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)  # str(query id) -> row
+    folds: list[int] | None = None  # each row's test fold, when the file records them (eval/folds.py)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,6 +59,7 @@ def read_ranked_lists(path: str | os.PathLike, key: str, what: str = "prediction
         s = str(qid)
         if s in out.index:
             raise InputError(f"{path}:{lineno}: duplicate {key} {qid!r} (first on line {out.lines[out.index[s]]})")
+        _read_fold(out, rec, lineno)
         out.index[s] = len(out.ids)
         out.ids.append(qid)
         out.items.append(items)
@@ -66,23 +69,47 @@ def read_ranked_lists(path: str | os.PathLike, key: str, what: str = "prediction
     return out
 
 
-def write_ranked_lists(*outputs: tuple[str | os.PathLike, str, Iterable[tuple[Any, list]]]) -> None:
-    """Write each `(path, key, rows)` as `{key: id, "item_ids": items}` lines.
+def _read_fold(out: RankedLists, rec: dict, lineno: int) -> None:
+    fold = rec.get(FOLD_KEY)
+    if (fold is None) != (out.folds is None) and out.ids:
+        raise InputError(f"{out.path}:{lineno}: {FOLD_KEY!r} present on some lines only")
+    if fold is None:
+        return
+    if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
+        raise InputError(f"{out.path}:{lineno}: {FOLD_KEY!r} must be a non-negative integer, got {fold!r}")
+    if out.folds is None:
+        out.folds = []
+    out.folds.append(fold)
+
+
+def write_ranked_lists(*outputs: tuple[str | os.PathLike, str, Iterable[tuple]]) -> None:
+    """Write each `(path, key, rows)`: a row `(id, items)` as `{key: id, "item_ids": items}`, a row
+    `(id, items, fold)` with `"fold": fold` added.
 
     All files appear together at the end, or none of them if anything fails.
     """
     with contextlib.ExitStack() as stack:
         for path, key, rows in outputs:
             f = stack.enter_context(atomic_write(path))
-            f.write(b"".join(dumps({key: qid, "item_ids": items}) + b"\n" for qid, items in rows))
+            f.write(b"".join(dumps(_record(key, row)) + b"\n" for row in rows))
 
 
-def as_ranked_lists(path: str | os.PathLike, key: str, rows: list[tuple[Any, list]]) -> RankedLists:
-    """RankedLists view of rows built in memory (line numbers = row numbers)."""
+def _record(key: str, row: tuple) -> dict:
+    rec = {key: row[0], "item_ids": row[1]}
+    if len(row) > 2:
+        rec[FOLD_KEY] = row[2]
+    return rec
+
+
+def as_ranked_lists(path: str | os.PathLike, key: str, rows: list[tuple]) -> RankedLists:
+    """RankedLists view of rows built in memory (line numbers = row numbers), folds from 3-tuples."""
     out = RankedLists(Path(path), key)
-    for i, (qid, items) in enumerate(rows):
+    for i, row in enumerate(rows):
+        qid, items = row[0], row[1]
         out.index[str(qid)] = i
         out.ids.append(qid)
         out.items.append(items)
         out.lines.append(i + 1)
+    if rows and len(rows[0]) > 2:
+        out.folds = [row[2] for row in rows]
     return out

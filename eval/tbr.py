@@ -18,11 +18,16 @@ def back_positions(backward: RankedLists) -> dict[str, dict[str, int]]:
     return out
 
 
-def tbr_rerank(forward: RankedLists, backward: RankedLists) -> list[tuple[object, list]]:
-    """Re-rank every forward list with the other direction's lists; rows follow `forward`."""
+def tbr_rerank(forward: RankedLists, backward: RankedLists) -> list[tuple]:
+    """Re-rank every forward list with the other direction's lists; rows follow `forward`.
+
+    Rows are `(query id, items)`, or `(query id, items, fold)` when the lists record test folds
+    (then every item's backward list must be of the query's fold).
+    """
     back = back_positions(backward)
+    fold_of = _folds(forward, backward)
     out = []
-    for qid, items, line in zip(forward.ids, forward.items, forward.lines):
+    for row, (qid, items, line) in enumerate(zip(forward.ids, forward.items, forward.lines)):
         q = str(qid)
         pos_lists = []
         for x in items:
@@ -32,10 +37,33 @@ def tbr_rerank(forward: RankedLists, backward: RankedLists) -> list[tuple[object
                     f"{forward.path}:{line}: predicted id {x!r} has no list in {backward.path}"
                 )
             pos_lists.append(b)
+        if fold_of is not None:
+            _check_same_fold(forward, backward, fold_of, row, items)
         if not items or pos_lists[0].get(q) == 0:  # q is the top answer of its own top item: keep
-            out.append((qid, list(items)))
-            continue
-        score = [(r + b.get(q, ABSENT_RANK)) / 2 for r, b in enumerate(pos_lists)]
-        order = sorted(range(len(items)), key=score.__getitem__)  # stable: ties keep forward order
-        out.append((qid, [items[i] for i in order]))
+            ranked = list(items)
+        else:
+            score = [(r + b.get(q, ABSENT_RANK)) / 2 for r, b in enumerate(pos_lists)]
+            order = sorted(range(len(items)), key=score.__getitem__)  # stable: ties keep forward order
+            ranked = [items[i] for i in order]
+        out.append((qid, ranked) if fold_of is None else (qid, ranked, forward.folds[row]))
     return out
+
+
+def _folds(forward: RankedLists, backward: RankedLists) -> dict[str, int] | None:
+    """Backward query (string id) -> fold, when both files record folds; None when neither does."""
+    if (forward.folds is None) != (backward.folds is None):
+        with_folds, without = (forward, backward) if forward.folds is not None else (backward, forward)
+        raise InputError(f"{with_folds.path} records test folds and {without.path} does not "
+                         "(make both directions' predictions with the same --folds)")
+    if backward.folds is None:
+        return None
+    return {str(q): f for q, f in zip(backward.ids, backward.folds)}
+
+
+def _check_same_fold(forward: RankedLists, backward: RankedLists, fold_of: dict[str, int], row: int,
+                     items: list) -> None:
+    fold = forward.folds[row]
+    for x in items:
+        if fold_of[str(x)] != fold:
+            raise InputError(f"{forward.path}:{forward.lines[row]}: item {x!r} is in fold {fold_of[str(x)]} of "
+                             f"{backward.path}, the query in fold {fold}")

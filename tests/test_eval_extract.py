@@ -1,5 +1,6 @@
 """Feature extraction scripts with a tiny random CLIP: outputs, entity slots, bad input."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +147,75 @@ def test_bad_caption_files_name_file_and_line(env, tmp_path):
         FT.main(["--extract-text-feats", f"--text-data={env['dir'] / 'texts.jsonl'}", "--model=tiny",
                  f"--resume={env['dir'] / 'epoch_2.pt'}", "--device=cpu"])
     assert not (tmp_path / "o").exists()
+
+
+def _launch(script: str, argv: list[str], nproc: int) -> str:
+    """Run a script in this process with one torch thread (nproc 0), or under torchrun with nproc CPU
+    (gloo) processes of one thread each (torchrun's default); return the torchrun output."""
+    import os
+    import subprocess
+    import sys
+
+    if nproc == 0:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert load_script(script).main(argv) == 0
+        finally:
+            torch.set_num_threads(threads)
+        return ""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--"]
+    proc = subprocess.run([sys.executable, *launcher, str(root / script), *argv], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_torchrun_extraction_writes_the_single_process_files(env, tmp_path):
+    """2 gloo processes shard the inputs by whole batches; rank 0 writes one file per set, in input order."""
+    d = env["dir"]
+    ft = ["--extract-image-feats", "--extract-text-feats", f"--image-data={d / 'images.npz'}",
+          f"--text-data={d / 'texts.jsonl'}", "--img-batch-size=4", "--text-batch-size=3", f"--resume={d / 'epoch_2.pt'}",
+          "--model=tiny", "--device=cpu"]
+    zs = ["--extract-text-feats", "--extract-mask-feats", "--extract-prompt-feats", f"--text-data={d / 'texts.jsonl'}",
+          f"--prompt-data={d / 'segs.jsonl'}", "--text-batch-size=2", f"--resume={d / 'tiny_openai.pt'}", "--device=cpu",
+          "--extract-image-feats", f"--image-data={d / 'images.npz'}", "--img-batch-size=32"]  # 1 image batch: a rank idle
+    logs = []
+    for nproc in (0, 2):
+        out = tmp_path / f"n{nproc}"
+        logs.append(_launch("eval/extract_features.py", ft + [f"--image-feat-output-path={out / 'img.jsonl'}",
+                                                              f"--text-feat-output-path={out / 'txt.npy'}"], nproc))
+        logs.append(_launch("eval/extract_features_zs_mask+prompt.py",
+                            zs + [f"--{n}-feat-output-path={out / 'zs'}_{n}.{'npy' if n == 'prompt' else 'jsonl'}"
+                                  for n in ("image", "text", "mask", "prompt")], nproc))
+    # 6 images in batches of 4, 7 captions in batches of 3 (2), each rank its run of whole batches
+    assert "rank 1 of 2 encodes images [4, 6), captions [3, 7)" in logs[2]
+    assert "rank 0 of 2 encodes images [0, 0), captions [0, 4), entity slots [0, 4)" in logs[3]  # 1 image batch
+    one, two = tmp_path / "n0", tmp_path / "n2"
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir())
+    assert len(names) == 8  # img, txt (+ ids), zs image, text, mask, prompt (+ ids)
+    for name in names:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name  # bit for bit, ids in input order
+    assert read_features(two / "img.jsonl", "image_id").ids == list(env["images"])
+
+
+def test_extraction_defaults_to_fp32_and_fp16_runs_half_weights_on_the_cpu(env, tmp_path):
+    from eval.extraction import resolve_extraction_precision
+
+    assert resolve_extraction_precision(None, torch.device("cuda", 0)) == "fp32"  # the release's precision
+    assert resolve_extraction_precision(None, torch.device("cpu")) == "fp32"
+    assert resolve_extraction_precision("fp16", torch.device("cpu")) == "fp16"
+    assert FT.main(ft_args(env["dir"], tmp_path / "half", precision="fp16")) == 0
+    assert FT.main(ft_args(env["dir"], tmp_path / "full")) == 0
+    half = read_features(tmp_path / "half" / "txt.jsonl", "query_id").data
+    full = read_features(tmp_path / "full" / "txt.jsonl", "query_id").data
+    np.testing.assert_allclose(half, full, atol=2e-2)  # fp16 rounding, not another computation
+    assert not np.array_equal(half, full)
+    for precision in ("bf16", "amp_bf16"):  # bfloat16 weights / autocast: also rounding only
+        assert FT.main(ft_args(env["dir"], tmp_path / precision, precision=precision)) == 0
+        low = read_features(tmp_path / precision / "txt.jsonl", "query_id").data
+        np.testing.assert_allclose(low, full, atol=6e-2)
+        assert not np.array_equal(low, full)

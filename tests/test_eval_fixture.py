@@ -131,3 +131,38 @@ def test_fixture_is_a_copy_inside_the_repo():
     """The project never reads ../shared at run or test time."""
     assert FIX.is_dir() and not FIX.is_symlink()
     assert all(p.resolve().is_relative_to(ROOT) for p in FIX.rglob("*"))
+
+
+def test_faiss_first_stage_gives_the_release_lists(tmp_path):
+    pytest.importorskip("faiss")  # optional dependency
+    common = [f"--image-feats={INP / 'img_feat.jsonl'}", f"--text-feats={INP / 'txt_feat.jsonl'}", "--faiss"]
+    assert load_script("eval/make_topk_predictions.py").main(
+        common + ["--top-k=10", f"--output-images={tmp_path / 'i.jsonl'}", f"--output-texts={tmp_path / 't.jsonl'}"]) == 0
+    assert load_script("eval/make_topk_predictions_mask+prompt.py").main(
+        common + [f"--mask-feats={INP / 'mask_feat.jsonl'}", f"--prompt-feats={INP / 'prompt_feat.jsonl'}", "--top-k=20",
+                  f"--output-images={tmp_path / 'im.jsonl'}", f"--output-texts={tmp_path / 'tm.jsonl'}"]) == 0
+    assert_same_lists(tmp_path / "t.jsonl", EXP / "texts_pred.jsonl", "query_id")
+    assert_same_lists(tmp_path / "i.jsonl", EXP / "images_pred.jsonl", "image_id")
+    assert_same_lists(tmp_path / "tm.jsonl", EXP / "texts_pred_mp.jsonl", "query_id")
+    assert_same_lists(tmp_path / "im.jsonl", EXP / "images_pred_mp.jsonl", "image_id")
+
+
+def test_torch_path_gives_the_release_lists(tmp_path):
+    """The CUDA path's code (torch), run on the CPU, reproduces the fixture as the numpy path does."""
+    from eval.array_ops import TorchOps
+    from eval.egr import egr_lists
+    from eval.feature_io import read_retrieval_features, read_slot_features
+    from eval.predictions import write_ranked_lists
+    from eval.topk import topk_lists
+
+    ops = TorchOps("cpu")
+    image, text = read_retrieval_features(INP / "img_feat.jsonl", INP / "txt_feat.jsonl")
+    prompt, mask = read_slot_features(INP / "prompt_feat.jsonl", text), read_slot_features(INP / "mask_feat.jsonl", text)
+    t2i, i2t = topk_lists(ops, text, image, 10, 32)
+    t2i_mp, i2t_mp = egr_lists(ops, text, image, prompt, mask, 20, 32)
+    write_ranked_lists((tmp_path / "t.jsonl", "query_id", t2i), (tmp_path / "i.jsonl", "image_id", i2t),
+                       (tmp_path / "tm.jsonl", "query_id", t2i_mp), (tmp_path / "im.jsonl", "image_id", i2t_mp))
+    assert_same_lists(tmp_path / "t.jsonl", EXP / "texts_pred.jsonl", "query_id")
+    assert_same_lists(tmp_path / "i.jsonl", EXP / "images_pred.jsonl", "image_id")
+    assert_same_lists(tmp_path / "tm.jsonl", EXP / "texts_pred_mp.jsonl", "query_id")
+    assert_same_lists(tmp_path / "im.jsonl", EXP / "images_pred_mp.jsonl", "image_id")
