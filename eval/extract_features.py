@@ -6,10 +6,8 @@ Runs in one process, or sharded over processes with `torchrun --nproc_per_node N
 import argparse
 
 from agree.io import InputError, run_cli
-from agree.precision import resolve_device
 from eval.cli import add_extraction_args
-from eval.distributed import close_shard, init_shard, run_everywhere
-from eval.extraction import load_finetuned, plan_extraction, resolve_extraction_precision, run_extraction
+from eval.extraction import extract, load_finetuned
 
 
 def main(argv=None) -> int:
@@ -18,14 +16,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.model:
         raise InputError("--model is required (the config the checkpoint was trained with, e.g. ViT-L-14)")
-    shard, device = init_shard(resolve_device(args.device))  # under torchrun: this rank's share and device
-    try:
-        precision = resolve_extraction_precision(args.precision, device)
-        plan, model = run_everywhere(shard, device, lambda: (
-            plan_extraction(args), load_finetuned(args.resume, args.model, device, precision)))
-        run_extraction(plan, model, args, device, precision, shard)
-    finally:
-        close_shard(shard)
+    extract(args, lambda device, precision: load_finetuned(args.resume, args.model, device, precision))
     return 0
 
 

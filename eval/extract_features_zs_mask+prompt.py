@@ -7,10 +7,8 @@ import argparse
 
 from agree.entities import EVAL_SLOTS, PROMPT_TEMPLATE
 from agree.io import run_cli
-from agree.precision import resolve_device
 from eval.cli import add_extraction_args
-from eval.distributed import close_shard, init_shard, run_everywhere
-from eval.extraction import load_zero_shot, plan_extraction, resolve_extraction_precision, run_extraction
+from eval.extraction import extract, load_zero_shot
 
 
 def main(argv=None) -> int:
@@ -28,15 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--slots", type=int, default=EVAL_SLOTS, help="entity slots per caption, padded with \"\" (release: 10)")
     p.add_argument("--prompt-template", default=PROMPT_TEMPLATE, help="prompt built from each entity")
     args = p.parse_args(argv)
-    shard, device = init_shard(resolve_device(args.device))  # under torchrun: this rank's share and device
-    try:
-        precision = resolve_extraction_precision(args.precision, device)
-        plan, model = run_everywhere(shard, device, lambda: (
-            plan_extraction(args, slots=True),
-            load_zero_shot(args.resume, args.model, device, precision, jit=args.jit)))
-        run_extraction(plan, model, args, device, precision, shard)
-    finally:
-        close_shard(shard)
+    extract(args, lambda device, precision: load_zero_shot(args.resume, args.model, device, precision, jit=args.jit),
+            slots=True)
     return 0
 
 

@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,11 +16,11 @@ from tqdm import tqdm
 from agree.entities import EVAL_SLOTS, PROMPT_TEMPLATE, entity_slots
 from agree.io import InputError, iter_jsonl
 from agree.images import ImageArchive
-from agree.precision import autocast, resolve_precision, weight_dtype
+from agree.precision import autocast, resolve_device, resolve_precision, weight_dtype
 from agree.pretrained import clip_errors_as_input_errors, load_pretrained
 from clip.clip import create_model, load_checkpoint_state_dict, load_state_dict_into, tokenize
 from clip.model import CLIP, convert_weights
-from eval.distributed import Shard, rows_in_order
+from eval.distributed import Shard, close_shard, init_shard, rows_in_order, run_everywhere
 from eval.feature_io import FeatureWriter
 
 DEFAULT_PRECISION_ON_CUDA = "fp32"  # without --precision, as the release extracts; fp32 on the CPU too
@@ -302,3 +302,16 @@ def run_extraction(plan: ExtractionPlan, model: CLIP, args, device: torch.device
                     wp.add(ids[part], rows[:, 0], n_real[part])
                 if wm:
                     wm.add(ids[part], rows[:, -1], n_real[part])
+
+
+def extract(args, load: Callable[[torch.device, str], CLIP], slots: bool = False) -> None:
+    """An extraction script's run: device and precision, plan and model `load(device, precision)` (on every
+    rank, so that a bad input stops all of them), then encode and write (sharded under torchrun)."""
+    shard, device = init_shard(resolve_device(args.device))  # under torchrun: this rank's share and device
+    try:
+        precision = resolve_extraction_precision(args.precision, device)
+        plan, model = run_everywhere(shard, device, lambda: (plan_extraction(args, slots=slots),
+                                                             load(device, precision)))
+        run_extraction(plan, model, args, device, precision, shard)
+    finally:
+        close_shard(shard)
