@@ -27,7 +27,7 @@ from dataprep import karpathy, visual_genome as vg
 from dataprep.boxes import read_boxes
 from dataprep.images import STORAGE, Storage
 from dataprep.item import ItemTask, Outcome, TextSettings, VgResult, VgTask, prepare_item, prepare_vg
-from dataprep.npz import NpzWriter
+from agree.npz import NpzWriter
 from dataprep.objects import image_objects
 from dataprep.parallel import ordered_map
 from dataprep.skips import SkipLog

@@ -87,7 +87,7 @@ def refer(scene: Scene, i: int, rng: np.random.Generator, *, sizes: dict[str, tu
     return " ".join([article(words, definite)] + words)
 
 
-def _join(phrases: list[str]) -> str:
+def join_phrases(phrases: list[str]) -> str:
     if len(phrases) == 1:
         return phrases[0]
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
@@ -202,7 +202,7 @@ def t_count(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     if n == 1:
         return Caption(f"just one shape: {phrases[0]}.", "count", [(phrases[0], 0)], [["count", 1]], ["one shape"])
     head = f"{COUNT_WORDS[n]} shapes"
-    return Caption(f"{head}: {_join(phrases)}.", "count", list(zip(phrases, order)), [["count", n]], [head])
+    return Caption(f"{head}: {join_phrases(phrases)}.", "count", list(zip(phrases, order)), [["count", n]], [head])
 
 
 def t_compare(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
@@ -242,7 +242,7 @@ def t_together(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     m = int(rng.integers(2, n + 1))
     order = [int(k) for k in rng.permutation(n)[:m]]
     phrases = [refer(scene, k, rng) for k in order]
-    return Caption(f"{_join(phrases)} in one image.", "together", list(zip(phrases, order)), [], ["one image"])
+    return Caption(f"{join_phrases(phrases)} in one image.", "together", list(zip(phrases, order)), [], ["one image"])
 
 
 def t_alone(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
@@ -302,7 +302,7 @@ def _pretrain_list(scene: Scene, rng: np.random.Generator, prefix: str, suffix: 
         forms = ("full",) if rng.random() < 0.25 else ("colour",)
         phrases.append(refer(scene, k, rng, sizes=SIZE_WORDS_PRETRAIN, forms=forms,
                              with_article=articles, definite_prob=0.0))
-    listed = _join(phrases) if articles else ", ".join(phrases)
+    listed = join_phrases(phrases) if articles else ", ".join(phrases)
     return Caption(f"{prefix}{listed}{suffix}", name, list(zip(phrases, order)), [["count", n]], [])
 
 

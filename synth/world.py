@@ -192,7 +192,7 @@ def _specs(scene: Scene) -> list[tuple[str, str, str]]:
     return [(e.shape, e.colour, e.size) for e in scene.entities]
 
 
-def _binding_partner(rng: np.random.Generator, scene: Scene) -> Optional[Scene]:
+def binding_partner(rng: np.random.Generator, scene: Scene) -> Optional[Scene]:
     specs = _specs(scene)
     original = {(s, c) for s, c, _ in specs}
     for _ in range(30):
@@ -211,7 +211,7 @@ def _binding_partner(rng: np.random.Generator, scene: Scene) -> Optional[Scene]:
     return Scene(scene.resolution, ents, sample_background(rng)) if len(ents) == len(new) else None
 
 
-def _size_partner(rng: np.random.Generator, scene: Scene) -> Optional[Scene]:
+def size_partner(rng: np.random.Generator, scene: Scene) -> Optional[Scene]:
     specs = _specs(scene)
     if len({z for _, _, z in specs}) < 2:
         return None
@@ -226,7 +226,7 @@ def _size_partner(rng: np.random.Generator, scene: Scene) -> Optional[Scene]:
     return Scene(scene.resolution, ents, scene.background) if len(ents) == len(new) else None
 
 
-def _mirror_partner(scene: Scene) -> Optional[Scene]:
+def mirror_partner(scene: Scene) -> Optional[Scene]:
     r = scene.resolution
     if not any("left" in relations(a, b, r) for a in scene.entities for b in scene.entities if a is not b):
         return None
@@ -234,7 +234,7 @@ def _mirror_partner(scene: Scene) -> Optional[Scene]:
     return Scene(r, ents, scene.background)
 
 
-def _recolour_partner(rng: np.random.Generator, scene: Scene) -> Scene:
+def recolour_partner(rng: np.random.Generator, scene: Scene) -> Scene:
     k = int(rng.integers(len(scene.entities)))
     used = {(e.shape, e.colour) for e in scene.entities}
     target = scene.entities[k]
@@ -251,13 +251,13 @@ def make_partner(rng: np.random.Generator, scene: Scene, index: int) -> Scene:
     kind = pick(rng, kinds)
     partner = None
     if kind == "binding":
-        partner = _binding_partner(rng, scene)
+        partner = binding_partner(rng, scene)
     elif kind == "size":
-        partner = _size_partner(rng, scene)
+        partner = size_partner(rng, scene)
     elif kind == "mirror":
-        partner = _mirror_partner(scene)
+        partner = mirror_partner(scene)
     if partner is None:
-        kind, partner = "recolour", _recolour_partner(rng, scene)
+        kind, partner = "recolour", recolour_partner(rng, scene)
     partner.partner = {"of": index, "kind": kind}
     return partner
 

@@ -1,0 +1,292 @@
+"""The demo experiment: a synthetic world, a cached pre-trained tiny CLIP, zero-shot re-ranking, fine-tuning
+(global-only, AGREE, and in the full preset each ablation) over several training seeds, twin scores.
+
+Stages run in process and call the same library code as the README's scripts (training/main_all.py's
+`main`, the eval package's top-k, EGR, TBR and recall). The world (fixed data seed) and the backbone are
+cached under `cache/` by a hash of everything they depend on, so later runs skip them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from agree.io import InputError
+from agree.layout import Layout
+from clip.clip import model_config
+from eval.extraction import load_finetuned, load_zero_shot
+from experiments.measure import EvalSplit, Scored, entities_found_share, score, test_split, val_split
+from synth.twins import TwinFiles, write_twins
+from synth.writer import SynthConfig, SynthLayout, generate
+from training import main_all
+from training.terms import AGREE_TERMS, OPTIONAL, flags_of
+
+REPO = Path(__file__).resolve().parents[1]
+CODE_HASHED = ("synth", "dataprep")  # the world is a function of these packages' code and its config
+# Seconds per training example (2 idle CPU cores, tiny model, batch 32/64) and per scored model, measured
+# on this project's CI machine; only used to print the expected total at the start.
+RATES = {"pretrain": 0.0035, "global": 0.0045, "agree": 0.028, "score": 12.0, "world": 40.0}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of the demo (each can be changed from scripts/demo.py's flags or run_demo.sh's environment)."""
+
+    # the world: one fixed data seed; sizes of the splits
+    data_seed: int = 0
+    train_images: int = 1000
+    train_captions: int = 5
+    val_images: int = 500
+    test_images: int = 1000
+    twin_pairs: int = 300            # per twin kind
+    vg_per_object: int = 20
+    model: str = "tiny"
+    # the backbone (pre-training on the simple-caption split)
+    pretrain_images: int = 12000
+    pretrain_captions: int = 2
+    pretrain_epochs: int = 3
+    pretrain_batch: int = 64
+    pretrain_lr: float = 1e-3
+    pretrain_warmup: int = 100
+    # fine-tuning
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup: int = 50
+    wd: float = 0.1
+    ablation: bool = False
+
+    def world_config(self) -> dict:
+        """What the synthetic world depends on."""
+        keys = ("data_seed", "train_images", "train_captions", "val_images", "test_images", "twin_pairs",
+                "vg_per_object", "pretrain_images", "pretrain_captions")
+        return {k: getattr(self, k) for k in keys} | {"resolution": model_config(self.model)["image_resolution"]}
+
+    def backbone_config(self) -> dict:
+        """What the pre-trained backbone depends on (besides the world)."""
+        keys = ("pretrain_epochs", "pretrain_batch", "pretrain_lr", "pretrain_warmup", "data_seed")
+        return {k: getattr(self, k) for k in keys} | {"model": model_config(self.model)}
+
+
+PRESETS: dict[str, Recipe] = {
+    "default": Recipe(),
+    # a first look in minutes: one seed, a smaller world and backbone; no claims
+    "quick": Recipe(seeds=(0,), train_images=500, val_images=200, twin_pairs=100, pretrain_images=6000,
+                    pretrain_epochs=1, epochs=1),
+    "full": Recipe(ablation=True),
+}
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_digest(packages: tuple[str, ...] = CODE_HASHED) -> str:
+    """Hash of the source files of the given packages (a change to the generator invalidates the cache)."""
+    h = hashlib.sha256()
+    for pkg in packages:
+        for path in sorted((REPO / pkg).glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def methods(recipe: Recipe) -> list[tuple[str, tuple[str, ...]]]:
+    """Fine-tuned methods (row label, enabled AGREE terms): global-only, AGREE, then each ablation."""
+    out = [("global-only", ()), ("AGREE", AGREE_TERMS)]
+    if recipe.ablation:
+        out += [(f"AGREE w/o {t.label}", tuple(n for n in AGREE_TERMS if n != t.name)) for t in OPTIONAL]
+    return out
+
+
+@dataclass
+class Stage:
+    """Progress lines: one per stage, with the expected and the measured time."""
+
+    total_expected: float
+    seconds: dict = field(default_factory=dict)
+    start: float = field(default_factory=time.time)
+    count: int = 0
+
+    def run(self, name: str, expected: float, fn: Callable[[], object]) -> object:
+        """Run one stage, print its line before and after, keep its time."""
+        self.count += 1
+        elapsed = time.time() - self.start
+        print(f"[{time.strftime('%H:%M:%S')}] {name} (expected ~{expected:.0f} s; {elapsed:.0f} s elapsed of "
+              f"~{self.total_expected:.0f} s)", flush=True)
+        t0 = time.time()
+        out = fn()
+        self.seconds[name] = round(time.time() - t0, 1)
+        print(f"    done in {self.seconds[name]:.0f} s", flush=True)
+        return out
+
+
+def expected_seconds(recipe: Recipe, world_cached: bool, backbone_cached: bool) -> dict[str, float]:
+    """Expected seconds per kind of stage, from RATES."""
+    examples = recipe.train_images * recipe.train_captions * recipe.epochs
+    n_runs = len(recipe.seeds)
+    n_agree = n_runs * (len(methods(recipe)) - 1)
+    return {"world": 0.0 if world_cached else RATES["world"] * (1 + recipe.pretrain_images / 12000),
+            "backbone": 0.0 if backbone_cached else
+            RATES["pretrain"] * recipe.pretrain_images * recipe.pretrain_captions * recipe.pretrain_epochs,
+            "global": RATES["global"] * examples,
+            "agree": RATES["agree"] * examples,
+            "score": RATES["score"],
+            "total": (0.0 if world_cached else RATES["world"] * (1 + recipe.pretrain_images / 12000))
+            + (0.0 if backbone_cached else
+               RATES["pretrain"] * recipe.pretrain_images * recipe.pretrain_captions * recipe.pretrain_epochs)
+            + n_runs * RATES["global"] * examples + n_agree * RATES["agree"] * examples
+            + (1 + n_runs * len(methods(recipe))) * RATES["score"]}
+
+
+# ---------------------------------------------------------------- cached world and backbone
+
+def world_dir(cache: Path, recipe: Recipe) -> Path:
+    """Where the world of this recipe lives in the cache."""
+    return cache / "worlds" / f"{recipe.data_seed}-{_digest([recipe.world_config(), code_digest()])}"
+
+
+def build_world(cache: Path, recipe: Recipe) -> Path:
+    """Generate the world (release layout + pre-training split + twin split) unless cached; its folder."""
+    target = world_dir(cache, recipe)
+    if (target / "synthetic" / "world.json").is_file() and TwinFiles(target / "twins").pairs.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        c = recipe.world_config()
+        generate(SynthConfig(out=tmp, seed=c["data_seed"], train_images=c["train_images"], val_images=c["val_images"],
+                             test_images=c["test_images"], pretrain_images=c["pretrain_images"],
+                             resolution=c["resolution"], train_captions=c["train_captions"],
+                             pretrain_captions=c["pretrain_captions"], vg_per_object=c["vg_per_object"]),
+                 progress=False)
+        write_twins(tmp / "twins", c["data_seed"], c["twin_pairs"], c["resolution"])
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def backbone_path(cache: Path, recipe: Recipe) -> Path:
+    """Where the backbone of this recipe lives in the cache."""
+    key = _digest([recipe.world_config(), code_digest(), recipe.backbone_config()])
+    return cache / "backbones" / f"{recipe.model}-{key}.pt"
+
+
+def _train(argv: list[str]) -> None:
+    """training/main_all.py in this process (one CPU worker)."""
+    main_all.main(argv + ["--nproc=1", "--device=cpu", "--workers=0", "--log-every-n-steps=100000"])
+
+
+def pretrain_backbone(cache: Path, recipe: Recipe, world: Path) -> Path:
+    """Pre-train the tiny CLIP on the world's simple-caption split (global term only) unless cached."""
+    target = backbone_path(cache, recipe)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lay = SynthLayout.under(world)
+    with tempfile.TemporaryDirectory(prefix=".pretraining-", dir=target.parent) as tmp:
+        _train([f"--train-data={lay.pretrain_jsonl}", f"--train-images={lay.pretrain_npz}",
+                f"--data-root={lay.data_dir}", "--model", recipe.model, f"--seed={recipe.data_seed}",
+                f"--epochs={recipe.pretrain_epochs}", f"--batch-size={recipe.pretrain_batch}",
+                f"--lr={recipe.pretrain_lr}", "--wd=0.1", f"--warmup={recipe.pretrain_warmup}",
+                f"--save-frequency={recipe.pretrain_epochs}", f"--logs={tmp}", "--name=pretrain"])
+        ckpt = torch.load(Path(tmp) / "pretrain" / "checkpoints" / f"epoch_{recipe.pretrain_epochs}.pt",
+                          map_location="cpu", weights_only=True)
+        weights = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+        torch.save(weights, Path(tmp) / "backbone.pt")
+        (Path(tmp) / "backbone.pt").rename(target)
+    return target
+
+
+# ---------------------------------------------------------------- fine-tuning and scoring
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+
+
+def fine_tune(out: Path, recipe: Recipe, world: Path, backbone: Path, label: str, terms: tuple[str, ...],
+              seed: int) -> Path:
+    """Fine-tune the backbone with the named terms and a training seed; the checkpoint's path."""
+    lay = Layout.under(world)
+    name = f"{_slug(label)}-seed{seed}"
+    _train([f"--train-data={lay.train_jsonl}", f"--data-root={lay.data_dir}", f"--vg-root={lay.vg_dir}",
+            "--dataset-type=json", *flags_of(terms), "--model", recipe.model, "--openai-pretrained",
+            f"--pretrained-path={backbone}", f"--seed={seed}", f"--epochs={recipe.epochs}",
+            f"--batch-size={recipe.batch_size}", f"--lr={recipe.lr}", f"--wd={recipe.wd}",
+            f"--warmup={recipe.warmup}", f"--save-frequency={recipe.epochs}", f"--logs={out / 'runs'}",
+            f"--name={name}"])
+    return out / "runs" / name / "checkpoints" / f"epoch_{recipe.epochs}.pt"
+
+
+@dataclass
+class Measured:
+    """Everything scored in one demo run, before it is summarised into rows."""
+
+    split: str
+    zero_shot: Scored
+    fine_tuned: dict = field(default_factory=dict)  # (label, seed) -> Scored
+    entities_found: Optional[float] = None
+
+
+def run(recipe: Recipe, out: Path, cache: Path, eval_split: str = "test") -> tuple[Measured, dict, EvalSplit]:
+    """Every stage; returns the measurements, the stage times and the evaluation split."""
+    if eval_split not in ("test", "val"):
+        raise InputError(f"--eval-split must be test or val, got {eval_split!r}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    world_cached = (world_dir(cache, recipe) / "synthetic" / "world.json").is_file()
+    expected = expected_seconds(recipe, world_cached, backbone_path(cache, recipe).is_file())
+    stages = Stage(expected["total"])
+    n_runs = len(recipe.seeds) * len(methods(recipe))
+    print(f"demo: {len(recipe.seeds)} training seed(s) x {len(methods(recipe))} fine-tuned method(s) = {n_runs} "
+          f"fine-tuning runs, scored on {eval_split}; expected total ~{expected['total'] / 60:.1f} min", flush=True)
+    world = stages.run("world", expected["world"], lambda: build_world(cache, recipe))
+    backbone = stages.run("backbone", expected["backbone"], lambda: pretrain_backbone(cache, recipe, world))
+    lay = Layout.under(world)
+    split = test_split(lay) if eval_split == "test" else val_split(lay)
+    twins = TwinFiles(world / "twins") if eval_split == "test" else None
+
+    def zero_shot() -> Scored:
+        model = load_zero_shot(backbone, recipe.model, torch.device("cpu"), "fp32")
+        return score(model, split, twins, egr=eval_split == "test")
+
+    measured = Measured(eval_split, stages.run("zero-shot", expected["score"], zero_shot))
+    if eval_split == "test":
+        measured.entities_found = entities_found_share(SynthLayout.under(world).meta["test"],
+                                                       measured.zero_shot.top1["plain"],
+                                                       [q for q, _ in split.captions])
+        print(f"    backbone: {measured.entities_found:.1f}% of T2I top-1 images contain every entity the query names",
+              flush=True)
+    for seed in recipe.seeds:
+        for label, terms in methods(recipe):
+            kind = "global" if not terms else "agree"
+
+            def one() -> Scored:
+                ckpt = fine_tune(out, recipe, world, backbone, label, terms, seed)
+                model = load_finetuned(ckpt, recipe.model, torch.device("cpu"), "fp32")
+                result = score(model, split, twins, tbr=label == "AGREE")
+                ckpt.unlink()  # tens of MB per run; the run's log stays
+                return result
+
+            measured.fine_tuned[(label, seed)] = stages.run(f"{label} seed {seed}", expected[kind] + RATES["score"], one)
+    return measured, stages.seconds, split
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    """The recipe as JSON-ready values."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()}
+
+
+def with_overrides(recipe: Recipe, **changes: object) -> Recipe:
+    """The recipe with the given (non-None) settings changed."""
+    return replace(recipe, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,77 @@
+"""Arithmetic of the demo's report: mean and sd over seeds, paired differences, the test set's sampling error."""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+RECALL_KEYS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "rsum")
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the sd of a single value is 0."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("mean_sd of no values")
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def summarise_seeds(per_seed: Sequence[Mapping[str, float]], keys: Sequence[str] = RECALL_KEYS) -> tuple[dict, dict]:
+    """{key: mean} and {key: sd} over the per-seed records."""
+    mean, sd = {}, {}
+    for k in keys:
+        mean[k], sd[k] = mean_sd([r[k] for r in per_seed])
+    return mean, sd
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[float, float, int]:
+    """Mean and sd over the seeds both have of a[seed] - b[seed], and the number of such seeds."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("no seed in common")
+    m, s = mean_sd([a[k] - b[k] for k in seeds])
+    return m, s, len(seeds)
+
+
+def verdict(mean: float, sd: float, n: int, what: str = "AGREE - global-only") -> str:
+    """One plain sentence: is the paired difference outside twice its standard error over seeds?"""
+    if n < 2:
+        return f"{what}: {mean:+.2f} RSUM on one seed; no spread, so no claim."
+    se = sd / math.sqrt(n)
+    side = "above" if mean > 0 else "below"
+    if abs(mean) > 2 * se:
+        return (f"{what}: {mean:+.2f} ± {sd:.2f} RSUM (mean ± sd over {n} paired seeds) is {side} noise "
+                f"(|mean| > 2 standard errors = {2 * se:.2f}).")
+    return (f"{what}: {mean:+.2f} ± {sd:.2f} RSUM (mean ± sd over {n} paired seeds) is within noise "
+            f"(|mean| <= 2 standard errors = {2 * se:.2f}).")
+
+
+def bootstrap_rsum_se(t2i_ranks: np.ndarray, i2t_ranks: np.ndarray, caps_per_image: int, draws: int = 200,
+                      seed: int = 0) -> float:
+    """Standard error of RSUM from resampling test images (each with its captions) with replacement.
+
+    `t2i_ranks` [n_images * caps_per_image] (caption j of image i at i * caps_per_image + j) and
+    `i2t_ranks` [n_images]: rank of the first correct item, or a large number when absent.
+    The gallery stays fixed; only which queries are counted is resampled.
+    """
+    n = len(i2t_ranks)
+    if len(t2i_ranks) != n * caps_per_image:
+        raise ValueError(f"{len(t2i_ranks)} caption ranks for {n} images x {caps_per_image} captions")
+    t_hits = np.stack([t2i_ranks < k for k in (1, 5, 10)], 1).reshape(n, caps_per_image, 3).mean(1)  # [n, 3]
+    i_hits = np.stack([i2t_ranks < k for k in (1, 5, 10)], 1).astype(np.float64)                    # [n, 3]
+    per_image = 100 * (t_hits.sum(1) + i_hits.sum(1))  # each image's contribution to RSUM, times n
+    idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
+    return float(per_image[idx].mean(1).std(ddof=1))
+
+
+def duplicate_rows(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
+    """(section, method) pairs that occur more than once."""
+    seen: set[tuple[str, str]] = set()
+    dups = []
+    for r in rows:
+        key = (r["section"], r["method"])
+        if key in seen:
+            dups.append(key)
+        seen.add(key)
+    return dups
