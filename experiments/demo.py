@@ -185,7 +185,7 @@ def backbone_path(cache: Path, recipe: Recipe) -> Path:
 
 def _train(argv: list[str]) -> None:
     """training/main_all.py in this process (one CPU worker)."""
-    main_all.main(argv + ["--nproc=1", "--device=cpu", "--workers=0", "--log-every-n-steps=100000"])
+    main_all.main(argv + ["--nproc=1", "--device=cpu", "--workers=0", "--log-every-n-steps=200"])
 
 
 def pretrain_backbone(cache: Path, recipe: Recipe, world: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The README's main job, scripts/run_demo.sh, end to end at toy sizes (one epoch each)."""
+"""The README's main job, scripts/run_demo.sh, end to end at toy sizes: the record's schema, determinism,
+the cache, the presets."""
 import json
 import os
 import subprocess
@@ -7,54 +8,74 @@ from pathlib import Path
 
 import pytest
 
+from experiments.demo import PRESETS, methods
+from experiments.stats import RECALL_KEYS
+from training.terms import AGREE_TERMS, BY_NAME
+
 ROOT = Path(__file__).resolve().parents[1]
+TOY = dict(TRAIN_IMAGES="24", TRAIN_CAPTIONS="2", VAL_IMAGES="8", TEST_IMAGES="12", TWIN_PAIRS="3",
+           VG_PER_OBJECT="2", PRETRAIN_IMAGES="48", PRETRAIN_EPOCHS="1", PRETRAIN_BATCH="16", EPOCHS="1",
+           BATCH_SIZE="8", WARMUP="2", PRETRAIN_WARMUP="2")
+KINDS = {"binding", "size", "mirror", "recolour", "all"}
+
+
+def _run(out: Path, cache: Path, **env) -> str:
+    full = dict(os.environ, PYTHON=sys.executable, DEMO_DIR=str(out), CACHE_DIR=str(cache), TQDM_DISABLE="1",
+                **TOY, **env)
+    proc = subprocess.run(["bash", str(ROOT / "scripts/run_demo.sh")], env=full, cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ, PYTHON=sys.executable, DEMO_DIR=str(out / "demo"), PRETRAINED=str(out / "tiny.pt"),
-               TRAIN_IMAGES="16", VAL_IMAGES="5", TEST_IMAGES="10", PRETRAIN_IMAGES="32", PRETRAIN_EPOCHS="1",
-               FINETUNE_EPOCHS="1", TRAIN_CAPTIONS="2", VG_PER_OBJECT="2", FINETUNE_BATCH="8", PRETRAIN_BATCH="16")
-    proc = subprocess.run(["bash", str(ROOT / "scripts/run_demo.sh")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out / "demo", proc.stdout
+def two_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("demo")
+    first = _run(base / "a", base / "cache", SEEDS="0,1")
+    second = _run(base / "b", base / "cache", SEEDS="0,1")
+    return base, first, second
 
 
-def test_demo_writes_every_table_row(demo):
-    folder, stdout = demo
-    rows = json.loads((folder / "results/results.json").read_text())["rows"]
-    methods = [r["method"] for r in rows]
-    assert methods[:4] == ["CLIP zero-shot", "+ TBR", "+ EGR", "+ EGR + TBR"]
-    assert "CLIP (global loss only)" in methods and "AGREE (all terms) + TBR" in methods
-    assert sum(m.startswith("AGREE w/o") for m in methods) == 5
+def test_record_has_every_row_once_with_seeds_mean_sd_and_twins(two_runs):
+    base, stdout, _ = two_runs
+    record = json.loads((base / "a/results.json").read_text())
+    rows = record["rows"]
+    assert [(r["section"], r["method"]) for r in rows] == [
+        ("zero-shot", "CLIP"), ("zero-shot", "CLIP+TBR"), ("zero-shot", "CLIP+EGR"), ("zero-shot", "CLIP+EGR+TBR"),
+        ("fine-tuned", "global-only"), ("fine-tuned", "AGREE"), ("fine-tuned", "AGREE+TBR")]
     for r in rows:
-        for direction in ("t2i", "i2t"):
-            s = r[direction]
-            assert 0 <= s["r1"] <= s["r5"] <= s["r10"] <= 100
-            assert s["mean_recall"] == pytest.approx((s["r1"] + s["r5"] + s["r10"]) / 3, abs=0.01)
-        assert r["rsum"] == pytest.approx(sum(r[d][k] for d in ("t2i", "i2t") for k in ("r1", "r5", "r10")), abs=0.05)
-    table = (folder / "results.md").read_text()
-    assert "| + EGR + TBR |" in table and "| AGREE w/o grounding mask |" in table
-    assert "| + EGR + TBR |" in stdout  # the demo ends by printing the table
+        assert set(r["mean"]) == set(r["sd"]) == set(RECALL_KEYS)
+        for e in r["per_seed"]:
+            assert 0 <= e["t2i_r1"] <= e["t2i_r5"] <= e["t2i_r10"] <= 100
+            assert e["rsum"] == pytest.approx(sum(e[k] for k in RECALL_KEYS[:-1]))
+    tuned = rows[4]
+    assert [e["seed"] for e in tuned["per_seed"]] == [0, 1]
+    assert tuned["mean"]["rsum"] == pytest.approx(sum(e["rsum"] for e in tuned["per_seed"]) / 2)
+    for r in (rows[0], rows[4], rows[5]):
+        assert set(r["twin"]) == KINDS and r["twin"]["all"]["n"] == 12
+        assert 0 <= r["twin"]["all"]["group"] <= min(r["twin"]["all"]["text"], r["twin"]["all"]["image"])
+    assert record["paired"]["n"] == 2 and "noise" in record["paired"]["sentence"]
+    assert set(record["seconds"]) >= {"world", "backbone", "zero-shot", "global-only seed 0", "AGREE seed 1"}
+    for name in ("rsum.png", "retrieval_examples.png"):
+        assert (base / "a" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "expected total" in stdout and "| AGREE+TBR |" in stdout
 
 
-def test_demo_uses_the_pretrained_tiny_model_and_draws_examples(demo):
-    folder, _ = demo
-    assert (folder.parent / "tiny.pt").is_file()
-    png = folder / "retrieval_examples.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the fine-tuned runs started from the exported pre-trained weights, with the README's flags
-    params = (folder / "results/runs/agree_all_terms/params.txt").read_text()
-    assert "openai_pretrained: True" in params and "is_vg: True" in params
-    assert str(folder.parent / "tiny.pt") in params
+def test_same_seeds_give_the_same_record_and_the_cache_is_reused(two_runs):
+    base, _, second = two_runs
+    a = json.loads((base / "a/results.json").read_text())
+    b = json.loads((base / "b/results.json").read_text())
+    a.pop("seconds"), b.pop("seconds")  # wall-clock times are the only difference
+    assert a == b
+    assert len(list((base / "cache/backbones").glob("*.pt"))) == 1
+    assert "expected ~0 s" in second  # world and backbone come from the cache
 
 
-def test_zero_shot_rows_come_from_the_egr_and_tbr_outputs(demo):
-    folder, _ = demo
-    preds = folder / "results/predictions/zeroshot"
-    for name in ("test_texts_predictions_mask+prompt.jsonl", "test_images_predictions_mask+prompt_rerank.jsonl"):
-        assert (preds / name).stat().st_size > 0
-    first = json.loads((preds / "test_texts_predictions_mask+prompt.jsonl").read_text().splitlines()[0])
-    assert isinstance(first["item_ids"][0], list) and len(first["item_ids"][0]) == 4  # [id, s, a, b]
+def test_presets_quick_is_one_seed_and_full_adds_each_ablation_once():
+    assert PRESETS["quick"].seeds == (0,) and len(PRESETS["default"].seeds) >= 3
+    labels = [label for label, _ in methods(PRESETS["full"])]
+    assert labels == ["global-only", "AGREE", "AGREE w/o prompt", "AGREE w/o text mask", "AGREE w/o VG contrastive",
+                      "AGREE w/o VG mask", "AGREE w/o grounding mask"]
+    assert [label for label, _ in methods(PRESETS["default"])] == ["global-only", "AGREE"]
+    for label, terms in methods(PRESETS["full"])[2:]:
+        assert len(terms) == 4 and label.endswith(BY_NAME[(set(AGREE_TERMS) - set(terms)).pop()].label)
