@@ -83,6 +83,13 @@ def test_failure_does_not_clobber_a_previous_dataset(tmp_path, monkeypatch):
     assert _files(lay.root) == before
 
 
+def test_regenerating_in_place_equals_a_fresh_run(tmp_path):
+    _gen(tmp_path / "d", seed=4)
+    again = _files(_gen(tmp_path / "d", seed=5, pretrain_images=0).root)
+    fresh = _files(_gen(tmp_path / "f", seed=5, pretrain_images=0).root)
+    assert again == fresh and not any(name.startswith("pretrain/") for name in again)
+
+
 def test_preprocessed_arrays_are_the_normalised_raw_arrays(tmp_path):
     raw = _gen(tmp_path / "raw", seed=8, pretrain_images=0)
     pre = _gen(tmp_path / "pre", seed=8, pretrain_images=0, preprocessed=True)
