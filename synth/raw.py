@@ -65,22 +65,24 @@ def vg_id_for(seed: int, k: int) -> int:
 class _FlickrWriter:
     """Writes one image's JPEG, Entities files and detector boxes; collects the split file's entries."""
 
-    def __init__(self, paths: RawPaths, boxes_file):
+    def __init__(self, paths: RawPaths, split_file, boxes_file):
         self.images = paths.raw / IMAGES
         self.sentences = paths.raw / "flickr30k_entities" / "Sentences"
         self.annotations = paths.raw / "flickr30k_entities" / "Annotations"
         for d in (self.images, self.sentences, self.annotations):
             d.mkdir(parents=True, exist_ok=True)
-        self.boxes_file = boxes_file
-        self.entries: list[dict] = []
-        self.sentid = 0
+        self.split_file, self.boxes_file = split_file, boxes_file
+        self.split_file.write(b'{"images": [')    # streamed: memory does not grow with the number of images
+        self.count = self.sentid = 0
 
     def add(self, split: str, stem: int, imgid: int, image: np.ndarray, caps: list[C.Caption], dets) -> None:
         """One image of `split` with its captions and detections."""
         name = f"{stem}.jpg"
         (self.images / name).write_bytes(F.jpeg_bytes(image))
         texts = [c.text for c in caps]
-        self.entries.append(F.karpathy_image(name, imgid, split, texts, self.sentid))
+        self.split_file.write((b", " if self.count else b"") + dumps(F.karpathy_image(name, imgid, split, texts,
+                                                                                     self.sentid)))
+        self.count += 1
         self.sentid += len(caps)
         lines = [F.entities_sentence(c.text, [(p, k + 1) for p, k in c.mentions]) for c in caps]
         (self.sentences / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -90,9 +92,9 @@ class _FlickrWriter:
         for d in dets:
             self.boxes_file.write(dumps(F.detector_box(name, d.label, d.box, d.score)) + b"\n")
 
-    def close(self, raw: Path) -> None:
-        """Write the split file."""
-        (raw / SPLIT_FILE).write_bytes(dumps({"images": self.entries, "dataset": "flickr30k"}))
+    def close(self) -> None:
+        """End the split file's JSON document."""
+        self.split_file.write(b'], "dataset": "flickr30k"}')
 
 
 def write_flickr(seed: int, sizes: dict[str, int], train_captions: int, resolution: int, paths: RawPaths,
@@ -100,8 +102,8 @@ def write_flickr(seed: int, sizes: dict[str, int], train_captions: int, resoluti
     """Train, val and test as Flickr30k raw files; one metadata line per image into meta[split]."""
     paths.raw.mkdir(parents=True, exist_ok=True)
     imgid = 0
-    with open(paths.boxes, "wb") as boxes_file:
-        out = _FlickrWriter(paths, boxes_file)
+    with open(paths.raw / SPLIT_FILE, "wb") as split_file, open(paths.boxes, "wb") as boxes_file:
+        out = _FlickrWriter(paths, split_file, boxes_file)
         for split in ("train", "val", "test"):
             n_caps = train_captions if split == "train" else C.CAPTIONS_PER_TEST_IMAGE
             scenes = iter_split_scenes(seed, SPLIT_CODES[split], sizes[split], resolution)
@@ -119,7 +121,7 @@ def write_flickr(seed: int, sizes: dict[str, int], train_captions: int, resoluti
                     rec["query_ids"] = [n_caps * i + c for c in range(n_caps)]
                 meta[split](rec)
                 imgid += 1
-        out.close(paths.raw)
+        out.close()
     return {"raw_images": imgid, "raw_captions": out.sentid}
 
 

@@ -200,8 +200,19 @@ def _commit(stage: Path, out: Path, parts: list[str], drop: list[str]) -> None:
             os.replace(stage / rel, final)
 
 
+def _check(cfg: SynthConfig) -> None:
+    for name in ("train_images", "val_images", "test_images", "train_captions", "pretrain_captions", "vg_per_object"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"SynthConfig.{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.pretrain_images < 0:
+        raise ValueError(f"SynthConfig.pretrain_images must be >= 0, got {cfg.pretrain_images}")
+    if cfg.resolution < 32:
+        raise ValueError(f"SynthConfig.resolution must be at least 32 pixels, got {cfg.resolution}")
+
+
 def generate(cfg: SynthConfig, progress: bool = True) -> dict:
     """Generate every file; nothing is renamed into place unless all of them were written."""
+    _check(cfg)
     t0 = time.perf_counter()
     out = Path(cfg.out)
     counts: dict[str, int] = {}

@@ -83,6 +83,14 @@ def test_failure_does_not_clobber_a_previous_dataset(tmp_path, monkeypatch):
     assert _files(lay.root) == before
 
 
+@pytest.mark.parametrize("field,value", [("val_images", 0), ("train_captions", 0), ("resolution", 16),
+                                         ("pretrain_images", -1)])
+def test_bad_config_is_a_clear_error_before_any_file(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"SynthConfig.{field} must be"):
+        generate(SynthConfig(out=tmp_path / "x", **{**TINY, field: value}), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_regenerating_in_place_equals_a_fresh_run(tmp_path):
     _gen(tmp_path / "d", seed=4)
     again = _files(_gen(tmp_path / "d", seed=5, pretrain_images=0).root)
