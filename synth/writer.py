@@ -24,7 +24,7 @@ from agree.io import atomic_path, atomic_write, dumps
 from agree.layout import Layout
 from synth import captions as C
 from synth import formats as F
-from synth.raw import BOXES, SPLIT_CODES, UNUSABLE_VG_SHAPE, RawPaths, stem_for, write_flickr, write_vg
+from synth.raw import SPLIT_CODES, UNUSABLE_VG_SHAPE, RawPaths, stem_for, write_flickr, write_vg
 from synth.render import render_scene, to_storage
 from synth.world import COLOUR_NAMES, SHAPES, iter_split_scenes
 
@@ -227,15 +227,20 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
             counts.update(_prepare(cfg, stage, lay.raw, progress))
             if cfg.pretrain_images:
                 counts.update(_write_pretrain(cfg, lay, meta["pretrain"], progress))
+        def rel(p: Path) -> str:
+            return p.relative_to(stage).as_posix()
+
         world = {"format_version": FORMAT_VERSION, "config": {**asdict(cfg), "out": None},
                  "shapes": list(SHAPES), "colours": list(COLOUR_NAMES),
                  "target_templates": list(C.TARGET_TEMPLATES), "pretrain_templates": list(C.PRETRAIN_TEMPLATES),
                  "unusable_vg_word": UNUSABLE_VG_SHAPE,
-                 "raw": {"raw": "raw", "vg_raw": "VG_raw", "boxes": f"raw/{BOXES}"}, "counts": counts}
+                 "raw": {"raw": rel(lay.raw.raw), "vg_raw": rel(lay.raw.vg_raw), "boxes": rel(lay.raw.boxes)},
+                 "counts": counts}
         lay.world.write_bytes(dumps(world))
-        data = lay.data_dir.relative_to(stage).as_posix()
-        parts = ["raw", "VG_raw", data, "VG"] + (["pretrain"] if cfg.pretrain_images else []) + ["synthetic"]
-        _commit(stage, out, parts, [] if cfg.pretrain_images else ["pretrain"])
+        pretrain = [rel(lay.pretrain_jsonl.parent)]
+        parts = [rel(lay.raw.raw), rel(lay.raw.vg_raw), rel(lay.data_dir), rel(lay.vg_dir)]
+        parts += (pretrain if cfg.pretrain_images else []) + [rel(lay.world.parent)]   # world.json last
+        _commit(stage, out, parts, [] if cfg.pretrain_images else pretrain)
     counts["seconds"] = round(time.perf_counter() - t0, 2)
     return counts
 
