@@ -7,6 +7,7 @@ and `NP of NP` joined) or `spacy` (noun chunks of an installed English pipeline;
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -52,15 +53,22 @@ def match_sentence(caption: str, index: int, sentences: Sequence[GoldSentence]) 
     return next((s for s in sentences if _squash(s.text) == key), None)
 
 
-def locate(phrase: str, caption: str, start: int = 0) -> Optional[tuple[int, int]]:
-    """Character span in `caption` of a tokenised phrase, spaces between tokens optional, case ignored."""
+@functools.lru_cache(maxsize=1 << 16)   # phrases repeat across captions; re's own cache holds only 512
+def _phrase_regex(phrase: str) -> Optional[re.Pattern]:
     tokens = phrase.split()
     if not tokens:
         return None
     body = r"\s*".join(_PTB.get(t, re.escape(t)) for t in tokens)
     pre = r"(?<!\w)" if re.match(r"\w", tokens[0]) else ""
     post = r"(?!\w)" if re.search(r"\w$", tokens[-1]) else ""
-    rx = re.compile(pre + body + post, re.I)
+    return re.compile(pre + body + post, re.I)
+
+
+def locate(phrase: str, caption: str, start: int = 0) -> Optional[tuple[int, int]]:
+    """Character span in `caption` of a tokenised phrase, spaces between tokens optional, case ignored."""
+    rx = _phrase_regex(phrase)
+    if rx is None:
+        return None
     m = rx.search(caption, start) or rx.search(caption)
     return (m.start(), m.end()) if m else None
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Generate the synthetic, entity-rich AGREE dataset (release file layout) under --out."""
+"""Generate the synthetic, entity-rich AGREE dataset under --out: raw downloads (raw/, VG_raw/) and the release
+file layout built from them by the pipeline of scripts/prepare_data.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (all sizes settable; defaults suit a tiny 64-px CLIP on CPU)."""
     d = SynthConfig(out=Path("."))
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", required=True, type=Path, help="dataset root (gets datasets/, VG/, pretrain/, synthetic/)")
+    p.add_argument("--out", required=True, type=Path, help="dataset root (gets raw/, VG_raw/, datasets/, VG/, pretrain/, synthetic/)")
     p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--train-images", type=_int_in(1, 1_000_000), default=d.train_images,
                    help="training images (default %(default)s)")
@@ -66,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"synthetic dataset written to {lay.root} in {counts['seconds']:.1f} s "
           f"(seed {args.seed}, {args.resolution}px, {fmt})")
     rows = [
+        ("raw", f"{counts['raw_images']} images, {counts['raw_captions']} captions (+ VG_raw/)", lay.raw.raw),
         ("train", f"{counts['train_images']} images, {counts['train_captions']} captions", lay.train_jsonl),
         ("grounding", f"{counts['grounding_images']} masked images", lay.grounding),
         ("val", f"{counts['val_images']} images x 5 captions", lay.val_json),
         ("test", f"{counts['test_images']} images, {counts['test_queries']} queries", lay.test_texts),
-        ("VG", f"{counts['vg_images']} images ({counts['vg_masked_images']} usable, masked), "
-               f"{counts['vg_words']} words", lay.vg_vocab),
+        ("VG", f"{counts['vg_images']} of {counts['vg_raw_images']} images usable "
+               f"({counts['vg_masked_images']} masked), {counts['vg_words']} words", lay.vg_vocab),
     ]
     if "pretrain_images" in counts:
         rows.append(("pretrain", f"{counts['pretrain_images']} images, {counts['pretrain_captions']} captions",

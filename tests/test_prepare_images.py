@@ -83,6 +83,17 @@ def test_one_based_corners_and_pixel_spans():
     assert Storage.from_clip("uint8").fill == (123, 117, 104)
 
 
+def test_storage_constants_are_clips_and_need_no_torch():
+    import subprocess
+    import sys
+    from clip.transform import MEAN, STD
+    s = Storage.from_clip("float32")
+    assert s.mean == tuple(MEAN) and s.std == tuple(STD)
+    code = "import sys, dataprep.pipeline as p; p.Storage.from_clip('uint8'); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_is_applied_and_boxes_follow(tmp_path, orientation):
     stored = Image.new("RGB", (60, 40), (0, 0, 0))

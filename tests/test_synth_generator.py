@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import synth.captions
+from dataprep.images import Storage
 from synth.render import to_storage
 from synth.writer import SynthConfig, SynthLayout, generate
 
@@ -82,20 +83,37 @@ def test_failure_does_not_clobber_a_previous_dataset(tmp_path, monkeypatch):
     assert _files(lay.root) == before
 
 
+@pytest.mark.parametrize("field,value", [("val_images", 0), ("train_captions", 0), ("resolution", 16),
+                                         ("pretrain_images", -1)])
+def test_bad_config_is_a_clear_error_before_any_file(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"SynthConfig.{field} must be"):
+        generate(SynthConfig(out=tmp_path / "x", **{**TINY, field: value}), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_regenerating_in_place_equals_a_fresh_run(tmp_path):
+    _gen(tmp_path / "d", seed=4)
+    again = _files(_gen(tmp_path / "d", seed=5, pretrain_images=0).root)
+    fresh = _files(_gen(tmp_path / "f", seed=5, pretrain_images=0).root)
+    assert again == fresh and not any(name.startswith("pretrain/") for name in again)
+
+
 def test_preprocessed_arrays_are_the_normalised_raw_arrays(tmp_path):
     raw = _gen(tmp_path / "raw", seed=8, pretrain_images=0)
     pre = _gen(tmp_path / "pre", seed=8, pretrain_images=0, preprocessed=True)
+    storage = Storage.from_clip("float32")
+    fill = storage.encode(np.array([[storage.fill]], np.uint8))[:, 0, 0]
     for path in ("train_npz", "test_npz", "grounding", "vg_images", "vg_masked"):
         zr, zp = np.load(getattr(raw, path)), np.load(getattr(pre, path))
         assert zr.files == zp.files
         for k in zr.files:
             a, b = zr[k], zp[k]
             assert b.dtype == np.float32 and b.shape == (3, 64, 64)
-            masked_px = np.all(b == 0.0, axis=0)
-            assert masked_px.any() == (path in ("grounding", "vg_masked"))
-            expect = to_storage(a, preprocessed=True)
-            assert np.allclose(b[:, ~masked_px], expect[:, ~masked_px], atol=1e-6)
-            assert np.allclose(expect[:, masked_px], 0.0, atol=0.02)  # raw fill is CLIP's mean colour
+            assert np.array_equal(b, storage.encode(a))  # prepare_data's float32 storage of the same pixels
+            assert np.allclose(b, to_storage(a, preprocessed=True), atol=1e-6)
+            if path in ("grounding", "vg_masked"):
+                assert np.all(b == fill[:, None, None], axis=0).any()  # the masked box: CLIP's mean colour, ~0
+    assert np.abs(fill).max() < 0.02
     assert raw.train_jsonl.read_bytes() == pre.train_jsonl.read_bytes()
 
 
