@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +21,8 @@ from tqdm import tqdm
 
 from agree.io import atomic_path, atomic_write, dumps
 from agree.layout import Layout
+from agree.npz import NpzWriter
+from dataprep.pipeline import PrepareConfig, prepare
 from synth import captions as C
 from synth import formats as F
 from synth.raw import SPLIT_CODES, UNUSABLE_VG_SHAPE, RawPaths, stem_for, write_flickr, write_vg
@@ -30,7 +31,6 @@ from synth.world import COLOUR_NAMES, SHAPES, iter_split_scenes
 
 FORMAT_VERSION = 2
 DATASET = "flickr30k"
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 @dataclass
@@ -78,32 +78,6 @@ class SynthLayout(Layout):
     def world(self) -> Path:
         """world.json: the generator's config and counts; written last, so it marks a complete dataset."""
         return self.root / "synthetic" / "world.json"
-
-
-class NpzWriter:
-    """Streams arrays into an uncompressed .npz (one entry at a time, fixed timestamps: same bytes each run)."""
-
-    def __init__(self, path: Path):
-        self._zf = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._keys: set[str] = set()
-
-    def add(self, key: str, array: np.ndarray) -> None:
-        """Store `array` under `key` (np.load(path)[key] returns it)."""
-        if key in self._keys:
-            raise ValueError(f"duplicate npz key {key!r}")
-        self._keys.add(key)
-        info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
-        info.compress_type = zipfile.ZIP_STORED
-        info.external_attr = 0o644 << 16
-        with self._zf.open(info, "w") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def close(self) -> None:
-        """Write the central directory."""
-        self._zf.close()
 
 
 class _Sink:
@@ -156,7 +130,6 @@ def _write_pretrain(cfg: SynthConfig, lay: SynthLayout, meta: _Sink, progress: b
 
 def _prepare(cfg: SynthConfig, root: Path, raw: RawPaths, progress: bool) -> dict:
     """Build datasets/flickr30k_images and VG/ under `root` from the raw files, as scripts/prepare_data.py does."""
-    from dataprep.pipeline import PrepareConfig, prepare
     from synth.detector import THRESHOLD
     report = prepare(PrepareConfig(
         dataset=DATASET, raw=raw.raw, vg_raw=raw.vg_raw, out=root, boxes=raw.boxes, resolution=cfg.resolution,

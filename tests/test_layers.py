@@ -1,4 +1,7 @@
-"""The import layers: clip (a leaf) < agree (shared plumbing) < the stages < experiments < scripts.
+"""The import layers: clip (a leaf) < agree (shared plumbing) < the stages < synth < experiments < scripts.
+
+synth (the synthetic world) sits above the stages: it writes raw downloads and builds its layout with
+dataprep's pipeline, as a user would.
 
 An import may go down the layers or stay inside its own package, never up and never sideways between
 the stages, so each stage can be read (and changed) on its own. The test reads every module's import
@@ -11,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"clip": 0, "agree": 1, "training": 2, "eval": 2, "synth": 2, "dataprep": 2, "experiments": 3, "scripts": 4}
+LAYERS = {"clip": 0, "agree": 1, "training": 2, "eval": 2, "dataprep": 2, "synth": 3, "experiments": 4, "scripts": 5}
 THIRD_PARTY_OF_CLIP = {"torch", "torchvision", "numpy", "PIL", "ftfy", "regex"}
 
 
