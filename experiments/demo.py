@@ -51,7 +51,7 @@ class Recipe:
     # the backbone (pre-training on the simple-caption split)
     pretrain_images: int = 12000
     pretrain_captions: int = 2
-    pretrain_epochs: int = 3
+    pretrain_epochs: int = 2
     pretrain_batch: int = 64
     pretrain_lr: float = 1e-3
     pretrain_warmup: int = 100
