@@ -130,21 +130,15 @@ class Stage:
 
 
 def expected_seconds(recipe: Recipe, world_cached: bool, backbone_cached: bool) -> dict[str, float]:
-    """Expected seconds per kind of stage, from RATES."""
+    """Expected seconds of each kind of stage and in total, from RATES."""
     examples = recipe.train_images * recipe.train_captions * recipe.epochs
-    n_runs = len(recipe.seeds)
-    n_agree = n_runs * (len(methods(recipe)) - 1)
-    return {"world": 0.0 if world_cached else RATES["world"] * (1 + recipe.pretrain_images / 12000),
-            "backbone": 0.0 if backbone_cached else
-            RATES["pretrain"] * recipe.pretrain_images * recipe.pretrain_captions * recipe.pretrain_epochs,
-            "global": RATES["global"] * examples,
-            "agree": RATES["agree"] * examples,
-            "score": RATES["score"],
-            "total": (0.0 if world_cached else RATES["world"] * (1 + recipe.pretrain_images / 12000))
-            + (0.0 if backbone_cached else
-               RATES["pretrain"] * recipe.pretrain_images * recipe.pretrain_captions * recipe.pretrain_epochs)
-            + n_runs * RATES["global"] * examples + n_agree * RATES["agree"] * examples
-            + (1 + n_runs * len(methods(recipe))) * RATES["score"]}
+    pretrain = recipe.pretrain_images * recipe.pretrain_captions * recipe.pretrain_epochs
+    out = {"world": 0.0 if world_cached else RATES["world"] * (1 + recipe.pretrain_images / 12000),
+           "backbone": 0.0 if backbone_cached else RATES["pretrain"] * pretrain,
+           "global": RATES["global"] * examples, "agree": RATES["agree"] * examples, "score": RATES["score"]}
+    runs = [out["global"] if not terms else out["agree"] for _, terms in methods(recipe)] * len(recipe.seeds)
+    out["total"] = out["world"] + out["backbone"] + sum(runs) + (1 + len(runs)) * out["score"]
+    return out
 
 
 # ---------------------------------------------------------------- cached world and backbone
