@@ -22,17 +22,18 @@ from agree.io import InputError
 from agree.layout import Layout
 from clip.clip import model_config
 from eval.extraction import load_finetuned, load_zero_shot
-from experiments.measure import EvalSplit, Scored, entities_found_share, score, test_split, val_split
-from synth.twins import TwinFiles, write_twins
+from experiments.measure import EvalSplit, Scored, entities_found, score, test_split, val_split
+from synth.twins import TWIN_KINDS, TwinFiles, write_twins
 from synth.writer import SynthConfig, SynthLayout, generate
 from training import main_all
 from training.terms import AGREE_TERMS, OPTIONAL, flags_of
 
 REPO = Path(__file__).resolve().parents[1]
 CODE_HASHED = ("synth", "dataprep")  # the world is a function of these packages' code and its config
-# Seconds per training example (2 idle CPU cores, tiny model, batch 32/64) and per scored model, measured
-# on this project's CI machine; only used to print the expected total at the start.
-RATES = {"pretrain": 0.0035, "global": 0.0045, "agree": 0.028, "score": 12.0, "world": 40.0}
+# Seconds per training example (pre-training at batch 64, fine-tuning at batch 32), per generated image,
+# and per scored model: measured on 2 idle CPU cores with the tiny model; only used to print the expected
+# times at the start.
+RATES = {"pretrain": 0.0060, "global": 0.0062, "agree": 0.0315, "score": 8.0, "world": 0.0013}
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,9 @@ def expected_seconds(recipe: Recipe, world_cached: bool, backbone_cached: bool) 
     """Expected seconds of each kind of stage and in total, from RATES."""
     examples = recipe.train_images * recipe.train_captions * recipe.epochs
     pretrain = recipe.pretrain_images * recipe.pretrain_captions * recipe.pretrain_epochs
-    out = {"world": 0.0 if world_cached else RATES["world"] * (1 + recipe.pretrain_images / 12000),
+    images = (recipe.train_images + recipe.val_images + recipe.test_images + recipe.pretrain_images
+              + 2 * len(TWIN_KINDS) * recipe.twin_pairs)
+    out = {"world": 0.0 if world_cached else RATES["world"] * images,
            "backbone": 0.0 if backbone_cached else RATES["pretrain"] * pretrain,
            "global": RATES["global"] * examples, "agree": RATES["agree"] * examples, "score": RATES["score"]}
     runs = [out["global"] if not terms else out["agree"] for _, terms in methods(recipe)] * len(recipe.seeds)
@@ -230,7 +233,7 @@ class Measured:
     split: str
     zero_shot: Scored
     fine_tuned: dict = field(default_factory=dict)  # (label, seed) -> Scored
-    entities_found: Optional[float] = None
+    entities_found: Optional[dict] = None   # backbone: percent of T2I top-1 holding the named entities / shapes
 
 
 def run(recipe: Recipe, out: Path, cache: Path, eval_split: str = "test") -> tuple[Measured, dict, EvalSplit]:
@@ -256,11 +259,11 @@ def run(recipe: Recipe, out: Path, cache: Path, eval_split: str = "test") -> tup
 
     measured = Measured(eval_split, stages.run("zero-shot", expected["score"], zero_shot))
     if eval_split == "test":
-        measured.entities_found = entities_found_share(SynthLayout.under(world).meta["test"],
+        measured.entities_found = entities_found(SynthLayout.under(world).meta["test"],
                                                        measured.zero_shot.top1["plain"],
                                                        [q for q, _ in split.captions])
-        print(f"    backbone: {measured.entities_found:.1f}% of T2I top-1 images contain every entity the query names",
-              flush=True)
+        print(f"    backbone: {measured.entities_found['entities']:.1f}% of zero-shot T2I top-1 images contain every "
+              f"entity the query names ({measured.entities_found['shapes']:.1f}% every shape)", flush=True)
     for seed in recipe.seeds:
         for label, terms in methods(recipe):
             kind = "global" if not terms else "agree"

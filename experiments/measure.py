@@ -178,13 +178,17 @@ def _matches(phrase: str, entity: dict) -> bool:
     return (colour is None or entity["colour"] == colour) and (size is None or entity["size"] == size)
 
 
-def entities_found_share(test_meta: Path, top1: list, query_ids: list) -> float:
-    """Percent of T2I top-1 images that contain an entity fitting every entity phrase of the query."""
+def entities_found(test_meta: Path, top1: list, query_ids: list) -> dict[str, float]:
+    """Percent of T2I top-1 images that contain an entity fitting every entity phrase of the query
+    ("entities": shape, colour and size as named) and that contain every shape the query names ("shapes")."""
     scenes, mentions = {}, {}
     for rec in read_jsonl(test_meta):
         scenes[str(rec["stem"])] = rec["scene"]["entities"]
         for q, cap in zip(rec["query_ids"], rec["captions"]):
             mentions[str(q)] = [m[0] for m in cap["mentions"]]
-    hits = [all(any(_matches(p, e) for e in scenes[str(item)]) for p in mentions[str(q)])
-            for q, item in zip(query_ids, top1)]
-    return 100 * float(np.mean(hits))
+    full, shapes = [], []
+    for q, item in zip(query_ids, top1):
+        ents, phrases = scenes[str(item)], mentions[str(q)]
+        full.append(all(any(_matches(p, e) for e in ents) for p in phrases))
+        shapes.append(all(any(e["shape"] == p.split()[-1] for e in ents) for p in phrases))
+    return {"entities": 100 * float(np.mean(full)), "shapes": 100 * float(np.mean(shapes))}

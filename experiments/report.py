@@ -115,9 +115,10 @@ def markdown(record: dict) -> str:
                      + f" (±{max(r['twin'][k][s + '_se'] for s in TWIN_SCORES):.1f})" for k in kinds]
             lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
         lines.append("")
-    if record.get("backbone", {}).get("entities_found") is not None:
-        lines += [f"Backbone: {record['backbone']['entities_found']:.1f}% of zero-shot T→I top-1 images contain every "
-                  "entity the query names.", ""]
+    found = record.get("backbone", {}).get("entities_found")
+    if found:
+        lines += [f"Backbone: {found['entities']:.1f}% of zero-shot T→I top-1 images contain every entity the query "
+                  f"names (shape, colour and size as named); {found['shapes']:.1f}% contain every shape it names.", ""]
     if record.get("examples"):
         e = record["examples"]
         lines += [f"T→I top-1, AGREE vs global-only (seed {e['seed']}), over all {e['queries']} queries: "

@@ -279,31 +279,33 @@ TARGET_TEMPLATES: dict[str, Template] = {
 
 
 def p_photo(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """Pretraining style: "a photo of {all entities}." """
-    return _pretrain_list(scene, rng, "a photo of ", ".", True, "p_photo")
+    """Pretraining style: "a photo of a circle and a star in blue and red." """
+    return _pretrain_list(scene, rng, "p_photo", lambda shapes, colours: f"a photo of {join_phrases(shapes)} in "
+                          f"{join_phrases(colours)}.", True)
 
 
 def p_image(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """Pretraining style: "an image of {all entities}." """
-    return _pretrain_list(scene, rng, "an image of ", ".", True, "p_image")
+    """Pretraining style: "an image of a circle and a star; colours: red, blue." """
+    return _pretrain_list(scene, rng, "p_image", lambda shapes, colours: f"an image of {join_phrases(shapes)}; "
+                          f"colours: {', '.join(colours)}.", True)
 
 
 def p_bare(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """Pretraining style: "red circle, blue star" (comma list, no articles)."""
-    return _pretrain_list(scene, rng, "", "", False, "p_bare")
+    """Pretraining style: "circle, star; red, blue" (no articles)."""
+    return _pretrain_list(scene, rng, "p_bare", lambda shapes, colours: f"{', '.join(shapes)}; {', '.join(colours)}",
+                          False)
 
 
-def _pretrain_list(scene: Scene, rng: np.random.Generator, prefix: str, suffix: str, articles: bool,
-                   name: str) -> Caption:
+def _pretrain_list(scene: Scene, rng: np.random.Generator, name: str,
+                   fmt: Callable[[list[str], list[str]], str], articles: bool) -> Caption:
+    """Every entity's shape, then the colours present in an independent order: what is in the image, never
+    which colour belongs to which shape (the binding is left for the target captions)."""
     n = len(scene.entities)
     order = [int(k) for k in rng.permutation(n)]
-    phrases = []
-    for k in order:
-        forms = ("full",) if rng.random() < 0.25 else ("colour",)
-        phrases.append(refer(scene, k, rng, sizes=SIZE_WORDS_PRETRAIN, forms=forms,
-                             with_article=articles, definite_prob=0.0))
-    listed = join_phrases(phrases) if articles else ", ".join(phrases)
-    return Caption(f"{prefix}{listed}{suffix}", name, list(zip(phrases, order)), [["count", n]], [])
+    phrases = [f"{article([scene.entities[k].shape], False)} {scene.entities[k].shape}" if articles
+               else scene.entities[k].shape for k in order]
+    colours = list(dict.fromkeys(scene.entities[int(k)].colour for k in rng.permutation(n)))
+    return Caption(fmt(phrases, colours), name, list(zip(phrases, order)), [["count", n]], [])
 
 
 PRETRAIN_TEMPLATES: dict[str, Template] = {"p_photo": p_photo, "p_image": p_image, "p_bare": p_bare}
