@@ -63,6 +63,7 @@ class Recipe:
     lr: float = 3e-4
     warmup: int = 50
     wd: float = 0.1
+    methods: tuple[str, ...] = ("global-only", "AGREE")
     ablation: bool = False
 
     def world_config(self) -> dict:
@@ -72,8 +73,10 @@ class Recipe:
         return {k: getattr(self, k) for k in keys} | {"resolution": model_config(self.model)["image_resolution"]}
 
     def backbone_config(self) -> dict:
-        """What the pre-trained backbone depends on (besides the world)."""
-        keys = ("pretrain_epochs", "pretrain_batch", "pretrain_lr", "pretrain_warmup", "data_seed")
+        """What the pre-trained backbone depends on: the pre-training split (its own random stream, so the
+        sizes of the other splits do not matter) and the pre-training recipe."""
+        keys = ("data_seed", "pretrain_images", "pretrain_captions", "pretrain_epochs", "pretrain_batch",
+                "pretrain_lr", "pretrain_warmup")
         return {k: getattr(self, k) for k in keys} | {"model": model_config(self.model)}
 
 
@@ -102,7 +105,10 @@ def code_digest(packages: tuple[str, ...] = CODE_HASHED) -> str:
 
 def methods(recipe: Recipe) -> list[tuple[str, tuple[str, ...]]]:
     """Fine-tuned methods (row label, enabled AGREE terms): global-only, AGREE, then each ablation."""
-    out = [("global-only", ()), ("AGREE", AGREE_TERMS)]
+    unknown = set(recipe.methods) - {"global-only", "AGREE"}
+    if unknown:
+        raise InputError(f"--methods: unknown method(s) {', '.join(sorted(unknown))} (global-only, AGREE)")
+    out = [(label, terms) for label, terms in (("global-only", ()), ("AGREE", AGREE_TERMS)) if label in recipe.methods]
     if recipe.ablation:
         out += [(f"AGREE w/o {t.label}", tuple(n for n in AGREE_TERMS if n != t.name)) for t in OPTIONAL]
     return out
@@ -176,7 +182,7 @@ def build_world(cache: Path, recipe: Recipe) -> Path:
 
 def backbone_path(cache: Path, recipe: Recipe) -> Path:
     """Where the backbone of this recipe lives in the cache."""
-    key = _digest([recipe.world_config(), code_digest(), recipe.backbone_config()])
+    key = _digest([code_digest(), recipe.backbone_config()])
     return cache / "backbones" / f"{recipe.model}-{key}.pt"
 
 

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "seeds":
             p.add_argument(flag, type=_seeds, default=None, help="training seeds, comma-separated")
+        elif f.name == "methods":
+            p.add_argument(flag, type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()), default=None,
+                           help="fine-tuned methods, comma-separated: global-only, AGREE (default both)")
         elif f.name == "ablation":
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                            help="also run AGREE minus each term (1/0)")
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
               "backbone": {"entities_found": measured.entities_found},
               "rows": rows, "paired": paired(rows), "seconds": seconds}
     plot_rsum(rows, args.out / "rsum.png")
-    if args.eval_split == "test":
+    if args.eval_split == "test" and {"AGREE", "global-only"} <= set(recipe.methods):
         seed = recipe.seeds[0]
         record["examples"] = draw_examples(split, measured.fine_tuned[("AGREE", seed)].top1["plain"],
                                            measured.fine_tuned[("global-only", seed)].top1["plain"], seed,
