@@ -63,6 +63,7 @@ class Recipe:
     lr: float = 3e-4
     warmup: int = 50
     wd: float = 0.1
+    lock_image: bool = False         # fine-tune the text tower only (main_all.py --lock-image)
     methods: tuple[str, ...] = ("global-only", "AGREE")
     ablation: bool = False
 
@@ -228,7 +229,7 @@ def fine_tune(out: Path, recipe: Recipe, world: Path, backbone: Path, label: str
             f"--pretrained-path={backbone}", f"--seed={seed}", f"--epochs={recipe.epochs}",
             f"--batch-size={recipe.batch_size}", f"--lr={recipe.lr}", f"--wd={recipe.wd}",
             f"--warmup={recipe.warmup}", f"--save-frequency={recipe.epochs}", f"--logs={out / 'runs'}",
-            f"--name={name}"])
+            f"--name={name}"] + (["--lock-image"] if recipe.lock_image else []))
     return out / "runs" / name / "checkpoints" / f"epoch_{recipe.epochs}.pt"
 
 

@@ -30,6 +30,12 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def _flag(text: str) -> bool:
+    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected 1 or 0, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """--preset, --out, --cache, --eval-split, and one flag per recipe setting (default: the preset's)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "methods":
             p.add_argument(flag, type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()), default=None,
                            help="fine-tuned methods, comma-separated: global-only, AGREE (default both)")
-        elif f.name == "ablation":
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                           help="also run AGREE minus each term (1/0)")
+        elif f.name in ("ablation", "lock_image"):
+            what = "also run AGREE minus each term" if f.name == "ablation" else "fine-tune the text tower only"
+            p.add_argument(flag, type=_flag, default=None, help=f"{what} (1/0)")
         else:
             p.add_argument(flag, type=type(f.default), default=None, help=f"(default: the preset's, {f.default} in default)")
     return p

@@ -16,7 +16,7 @@ args=(--preset "${PRESET:-default}" --out "${DEMO_DIR:-tmp/demo}" --cache "${CAC
 # recipe settings: environment variable NAME -> flag --name (unset: the preset's value)
 for name in DATA_SEED TRAIN_IMAGES TRAIN_CAPTIONS VAL_IMAGES TEST_IMAGES TWIN_PAIRS VG_PER_OBJECT MODEL \
             PRETRAIN_IMAGES PRETRAIN_CAPTIONS PRETRAIN_EPOCHS PRETRAIN_BATCH PRETRAIN_LR PRETRAIN_WARMUP \
-            SEEDS EPOCHS BATCH_SIZE LR WARMUP WD METHODS ABLATION; do
+            SEEDS EPOCHS BATCH_SIZE LR WARMUP WD LOCK_IMAGE METHODS ABLATION; do
     if [ -n "${!name:-}" ]; then
         flag="--$(echo "$name" | tr 'A-Z_' 'a-z-')"
         args+=("$flag" "${!name}")
