@@ -33,7 +33,8 @@ CODE_HASHED = ("synth", "dataprep")  # the world is a function of these packages
 # Seconds per training example (pre-training at batch 64, fine-tuning at batch 32), per generated image,
 # and per scored model: measured on 2 idle CPU cores with the tiny model; only used to print the expected
 # times at the start.
-RATES = {"pretrain": 0.0060, "global": 0.0062, "agree": 0.0315, "score": 8.0, "world": 0.0013}
+RATES = {"pretrain": 0.0070, "global": 0.0062, "agree": 0.0315, "score": 8.0, "world": 0.0013}
+RATES_LOCKED_IMAGE = {"global": 0.0042, "agree": 0.0225}  # fine-tuning with --lock-image
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,10 @@ class Recipe:
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 2
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-3
     warmup: int = 50
     wd: float = 0.1
-    lock_image: bool = False         # fine-tune the text tower only (main_all.py --lock-image)
+    lock_image: bool = True          # fine-tune the text tower only (main_all.py --lock-image)
     methods: tuple[str, ...] = ("global-only", "AGREE")
     ablation: bool = False
 
@@ -145,7 +146,9 @@ def expected_seconds(recipe: Recipe, world_cached: bool, backbone_cached: bool) 
               + 2 * len(TWIN_KINDS) * recipe.twin_pairs)
     out = {"world": 0.0 if world_cached else RATES["world"] * images,
            "backbone": 0.0 if backbone_cached else RATES["pretrain"] * pretrain,
-           "global": RATES["global"] * examples, "agree": RATES["agree"] * examples, "score": RATES["score"]}
+           "score": RATES["score"]}
+    rates = RATES_LOCKED_IMAGE if recipe.lock_image else RATES
+    out |= {"global": rates["global"] * examples, "agree": rates["agree"] * examples}
     runs = [out["global"] if not terms else out["agree"] for _, terms in methods(recipe)] * len(recipe.seeds)
     out["total"] = out["world"] + out["backbone"] + sum(runs) + (1 + len(runs)) * out["score"]
     return out
