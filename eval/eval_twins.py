@@ -7,7 +7,6 @@ feature files). Output: {kind: {"n", "text", "text_se", "image", "image_se", "gr
 in percent, per kind and over all pairs ("all").
 """
 import argparse
-import json
 
 from agree.io import run_cli, write_json
 from eval.feature_io import read_retrieval_features

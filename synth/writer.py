@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 from tqdm import tqdm
 
 from agree.io import atomic_path, atomic_write, dumps
