@@ -81,7 +81,7 @@ def _images(model: CLIP, path: Path) -> Features:
 
 
 def _gt_ids(ids: list[str], gt: RankedLists) -> list:
-    """npz keys (strings) -> the ground truth's ids, so that predictions name items as the ground truth does."""
+    """npz keys (strings) -> the ids the T2I ground truth gives its images, so predictions name them alike."""
     as_given = {str(x): x for items in gt.items for x in items}
     return [as_given.get(k, k) for k in ids]
 
@@ -114,7 +114,7 @@ def score(model: CLIP, split: EvalSplit, twins: Optional[TwinFiles], egr: bool =
     """Recall rows of `model` on `split`: "plain", "TBR", and with `egr` "EGR", "EGR+TBR"; twin scores."""
     ops = array_ops("cpu")
     image = _images(model, split.images)
-    image.ids = _gt_ids(image.ids, split.i2t_gt)
+    image.ids = _gt_ids(image.ids, split.t2i_gt)
     qids = [q for q, _ in split.captions]
     text = Features(Path("<captions>"), "query_id", qids, _texts(model, [t for _, t in split.captions]))
     lists = {}

@@ -185,16 +185,16 @@ def draw_examples(split: EvalSplit, a: list, b: list, seed: int, path: Path, sam
             ax.imshow(_displayable(archive[keys[str(item)]]))
             ax.set_xticks([])
             ax.set_yticks([])
-            mark = "" if item == gold or title == "correct image" else " (wrong)"
+            mark = "" if str(item) == str(gold) or title == "correct image" else " (wrong)"
             ax.set_title(title + mark, fontsize=8)
         row[0].set_ylabel(f"{what.upper()}", fontsize=9, color="tab:green" if what == "win" else "tab:red")
         row[1].set_xlabel(text if len(text) < 70 else text[:67] + "...", fontsize=7)
     n = len(split.captions)
-    fig.suptitle(f"Rule: {EXAMPLES_PER_SIDE} wins and {EXAMPLES_PER_SIDE} losses drawn at random (seed {sample_seed}) "
-                 f"among the queries whose T→I top-1 is right for one method only (training seed {seed}).\n"
-                 f"Over all {n} queries: {len(cmp['wins'])} wins, {len(cmp['losses'])} losses, {cmp['ties']} ties "
-                 "(both right or both wrong).", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.suptitle(f"Rule: {EXAMPLES_PER_SIDE} wins and {EXAMPLES_PER_SIDE} losses of AGREE vs global-only, drawn at random "
+                 f"(seed {sample_seed})\namong the queries whose T→I top-1 is right for one method only (training seed "
+                 f"{seed}).\nOver all {n} queries: {len(cmp['wins'])} wins, {len(cmp['losses'])} losses, {cmp['ties']} "
+                 "ties (both right or both wrong).", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
