@@ -67,12 +67,12 @@ def write_manifest(folder: Path, settings: dict, counts: dict, **extra) -> None:
 
 
 @contextlib.contextmanager
-def staging_area(out: Path) -> Iterator[Path]:
-    """A temporary folder inside `out` (same file system, so the final renames are atomic); removed at the end,
-    and `out` too if this run created it and it stayed empty."""
+def staging_area(out: Path, prefix: str = ".prepare_data.") -> Iterator[Path]:
+    """A temporary folder inside `out` (same file system, so the final renames are atomic); removed at the end
+    with anything moved aside into it, and `out` too if this run created it and it stayed empty."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".prepare_data.", dir=out))
+    stage = Path(tempfile.mkdtemp(prefix=prefix, dir=out))
     try:
         yield stage
     finally:

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
@@ -22,6 +19,7 @@ from agree.io import atomic_path, atomic_write, dumps
 from agree.layout import Layout
 from agree.npz import NpzWriter
 from dataprep.pipeline import PrepareConfig, prepare
+from dataprep.staging import staging_area
 from synth import captions as C
 from synth import formats as F
 from synth.raw import SPLIT_CODES, UNUSABLE_VG_SHAPE, RawPaths, stem_for, write_flickr, write_vg
@@ -144,21 +142,6 @@ def _prepare(cfg: SynthConfig, root: Path, raw: RawPaths, progress: bool) -> dic
             "vg_masked_images": c["vg_masked_images"], "vg_words": c["vg_words"]}
 
 
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder inside `out` (same file system: renames are atomic), removed at the end with anything
-    moved aside into it; `out` too if this run created it and it stayed empty."""
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".synth.", dir=out))
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-
-
 def _commit(stage: Path, out: Path, parts: list[str], drop: list[str]) -> None:
     """Rename each staged part into place (an old one is moved aside into the stage); old `drop` parts go too."""
     aside = stage / ".replaced"
@@ -188,7 +171,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     counts: dict[str, int] = {}
-    with _staging(out) as stage:
+    with staging_area(out, prefix=".synth.") as stage:
         lay = SynthLayout.under(stage)
         with contextlib.ExitStack() as stack:
             meta = {s: _Sink(stack.enter_context(open(p, "wb"))) for s, p in _meta_files(lay, cfg).items()}
