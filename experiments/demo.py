@@ -20,7 +20,7 @@ import torch
 
 from agree.io import InputError
 from agree.layout import Layout
-from clip.clip import model_config
+from clip.clip import load_checkpoint_state_dict, model_config
 from eval.extraction import load_finetuned, load_zero_shot
 from experiments.measure import EvalSplit, Scored, entities_found, score, test_split, val_split
 from synth.twins import TWIN_KINDS, TwinFiles, write_twins
@@ -161,10 +161,15 @@ def world_dir(cache: Path, recipe: Recipe) -> Path:
     return cache / "worlds" / f"{recipe.data_seed}-{_digest([recipe.world_config(), code_digest()])}"
 
 
+def _world_ready(folder: Path) -> bool:
+    """A complete cached world: the generator's world.json (written last) and the twin pairs (written after it)."""
+    return SynthLayout.under(folder).world.is_file() and TwinFiles(folder / "twins").pairs.is_file()
+
+
 def build_world(cache: Path, recipe: Recipe) -> Path:
     """Generate the world (release layout + pre-training split + twin split) unless cached; its folder."""
     target = world_dir(cache, recipe)
-    if (target / "synthetic" / "world.json").is_file() and TwinFiles(target / "twins").pairs.is_file():
+    if _world_ready(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
@@ -208,9 +213,8 @@ def pretrain_backbone(cache: Path, recipe: Recipe, world: Path) -> Path:
                 f"--epochs={recipe.pretrain_epochs}", f"--batch-size={recipe.pretrain_batch}",
                 f"--lr={recipe.pretrain_lr}", "--wd=0.1", f"--warmup={recipe.pretrain_warmup}",
                 f"--save-frequency={recipe.pretrain_epochs}", f"--logs={tmp}", "--name=pretrain"])
-        ckpt = torch.load(Path(tmp) / "pretrain" / "checkpoints" / f"epoch_{recipe.pretrain_epochs}.pt",
-                          map_location="cpu", weights_only=True)
-        weights = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+        weights = load_checkpoint_state_dict(Path(tmp) / "pretrain" / "checkpoints" /
+                                             f"epoch_{recipe.pretrain_epochs}.pt")
         torch.save(weights, Path(tmp) / "backbone.pt")
         (Path(tmp) / "backbone.pt").rename(target)
     return target
@@ -250,9 +254,7 @@ def run(recipe: Recipe, out: Path, cache: Path, eval_split: str = "test") -> tup
     """Every stage; returns the measurements, the stage times and the evaluation split."""
     if eval_split not in ("test", "val"):
         raise InputError(f"--eval-split must be test or val, got {eval_split!r}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    world_cached = (world_dir(cache, recipe) / "synthetic" / "world.json").is_file()
-    expected = expected_seconds(recipe, world_cached, backbone_path(cache, recipe).is_file())
+    expected = expected_seconds(recipe, _world_ready(world_dir(cache, recipe)), backbone_path(cache, recipe).is_file())
     stages = Stage(expected["total"])
     n_runs = len(recipe.seeds) * len(methods(recipe))
     print(f"demo: {len(recipe.seeds)} training seed(s) x {len(methods(recipe))} fine-tuned method(s) = {n_runs} "
