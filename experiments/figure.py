@@ -12,7 +12,7 @@ from clip.transform import MEAN, STD
 from eval.predictions import RankedLists, read_ranked_lists
 
 
-def _displayable(arr: np.ndarray) -> np.ndarray:
+def displayable(arr: np.ndarray) -> np.ndarray:
     """A stored image array (uint8 HWC or CLIP-normalised float CHW) as uint8 HWC."""
     if arr.dtype == np.uint8:
         return arr
@@ -61,7 +61,7 @@ def draw_retrieval_examples(texts_gt: Path, images_npz: Path, before_pred: Path,
                 if col >= len(ranked):
                     ax.axis("off")
                     continue
-                ax.imshow(_displayable(archive[ranked[col]]))
+                ax.imshow(displayable(archive[ranked[col]]))
                 hit = ranked[col] in gold[q]
                 for side in ax.spines.values():
                     side.set_edgecolor("limegreen" if hit else "lightgrey")

@@ -118,7 +118,9 @@ def markdown(record: dict) -> str:
     found = record.get("backbone", {}).get("entities_found")
     if found:
         lines += [f"Backbone: {found['entities']:.1f}% of zero-shot T→I top-1 images contain every entity the query "
-                  f"names (shape, colour and size as named); {found['shapes']:.1f}% contain every shape it names.", ""]
+                  f"names (shape, colour and size as named; {found['entities_chance']:.1f}% for an image drawn at "
+                  f"random); {found['shapes']:.1f}% contain every shape it names ({found['shapes_chance']:.1f}% at "
+                  "random).", ""]
     if record.get("examples"):
         e = record["examples"]
         lines += [f"T→I top-1, AGREE vs global-only (seed {e['seed']}), over all {e['queries']} queries: "
@@ -169,7 +171,7 @@ def draw_examples(split: EvalSplit, a: list, b: list, seed: int, path: Path, sam
     import matplotlib.pyplot as plt
 
     from agree.images import ImageArchive
-    from experiments.figure import _displayable
+    from experiments.figure import displayable
 
     cmp = compare_top1(split, a, b)
     rng = np.random.default_rng(sample_seed)
@@ -182,7 +184,7 @@ def draw_examples(split: EvalSplit, a: list, b: list, seed: int, path: Path, sam
         qid, text = split.captions[i]
         gold = (split.t2i_gt.get(qid) or [None])[0]
         for ax, item, title in zip(row, (gold, b[i], a[i]), ("correct image", "global-only top-1", "AGREE top-1")):
-            ax.imshow(_displayable(archive[keys[str(item)]]))
+            ax.imshow(displayable(archive[keys[str(item)]]))
             ax.set_xticks([])
             ax.set_yticks([])
             mark = "" if str(item) == str(gold) or title == "correct image" else " (wrong)"
