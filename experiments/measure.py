@@ -24,7 +24,7 @@ from eval.topk import topk_lists
 from eval.twins import TwinPairs, pair_outcomes, pair_similarities, read_twin_pairs, summarise
 from synth.captions import SIZE_WORDS_TARGET
 from synth.twins import TwinFiles
-from synth.world import COLOUR_NAMES
+from synth.world import COLOUR_NAMES, SHAPES, SIZES
 
 TOP_K, EGR_TOP_K, CHUNK, TEXT_BATCH, IMAGE_BATCH = 10, 20, 1000, 500, 250
 MISSING_RANK = 10**6  # rank of a gold item absent from a top-k list
@@ -168,27 +168,48 @@ def score_twin_split(model: CLIP, twins: TwinFiles) -> dict[str, dict]:
 _SIZE_OF_WORD = {w: size for size, words in SIZE_WORDS_TARGET.items() for w in words}
 
 
-def _matches(phrase: str, entity: dict) -> bool:
-    """Does a referring expression ("a big red circle", "the star") fit an entity's shape, colour and size?"""
+def _constraint(phrase: str) -> tuple[int, int, int]:
+    """What a referring expression ("a big red circle", "the star") asks of an entity: (shape, colour, size)
+    indices into an entity table, 0 meaning "any" for colour and size."""
     words = phrase.split()
-    if entity["shape"] != words[-1]:
-        return False
     colour = next((w for w in words if w in COLOUR_NAMES), None)
     size = next((_SIZE_OF_WORD[w] for w in words if w in _SIZE_OF_WORD), None)
-    return (colour is None or entity["colour"] == colour) and (size is None or entity["size"] == size)
+    return (SHAPES.index(words[-1]), 0 if colour is None else 1 + COLOUR_NAMES.index(colour),
+            0 if size is None else 1 + SIZES.index(size))
 
 
-def entities_found(test_meta: Path, top1: list, query_ids: list) -> dict[str, float]:
+def _entity_table(entities: list[dict]) -> np.ndarray:
+    """[shape, colour or any, size or any] -> does the image hold an entity that fits."""
+    table = np.zeros((len(SHAPES), 1 + len(COLOUR_NAMES), 1 + len(SIZES)), bool)
+    for e in entities:
+        s, c, z = SHAPES.index(e["shape"]), 1 + COLOUR_NAMES.index(e["colour"]), 1 + SIZES.index(e["size"])
+        table[s, 0, 0] = table[s, c, 0] = table[s, 0, z] = table[s, c, z] = True
+    return table
+
+
+def entities_found(meta: Path, top1: list, query_ids: list) -> dict[str, float]:
     """Percent of T2I top-1 images that contain an entity fitting every entity phrase of the query
-    ("entities": shape, colour and size as named) and that contain every shape the query names ("shapes")."""
-    scenes, mentions = {}, {}
-    for rec in read_jsonl(test_meta):
-        scenes[str(rec["stem"])] = rec["scene"]["entities"]
-        for q, cap in zip(rec["query_ids"], rec["captions"]):
-            mentions[str(q)] = [m[0] for m in cap["mentions"]]
-    full, shapes = [], []
+    ("entities": shape, colour and size as named) and that contain every shape the query names ("shapes"),
+    each beside its chance level (the same share for an image drawn at random from the split).
+
+    `meta` is a split's scene metadata: test records carry their query ids and images are keyed by stem;
+    validation images are keyed by their index and their captions are queries per·i .. per·i + per - 1."""
+    tables, rows, asks = {}, [], {}
+    for k, rec in enumerate(read_jsonl(meta)):
+        image = str(rec["stem"]) if "query_ids" in rec else str(rec.get("index", k))
+        tables[image] = len(rows)
+        rows.append(_entity_table(rec["scene"]["entities"]))
+        per = len(rec["captions"])
+        queries = rec.get("query_ids") or range(per * int(image), per * int(image) + per)
+        for q, cap in zip(queries, rec["captions"]):
+            asks[str(q)] = np.array([_constraint(m[0]) for m in cap["mentions"]]).reshape(-1, 3)
+    every = np.stack(rows)
+    out = {"entities": [], "shapes": [], "entities_chance": [], "shapes_chance": []}
     for q, item in zip(query_ids, top1):
-        ents, phrases = scenes[str(item)], mentions[str(q)]
-        full.append(all(any(_matches(p, e) for e in ents) for p in phrases))
-        shapes.append(all(any(e["shape"] == p.split()[-1] for e in ents) for p in phrases))
-    return {"entities": 100 * float(np.mean(full)), "shapes": 100 * float(np.mean(shapes))}
+        ask = asks[str(q)]
+        bare = ask * [1, 0, 0]
+        for name, want in (("entities", ask), ("shapes", bare)):
+            fits = every[:, want[:, 0], want[:, 1], want[:, 2]].all(axis=1)  # [images]
+            out[name].append(fits[tables[str(item)]])
+            out[name + "_chance"].append(fits.mean())
+    return {k: 100 * float(np.mean(v)) for k, v in out.items()}

@@ -285,9 +285,21 @@ def p_photo(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
 
 
 def p_image(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """Pretraining style: "an image of a circle and a star; colours: red, blue." """
+    """Pretraining style: "an image of a circle and a star; colours: red, blue; sizes: large, small." """
+    sizes = list(dict.fromkeys(scene.entities[int(k)].size for k in rng.permutation(len(scene.entities))))
     return _pretrain_list(scene, rng, "p_image", lambda shapes, colours: f"an image of {join_phrases(shapes)}; "
-                          f"colours: {', '.join(colours)}.", True)
+                          f"colours: {', '.join(colours)}; sizes: {', '.join(sizes)}.", True)
+
+
+def p_picture(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
+    """Pretraining style, shapes only: "a picture of a circle and a star." """
+    return _pretrain_list(scene, rng, "p_picture", lambda shapes, colours: f"a picture of {join_phrases(shapes)}.",
+                          True)
+
+
+def p_shapes(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
+    """Pretraining style, shapes only: "shapes: circle, star" (no articles)."""
+    return _pretrain_list(scene, rng, "p_shapes", lambda shapes, colours: f"shapes: {', '.join(shapes)}", False)
 
 
 def p_bare(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
@@ -298,8 +310,8 @@ def p_bare(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
 
 def _pretrain_list(scene: Scene, rng: np.random.Generator, name: str,
                    fmt: Callable[[list[str], list[str]], str], articles: bool) -> Caption:
-    """Every entity's shape, then the colours present in an independent order: what is in the image, never
-    which colour belongs to which shape (the binding is left for the target captions)."""
+    """Every entity's shape, then (in most templates) the colours present in an independent order: what is in
+    the image, never which colour belongs to which shape (the binding is left for the target captions)."""
     n = len(scene.entities)
     order = [int(k) for k in rng.permutation(n)]
     phrases = [f"{article([scene.entities[k].shape], False)} {scene.entities[k].shape}" if articles
@@ -308,7 +320,10 @@ def _pretrain_list(scene: Scene, rng: np.random.Generator, name: str,
     return Caption(fmt(phrases, colours), name, list(zip(phrases, order)), [["count", n]], [])
 
 
-PRETRAIN_TEMPLATES: dict[str, Template] = {"p_photo": p_photo, "p_image": p_image, "p_bare": p_bare}
+# Two of the five name the shapes alone: with the colours in every caption, the contrastive task can be solved
+# from colour alone, and a backbone trained that way does not learn to recognise shapes.
+PRETRAIN_TEMPLATES: dict[str, Template] = {"p_photo": p_photo, "p_image": p_image, "p_bare": p_bare,
+                                           "p_picture": p_picture, "p_shapes": p_shapes}
 
 
 def make_captions(scene: Scene, rng: np.random.Generator, n: int, templates: dict[str, Template]) -> list[Caption]:

@@ -182,3 +182,45 @@ def test_a_one_seed_record_says_it_makes_no_claims():
               "seconds": {"world": 1.0}}
     text = markdown(record)
     assert "One training seed: a first look, no claims." in text and "no spread, so no claim" in text
+
+
+def _scene(*entities):
+    return {"entities": [dict(zip(("shape", "colour", "size"), e)) for e in entities]}
+
+
+def _caption(*phrases):
+    return {"text": " and ".join(phrases), "mentions": [[p, k] for k, p in enumerate(phrases)]}
+
+
+def test_entities_found_against_hand_counts_with_chance_levels(tmp_path):
+    from experiments.measure import entities_found
+    meta = tmp_path / "test_scenes.jsonl"
+    records = [  # three test images (keyed by stem), one caption each
+        {"stem": "11", "query_ids": [0], "scene": _scene(("circle", "red", "small"), ("star", "blue", "large")),
+         "captions": [_caption("a small red circle", "the star")]},
+        {"stem": "12", "query_ids": [1], "scene": _scene(("circle", "blue", "large")),
+         "captions": [_caption("a big blue circle")]},
+        {"stem": "13", "query_ids": [2], "scene": _scene(("star", "red", "small"), ("circle", "green", "large")),
+         "captions": [_caption("a red star")]},
+    ]
+    meta.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # query 0 -> image 13 (a circle and a star, but no small red circle); 1 -> 12 (right); 2 -> 11 (a star, not red)
+    got = entities_found(meta, ["13", "12", "11"], [0, 1, 2])
+    assert got["entities"] == pytest.approx(100 / 3)
+    assert got["shapes"] == pytest.approx(100)
+    # images fitting each query: q0 entities {11}, shapes {11, 13}; q1 {12}, {11, 12, 13}; q2 {13}, {11, 13}
+    assert got["entities_chance"] == pytest.approx(100 / 3)
+    assert got["shapes_chance"] == pytest.approx(100 * (2 + 3 + 2) / 9)
+
+
+def test_entities_found_on_validation_metadata_keys_images_by_index(tmp_path):
+    from experiments.measure import entities_found
+    meta = tmp_path / "val_scenes.jsonl"
+    records = [{"index": i, "stem": f"9{i}", "scene": _scene((shape, "red", "small")),
+                "captions": [_caption(f"a {shape}"), _caption(f"a large {shape}")]}
+               for i, shape in enumerate(("circle", "square"))]
+    meta.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # queries 2i, 2i+1 are image i's captions; every query retrieves image 0 (a small red circle)
+    got = entities_found(meta, [0, 0, 0, 0], [0, 1, 2, 3])
+    assert got["shapes"] == pytest.approx(50) and got["entities"] == pytest.approx(25)
+    assert got["shapes_chance"] == pytest.approx(50) and got["entities_chance"] == pytest.approx(25)

@@ -343,20 +343,25 @@ def test_pretraining_captions_are_simpler_than_target_captions(ds):
     _, meta, _ = ds
     target_words, pretrain_words = set(), set()
     target_templates, pretrain_templates = set(), set()
+    shapes_only = 0  # pre-training captions that name no colour: shapes must be recognised, not just colours
     for split, scene, cap in _all_captions(meta):
         words = set(re.sub(r"[,.:;]", " ", cap["text"]).split())
         if split == "pretrain":
             tokens = re.sub(r"[,.:;]", " ", cap["text"]).split()
-            # colours and shapes are named apart: a colour word never qualifies a shape word
-            assert not any(a in COLOURS and b in SHAPES for a, b in zip(tokens, tokens[1:])), cap["text"]
+            # colours, sizes and shapes are named apart: no colour or size word qualifies a shape word
+            assert not any((a in COLOURS or a in SIZE_CLASS) and b in SHAPES
+                           for a, b in zip(tokens, tokens[1:])), cap["text"]
             pretrain_words |= words
             pretrain_templates.add(cap["template"])
+            shapes_only += not words & set(COLOURS)
             assert not cap["claims"][1:] and cap["claims"][0] == ["count", len(scene["entities"])]
         else:
             target_words |= words
             target_templates.add(cap["template"])
     assert not target_templates & pretrain_templates
-    allowed = set(SHAPES) | set(COLOURS) | {"a", "an", "of", "and", "in", "photo", "image", "colours"}
+    assert shapes_only > 0
+    allowed = set(SHAPES) | set(COLOURS) | {"small", "large"} | {"a", "an", "of", "and", "in", "photo", "image",
+                                                               "picture", "colours", "sizes", "shapes"}
     assert pretrain_words <= allowed, pretrain_words - allowed
     relational = {"left", "right", "above", "below", "next", "between", "bigger", "smaller", "top", "bottom"}
     assert relational & target_words and not relational & pretrain_words
