@@ -85,14 +85,14 @@ def markdown(record: dict) -> str:
     lines += [f"Scored on the {split} split ({record['sizes']['eval_images']} images, "
               f"{record['sizes']['eval_captions']} captions); recall in percent. Fine-tuned rows: mean ± sd over "
               f"training seeds {', '.join(map(str, rec['seeds']))} (data seed {rec['data_seed']} fixed). Zero-shot "
-              "rows have no training seed; the last column gives every row's test-sampling standard error of RSUM "
-              "(bootstrap over test images).", ""]
+              f"rows have no training seed; the last column gives every row's {split}-sampling standard error of "
+              f"RSUM (bootstrap over {split} images).", ""]
     for section, title in (("zero-shot", "Zero-shot re-ranking"), ("fine-tuned", "Fine-tuning"),
                            ("ablation", "Ablation (AGREE minus one term, no re-ranking)")):
         rows = [r for r in record["rows"] if r["section"] == section]
         if not rows:
             continue
-        lines += [f"### {title}", "", "| Method | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | R@10 | RSUM | test SE |",
+        lines += [f"### {title}", "", f"| Method | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | R@10 | RSUM | {split} SE |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             seeded = r["per_seed"][0]["seed"] is not None and len(r["per_seed"]) > 1
