@@ -4,7 +4,7 @@
 #   2. a tiny CLIP pre-trained on the world's simple captions            (cached under $CACHE_DIR)
 #   3. zero-shot re-ranking, then global-only and AGREE fine-tuning over several training seeds
 #   4. results.md, results.json, rsum.png, retrieval_examples.png        -> $DEMO_DIR
-# PRESET=default (3 seeds, ~25 min on 2 cores) | quick (1 seed, a first look) | full (+ the ablation).
+# PRESET=default (3 seeds, ~17 min on 2 cores) | quick (1 seed, a first look) | full (+ the ablation).
 # Every setting can be changed through the environment, e.g. SEEDS=0,1,2,3 LR=1e-3 bash scripts/run_demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
