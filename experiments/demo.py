@@ -270,8 +270,7 @@ def run(recipe: Recipe, out: Path, cache: Path, eval_split: str = "test") -> tup
         return score(model, split, twins, egr=eval_split == "test")
 
     measured = Measured(eval_split, stages.run("zero-shot", expected["zero-shot"], zero_shot))
-    found = entities_found(SynthLayout.under(world).meta[eval_split], measured.zero_shot.top1["plain"],
-                           [q for q, _ in split.captions])
+    found = entities_found(SynthLayout.under(world).meta[eval_split], split, measured.zero_shot.top1["plain"])
     measured.entities_found = found
     print(f"    backbone: {found['entities']:.1f}% of zero-shot T2I top-1 images contain every entity the query names "
           f"({found['entities_chance']:.1f}% at random), {found['shapes']:.1f}% every shape "

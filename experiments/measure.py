@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from agree.entities import EVAL_SLOTS, entity_slots
-from agree.io import read_json, read_jsonl
+from agree.io import InputError, read_json, read_jsonl
 from agree.layout import Layout
 from clip.model import CLIP
 from eval.array_ops import array_ops
@@ -187,29 +187,25 @@ def _entity_table(entities: list[dict]) -> np.ndarray:
     return table
 
 
-def entities_found(meta: Path, top1: list, query_ids: list) -> dict[str, float]:
-    """Percent of T2I top-1 images that contain an entity fitting every entity phrase of the query
-    ("entities": shape, colour and size as named) and that contain every shape the query names ("shapes"),
-    each beside its chance level (the same share for an image drawn at random from the split).
-
-    `meta` is a split's scene metadata: test records carry their query ids and images are keyed by stem;
-    validation images are keyed by their index and their captions are queries per·i .. per·i + per - 1."""
-    tables, rows, asks = {}, [], {}
-    for k, rec in enumerate(read_jsonl(meta)):
-        image = str(rec["stem"]) if "query_ids" in rec else str(rec.get("index", k))
-        tables[image] = len(rows)
-        rows.append(_entity_table(rec["scene"]["entities"]))
-        per = len(rec["captions"])
-        queries = rec.get("query_ids") or range(per * int(image), per * int(image) + per)
-        for q, cap in zip(queries, rec["captions"]):
-            asks[str(q)] = np.array([_constraint(m[0]) for m in cap["mentions"]]).reshape(-1, 3)
-    every = np.stack(rows)
+def entities_found(meta: Path, split: EvalSplit, top1: list) -> dict[str, float]:
+    """Percent of T2I top-1 images (`top1`, in the order of `split.captions`) that contain an entity fitting
+    every entity phrase of the query ("entities": shape, colour and size as named) and that contain every
+    shape the query names ("shapes"), each beside its chance level (the same share for an image drawn at
+    random from the split). `meta` is the split's scene metadata, one record per image in the order of
+    the split's image ground truth, its captions in the order of that image's queries."""
+    records = read_jsonl(meta)
+    if len(records) != len(split.i2t_gt):
+        raise InputError(f"{meta}: {len(records)} scenes for {len(split.i2t_gt)} images of the {split.name} split")
+    row_of = {str(image): k for k, image in enumerate(split.i2t_gt.ids)}
+    every = np.stack([_entity_table(rec["scene"]["entities"]) for rec in records])
+    asks = {str(q): np.array([_constraint(m[0]) for m in cap["mentions"]]).reshape(-1, 3)
+            for rec, queries in zip(records, split.i2t_gt.items) for q, cap in zip(queries, rec["captions"])}
     out = {"entities": [], "shapes": [], "entities_chance": [], "shapes_chance": []}
-    for q, item in zip(query_ids, top1):
+    for (q, _), item in zip(split.captions, top1):
         ask = asks[str(q)]
         bare = ask * [1, 0, 0]
         for name, want in (("entities", ask), ("shapes", bare)):
             fits = every[:, want[:, 0], want[:, 1], want[:, 2]].all(axis=1)  # [images]
-            out[name].append(fits[tables[str(item)]])
+            out[name].append(fits[row_of[str(item)]])
             out[name + "_chance"].append(fits.mean())
     return {k: 100 * float(np.mean(v)) for k, v in out.items()}

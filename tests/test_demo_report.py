@@ -192,6 +192,14 @@ def _caption(*phrases):
     return {"text": " and ".join(phrases), "mentions": [[p, k] for k, p in enumerate(phrases)]}
 
 
+def _split_of(images: list, queries: list[list]) -> EvalSplit:
+    """A split whose image i has the given query ids."""
+    caps = [(q, f"caption {q}") for qs in queries for q in qs]
+    t2i = as_ranked_lists("gt", "query_id", [(q, [im]) for im, qs in zip(images, queries) for q in qs])
+    i2t = as_ranked_lists("gt", "image_id", list(zip(images, queries)))
+    return EvalSplit("test", Path("none.npz"), caps, t2i, i2t, 1)
+
+
 def test_entities_found_against_hand_counts_with_chance_levels(tmp_path):
     from experiments.measure import entities_found
     meta = tmp_path / "test_scenes.jsonl"
@@ -204,8 +212,9 @@ def test_entities_found_against_hand_counts_with_chance_levels(tmp_path):
          "captions": [_caption("a red star")]},
     ]
     meta.write_text("".join(json.dumps(r) + "\n" for r in records))
+    split = _split_of(["11", "12", "13"], [[0], [1], [2]])
     # query 0 -> image 13 (a circle and a star, but no small red circle); 1 -> 12 (right); 2 -> 11 (a star, not red)
-    got = entities_found(meta, ["13", "12", "11"], [0, 1, 2])
+    got = entities_found(meta, split, ["13", "12", "11"])
     assert got["entities"] == pytest.approx(100 / 3)
     assert got["shapes"] == pytest.approx(100)
     # images fitting each query: q0 entities {11}, shapes {11, 13}; q1 {12}, {11, 12, 13}; q2 {13}, {11, 13}
@@ -213,14 +222,15 @@ def test_entities_found_against_hand_counts_with_chance_levels(tmp_path):
     assert got["shapes_chance"] == pytest.approx(100 * (2 + 3 + 2) / 9)
 
 
-def test_entities_found_on_validation_metadata_keys_images_by_index(tmp_path):
+def test_entities_found_follows_the_split_ground_truth_order(tmp_path):
     from experiments.measure import entities_found
     meta = tmp_path / "val_scenes.jsonl"
     records = [{"index": i, "stem": f"9{i}", "scene": _scene((shape, "red", "small")),
                 "captions": [_caption(f"a {shape}"), _caption(f"a large {shape}")]}
                for i, shape in enumerate(("circle", "square"))]
     meta.write_text("".join(json.dumps(r) + "\n" for r in records))
+    split = _split(n_images=2, per=2)
     # queries 2i, 2i+1 are image i's captions; every query retrieves image 0 (a small red circle)
-    got = entities_found(meta, [0, 0, 0, 0], [0, 1, 2, 3])
+    got = entities_found(meta, split, [0, 0, 0, 0])
     assert got["shapes"] == pytest.approx(50) and got["entities"] == pytest.approx(25)
     assert got["shapes_chance"] == pytest.approx(50) and got["entities_chance"] == pytest.approx(25)
