@@ -5,6 +5,7 @@ how many slots a caption gets (both as in the release): training keeps the segs 
 MAX_SEG_WORDS words and fills TRAIN_SLOTS slots; extraction takes the entities as given and fills
 EVAL_SLOTS slots. Unused slots hold the empty string.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,11 +13,11 @@ from typing import Optional, Sequence
 
 PROMPT_TEMPLATE = "a photo containing {}"
 MASK_TOKEN = "[MASK]"
-MAX_SEG_WORDS = 7   # training skips longer segs (words = pieces split on " ")
-TRAIN_SLOTS = 5     # entity slots per caption in fine-tuning
-EVAL_SLOTS = 10     # entity slots per caption in zero-shot extraction (EGR)
+MAX_SEG_WORDS = 7  # training skips longer segs (words = pieces split on " ")
+TRAIN_SLOTS = 5  # entity slots per caption in fine-tuning
+EVAL_SLOTS = 10  # entity slots per caption in zero-shot extraction (EGR)
 PAD = ""
-GENERIC_LABEL = "object"   # a grounding label that names no entity; never used to mask
+GENERIC_LABEL = "object"  # a grounding label that names no entity; never used to mask
 
 
 @dataclass
@@ -43,13 +44,17 @@ def short_segs(segs: Sequence[str], max_words: int = MAX_SEG_WORDS) -> list[str]
     return [s for s in segs if len(s.split(" ")) <= max_words]
 
 
-def entity_slots(caption: str, entities: Sequence[str], n_slots: int,
-                 template: Optional[str] = PROMPT_TEMPLATE) -> EntitySlots:
+def entity_slots(
+    caption: str, entities: Sequence[str], n_slots: int, template: Optional[str] = PROMPT_TEMPLATE
+) -> EntitySlots:
     """Prompts and masked captions of the first `n_slots` entities, padded with "" to `n_slots`."""
     kept = list(entities[:n_slots])
     pad = [PAD] * (n_slots - len(kept))
-    return EntitySlots([prompt(e, template) for e in kept] + pad, [masked_caption(caption, e) for e in kept] + pad,
-                       len(kept))
+    return EntitySlots(
+        [prompt(e, template) for e in kept] + pad,
+        [masked_caption(caption, e) for e in kept] + pad,
+        len(kept),
+    )
 
 
 def training_slots(caption: str, segs: Sequence[str]) -> EntitySlots:

@@ -1,4 +1,5 @@
 """Lazy, fork-safe access to images stored in an `.npz` archive (one array per key)."""
+
 from __future__ import annotations
 
 import os

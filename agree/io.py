@@ -1,4 +1,5 @@
 """File I/O shared by every stage: JSONL reading with located errors, atomic writes."""
+
 from __future__ import annotations
 
 import contextlib
@@ -53,7 +54,9 @@ def iter_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> Iterato
     p = require_file(path)
     with open(p, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            if line.isspace():  # blank line; isspace() stops at the first character, strip() would copy
+            if (
+                line.isspace()
+            ):  # blank line; isspace() stops at the first character, strip() would copy
                 continue
             try:
                 rec = loads(line)
@@ -67,7 +70,9 @@ def iter_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> Iterato
             yield lineno, rec
 
 
-def read_jsonl(path: str | os.PathLike, required: Sequence[str] = (), allow_empty: bool = False) -> list[dict]:
+def read_jsonl(
+    path: str | os.PathLike, required: Sequence[str] = (), allow_empty: bool = False
+) -> list[dict]:
     """Read a whole JSONL file into a list of records (see iter_jsonl)."""
     records = [rec for _, rec in iter_jsonl(path, required)]
     if not records and not allow_empty:

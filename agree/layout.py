@@ -6,6 +6,7 @@
 `root` is `tmp/` in the README's recipes. Every reader and writer of the layout takes its paths
 from here, so another dataset (e.g. "coco") is one word away.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ from typing import Optional, Union
 DEFAULT_ROOT = Path("tmp")
 DEFAULT_DATASET = "flickr30k"
 DATASETS = ("flickr30k", "coco")
-FILE_RESOLUTION = 224   # the size written into the npz file names of the release (".224.npz")
+FILE_RESOLUTION = 224  # the size written into the npz file names of the release (".224.npz")
 SPLITS = ("train", "val", "test")
 
 PathLike = Union[str, os.PathLike]
@@ -33,19 +34,32 @@ class Layout:
     resolution: int = FILE_RESOLUTION
 
     @classmethod
-    def under(cls, root: PathLike = DEFAULT_ROOT, dataset: str = DEFAULT_DATASET,
-              resolution: int = FILE_RESOLUTION) -> "Layout":
+    def under(
+        cls,
+        root: PathLike = DEFAULT_ROOT,
+        dataset: str = DEFAULT_DATASET,
+        resolution: int = FILE_RESOLUTION,
+    ) -> "Layout":
         """The layout below a root folder such as tmp/."""
         root = Path(root)
         return cls(root / "datasets" / f"{dataset}_images", root / "VG", dataset, resolution)
 
     @classmethod
-    def from_data_dir(cls, data_dir: PathLike, dataset: str = DEFAULT_DATASET, vg_dir: Optional[PathLike] = None,
-                      resolution: int = FILE_RESOLUTION) -> "Layout":
+    def from_data_dir(
+        cls,
+        data_dir: PathLike,
+        dataset: str = DEFAULT_DATASET,
+        vg_dir: Optional[PathLike] = None,
+        resolution: int = FILE_RESOLUTION,
+    ) -> "Layout":
         """The layout of a dataset folder; Visual Genome defaults to <data_dir>/../../VG."""
         data_dir = Path(data_dir)
-        return cls(data_dir, Path(vg_dir) if vg_dir is not None else data_dir.parent.parent / "VG", dataset,
-                   resolution)
+        return cls(
+            data_dir,
+            Path(vg_dir) if vg_dir is not None else data_dir.parent.parent / "VG",
+            dataset,
+            resolution,
+        )
 
     @property
     def root(self) -> Path:

@@ -1,4 +1,5 @@
 """A streaming `.npz` writer: one array at a time, fixed timestamps, so the same arrays give the same bytes."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 
 torch is imported where it is used, so that scripts which only need the flag values stay torch-free.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,12 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return dev
 
 
-def resolve_precision(requested: Optional[str], device: torch.device, default_on_cuda: str = "amp",
-                      flag: str = "--precision") -> str:
+def resolve_precision(
+    requested: Optional[str],
+    device: torch.device,
+    default_on_cuda: str = "amp",
+    flag: str = "--precision",
+) -> str:
     """None -> `default_on_cuda` on CUDA, fp32 on the CPU. On the CPU amp runs in fp32; fp16 is an error.
 
     bf16 and amp_bf16 run on both devices.

@@ -1,4 +1,5 @@
 """Where the project keeps pre-trained CLIP checkpoints, and loading them by model name or path."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,13 +10,15 @@ from typing import Iterator, Optional, Union
 import torch
 
 import clip.clip as clip_api
-from clip.transform import image_transform
 from agree.io import InputError
+from clip.transform import image_transform
 
-PRETRAINED_DIR = Path("tmp/pretrained_models")   # relative to the working directory, as in the README
+PRETRAINED_DIR = Path(
+    "tmp/pretrained_models"
+)  # relative to the working directory, as in the README
 REPO_PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "tmp" / "pretrained_models"
 SEARCH_DIRS = (PRETRAINED_DIR, REPO_PRETRAINED_DIR, Path("~/.cache/clip"))
-SKIP_CHECKSUM_ENV = "AGREE_SKIP_CHECKSUM"        # =1: load a re-saved copy of an OpenAI-named checkpoint
+SKIP_CHECKSUM_ENV = "AGREE_SKIP_CHECKSUM"  # =1: load a re-saved copy of an OpenAI-named checkpoint
 
 
 @contextlib.contextmanager
@@ -45,13 +48,20 @@ def resolve_pretrained(name_or_path: Union[str, os.PathLike]) -> Path:
     try:
         return clip_api.resolve_checkpoint(name_or_path, SEARCH_DIRS)
     except clip_api.LoadError as e:
-        raise InputError(f"{e} (the README's 'Model preparation' command downloads ViT-L-14.pt to "
-                         f"{PRETRAINED_DIR}/)") from None
+        raise InputError(
+            f"{e} (the README's 'Model preparation' command downloads ViT-L-14.pt to "
+            f"{PRETRAINED_DIR}/)"
+        ) from None
 
 
-def load_pretrained(name_or_path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                    precision: Optional[str] = "fp32", is_train: bool = False, jit: bool = False,
-                    model_name: Optional[str] = None):
+def load_pretrained(
+    name_or_path: Union[str, os.PathLike],
+    device: Union[str, torch.device] = "cpu",
+    precision: Optional[str] = "fp32",
+    is_train: bool = False,
+    jit: bool = False,
+    model_name: Optional[str] = None,
+):
     """Our CLIP from a checkpoint, with the project's search folders and checksum setting -> (model, train_tf, eval_tf).
 
     `model_name` (e.g. ViT-B-32-gelu; default: `name_or_path` when it is a config name) builds that config,
@@ -65,6 +75,12 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], device: Union[str, to
     with clip_errors_as_input_errors():
         if verify_checksums():
             clip_api.verify_openai_checkpoint(path)
-        model = clip_api.load_model(path, model_name, jit=jit, device=device, precision=precision, is_train=is_train)
+        model = clip_api.load_model(
+            path, model_name, jit=jit, device=device, precision=precision, is_train=is_train
+        )
     resolution = model.visual.input_resolution
-    return model, image_transform(resolution, is_train=True), image_transform(resolution, is_train=False)
+    return (
+        model,
+        image_transform(resolution, is_train=True),
+        image_transform(resolution, is_train=False),
+    )

@@ -19,6 +19,7 @@ and the global), reads the parameter and buffer lists from `code/` as text, and 
 into the state dict that `torch.jit.load(path).state_dict()` would give. Nothing of the archive is
 compiled, imported or called.
 """
+
 from __future__ import annotations
 
 import ast
@@ -38,9 +39,16 @@ from clip.errors import LoadError
 
 # storage classes named in the persistent ids -> element dtype
 STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 # torch.jit._pickle's markers of typed lists and dicts: each returns its argument unchanged
 _CONTAINER_MARKERS = {"build_intlist", "build_doublelist", "build_boollist", "build_tensorlist"}
@@ -68,17 +76,26 @@ class _StorageType:
 @dataclass(frozen=True)
 class _Storage:
     """A storage's bytes viewed as its element type (a flat tensor)."""
+
     data: torch.Tensor
 
 
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+def _rebuild_tensor(
+    storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
     """Stand-in for torch._utils._rebuild_tensor_v2: a strided view of a storage read from the archive."""
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("a tensor record names no storage")
     if backward_hooks:
         raise pickle.UnpicklingError("a tensor record carries backward hooks")
-    if not (isinstance(offset, int) and all(isinstance(v, int) for v in (*size, *stride)) and len(size) == len(stride)):
-        raise pickle.UnpicklingError(f"bad tensor record (offset {offset!r}, size {size!r}, stride {stride!r})")
+    if not (
+        isinstance(offset, int)
+        and all(isinstance(v, int) for v in (*size, *stride))
+        and len(size) == len(stride)
+    ):
+        raise pickle.UnpicklingError(
+            f"bad tensor record (offset {offset!r}, size {size!r}, stride {stride!r})"
+        )
     return torch.as_strided(storage.data, tuple(size), tuple(stride), offset)
 
 
@@ -118,7 +135,7 @@ class _Declarations:
             raise LoadError(f"{self.where}: class {qualified_name} is not declared in {entry}")
         is_module = header.match(lines[starts[0]]).group(1) == "Module"
         lists: dict[str, Optional[list[str]]] = {"__parameters__": None, "__buffers__": None}
-        for line in lines[starts[0] + 1:]:
+        for line in lines[starts[0] + 1 :]:
             if line.strip() and not line[0].isspace():
                 break  # end of the class body
             m = re.match(r"^\s+(__parameters__|__buffers__)\s*=\s*(\[.*\])\s*$", line)
@@ -128,7 +145,9 @@ class _Declarations:
                 except (ValueError, SyntaxError):
                     names = None
                 if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-                    raise LoadError(f"{self.where}: unreadable {m.group(1)} of {qualified_name} in {entry}")
+                    raise LoadError(
+                        f"{self.where}: unreadable {m.group(1)} of {qualified_name} in {entry}"
+                    )
                 lists[m.group(1)] = names
         info = _ClassInfo(is_module, lists["__parameters__"], lists["__buffers__"])
         self._classes[qualified_name] = info
@@ -147,7 +166,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "__torch__" or module.startswith("__torch__."):
             qualified = f"{module}.{name}"
             if qualified not in self.record_types:
-                self.record_types[qualified] = type(name, (_ScriptObject,), {"qualified_name": qualified})
+                self.record_types[qualified] = type(
+                    name, (_ScriptObject,), {"qualified_name": qualified}
+                )
             return self.record_types[qualified]
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return _rebuild_tensor
@@ -155,16 +176,26 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _StorageType(STORAGE_DTYPES[name])
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
-        if module == "torch.jit._pickle" and (name in _CONTAINER_MARKERS or name == "restore_type_tag"):
+        if module == "torch.jit._pickle" and (
+            name in _CONTAINER_MARKERS or name == "restore_type_tag"
+        ):
             return _identity
-        raise LoadError(f"{self.where} calls {module}.{name}; a TorchScript archive is read without running "
-                        "anything, so only tensors and plain containers are accepted (nothing was run). "
-                        "If you trust this file, load it with jit=True (scripts: --jit), which runs its code "
-                        "through torch.jit.load.")
+        raise LoadError(
+            f"{self.where} calls {module}.{name}; a TorchScript archive is read without running "
+            "anything, so only tensors and plain containers are accepted (nothing was run). "
+            "If you trust this file, load it with jit=True (scripts: --jit), which runs its code "
+            "through torch.jit.load."
+        )
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], int)
+        ):
             raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.80}")
         return self.load_storage(pid[2], pid[1].dtype, pid[4])
 
@@ -190,7 +221,9 @@ def is_torchscript_archive(path: Union[str, os.PathLike]) -> bool:
         return False
 
 
-def _flatten(root: _ScriptObject, declarations: _Declarations, where: str) -> dict[str, torch.Tensor]:
+def _flatten(
+    root: _ScriptObject, declarations: _Declarations, where: str
+) -> dict[str, torch.Tensor]:
     """Parameters and buffers of every module in the tree, with dotted names (as Module.state_dict)."""
     out: dict[str, torch.Tensor] = {}
     stack: list[tuple[str, _ScriptObject, tuple[int, ...]]] = [("", root, ())]
@@ -201,17 +234,23 @@ def _flatten(root: _ScriptObject, declarations: _Declarations, where: str) -> di
         info = declarations.lookup(obj.qualified_name)
         state = getattr(obj, "state", None)
         if not isinstance(state, dict):
-            raise LoadError(f"{where}: {obj.qualified_name} stores its state in a custom form that only its "
-                            "own code can read; load the file with jit=True (scripts: --jit) if you trust it")
+            raise LoadError(
+                f"{where}: {obj.qualified_name} stores its state in a custom form that only its "
+                "own code can read; load the file with jit=True (scripts: --jit) if you trust it"
+            )
         params = info.parameters or []
         children = []
         for name, value in state.items():
             if torch.is_tensor(value):
-                declared = name in params or (name in info.buffers if info.buffers is not None
-                                              else True)  # no __buffers__ list: every tensor attribute
+                declared = name in params or (
+                    name in info.buffers if info.buffers is not None else True
+                )  # no __buffers__ list: every tensor attribute
                 if declared:
                     out[prefix + name] = value
-            elif isinstance(value, _ScriptObject) and declarations.lookup(value.qualified_name).is_module:
+            elif (
+                isinstance(value, _ScriptObject)
+                and declarations.lookup(value.qualified_name).is_module
+            ):
                 children.append((f"{prefix}{name}.", value, path + (id(obj),)))
         stack.extend(reversed(children))  # depth first, in attribute order
     return out
@@ -222,7 +261,9 @@ def _read_entry(zf: zipfile.ZipFile, raw: BinaryIO, info: zipfile.ZipInfo, where
     if info.compress_type != zipfile.ZIP_STORED:
         return bytearray(zf.read(info))
     raw.seek(info.header_offset)
-    header = raw.read(30)  # local file header: signature, ..., name length and extra length at bytes 26-29
+    header = raw.read(
+        30
+    )  # local file header: signature, ..., name length and extra length at bytes 26-29
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise LoadError(f"{where}: bad zip entry header (damaged file?)")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
@@ -243,8 +284,13 @@ def read_archive_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Te
             if prefix is None:
                 raise LoadError(f"{path}: not a TorchScript archive (no constants.pkl)")
             where = f"{path}: {prefix}data.pkl"
-            if f"{prefix}byteorder" in zf.namelist() and zf.read(f"{prefix}byteorder").strip() != b"little":
-                raise LoadError(f"{path}: a big-endian archive ({prefix}byteorder); only little-endian is read")
+            if (
+                f"{prefix}byteorder" in zf.namelist()
+                and zf.read(f"{prefix}byteorder").strip() != b"little"
+            ):
+                raise LoadError(
+                    f"{path}: a big-endian archive ({prefix}byteorder); only little-endian is read"
+                )
             storages: dict[str, _Storage] = {}
 
             def load_storage(key: str, dtype: torch.dtype, numel: int) -> _Storage:
@@ -255,12 +301,20 @@ def read_archive_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Te
                     try:
                         info = zf.getinfo(entry)
                     except KeyError:
-                        raise LoadError(f"{path}: the archive has no {entry} (truncated or damaged file?)") from None
+                        raise LoadError(
+                            f"{path}: the archive has no {entry} (truncated or damaged file?)"
+                        ) from None
                     nbytes = numel * torch.empty((), dtype=dtype).element_size()
                     if info.file_size < nbytes:
-                        raise LoadError(f"{path}: {entry} holds {info.file_size} bytes, its record needs {nbytes}")
+                        raise LoadError(
+                            f"{path}: {entry} holds {info.file_size} bytes, its record needs {nbytes}"
+                        )
                     buffer = _read_entry(zf, raw, info, f"{path}: {entry}")
-                    data = torch.frombuffer(buffer, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+                    data = (
+                        torch.frombuffer(buffer, dtype=torch.uint8)
+                        if nbytes
+                        else torch.empty(0, dtype=torch.uint8)
+                    )
                     storages[key] = _Storage(data[:nbytes].view(dtype))
                 if storages[key].data.dtype != dtype:
                     raise pickle.UnpicklingError(f"storage {key!r} is named with two element types")
@@ -278,4 +332,6 @@ def read_archive_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Te
         raise
     except Exception as e:  # zip, pickle and tensor errors of a damaged or hand-made archive
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoadError(f"{path}: damaged TorchScript archive ({type(e).__name__}: {first})") from None
+        raise LoadError(
+            f"{path}: damaged TorchScript archive ({type(e).__name__}: {first})"
+        ) from None

@@ -1,4 +1,5 @@
 """Loading CLIP models (OpenAI archives, state dicts, training checkpoints) and tokenising text."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,19 @@ from clip.model import ACTIVATIONS, CLIP, build_model, config_from_state_dict, c
 from clip.simple_tokenizer import SimpleTokenizer
 from clip.transform import image_transform
 
-__all__ = ["LoadError", "available_models", "create_model", "load", "load_checkpoint_state_dict", "load_model",
-           "model_config", "model_from_state_dict", "normalize_model_name", "resolve_checkpoint", "tokenize"]
+__all__ = [
+    "LoadError",
+    "available_models",
+    "create_model",
+    "load",
+    "load_checkpoint_state_dict",
+    "load_model",
+    "model_config",
+    "model_from_state_dict",
+    "normalize_model_name",
+    "resolve_checkpoint",
+    "tokenize",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 DEFAULT_DOWNLOAD_ROOT = Path("~/.cache/clip")
@@ -55,7 +67,9 @@ def model_config(name: str) -> dict:
         raise LoadError(f"unknown model name {name!r}; available: {', '.join(available_models())}")
     config = json.loads(path.read_text())
     if config.get("activation", "quick_gelu") not in ACTIVATIONS:
-        raise LoadError(f"{path}: unknown activation {config['activation']!r}; choose {', '.join(ACTIVATIONS)}")
+        raise LoadError(
+            f"{path}: unknown activation {config['activation']!r}; choose {', '.join(ACTIVATIONS)}"
+        )
     return config
 
 
@@ -71,7 +85,9 @@ def _cast(model: CLIP, device: Union[str, torch.device], precision: Optional[str
     return model
 
 
-def create_model(name: str, device: Union[str, torch.device] = "cpu", precision: Optional[str] = "fp32") -> CLIP:
+def create_model(
+    name: str, device: Union[str, torch.device] = "cpu", precision: Optional[str] = "fp32"
+) -> CLIP:
     """A randomly initialised CLIP of config `name` on `device` (fp16 weights if precision='fp16')."""
     return _cast(CLIP(**model_config(name)), device, precision)
 
@@ -84,7 +100,9 @@ def config_name(name_or_path: Union[str, os.PathLike]) -> Optional[str]:
     return text
 
 
-def _roots(download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> list[Path]:
+def _roots(
+    download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+) -> list[Path]:
     if download_root is None:
         return [DEFAULT_DOWNLOAD_ROOT.expanduser()]
     if isinstance(download_root, (str, os.PathLike)):
@@ -92,8 +110,10 @@ def _roots(download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.P
     return [Path(r).expanduser() for r in download_root]
 
 
-def resolve_checkpoint(name_or_path: Union[str, os.PathLike],
-                       download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]] = None) -> Path:
+def resolve_checkpoint(
+    name_or_path: Union[str, os.PathLike],
+    download_root: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]] = None,
+) -> Path:
     """The checkpoint file of a path, or of a model name looked up as `<name>.pt` in `download_root`.
 
     `download_root` is a folder or a list of folders searched in order (default ~/.cache/clip).
@@ -110,12 +130,17 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike],
                 return c
         raise LoadError(
             f"no checkpoint for model {text!r}: looked for {', '.join(str(c) for c in dict.fromkeys(candidates))}. "
-            f"Put OpenAI's {stem}.pt in one of those folders, or pass the checkpoint's path.")
-    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or Path(text).suffix != ""
+            f"Put OpenAI's {stem}.pt in one of those folders, or pass the checkpoint's path."
+        )
+    looks_like_path = (
+        text.startswith((".", "/", "~")) or text.count("/") > 1 or Path(text).suffix != ""
+    )
     if looks_like_path:
         raise LoadError(f"checkpoint file not found: {path}")
-    raise LoadError(f"unknown model name {text!r}; available: {', '.join(available_models())}, "
-                     "or a path to a checkpoint file")
+    raise LoadError(
+        f"unknown model name {text!r}; available: {', '.join(available_models())}, "
+        "or a path to a checkpoint file"
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -130,9 +155,11 @@ def verify_openai_checkpoint(path: Path) -> None:
     """If `path` is named like an OpenAI checkpoint, check its SHA-256 against OpenAI's digest."""
     expected = OPENAI_SHA256.get(path.name)
     if expected is not None and _sha256(path) != expected:
-        raise LoadError(f"{path}: SHA-256 does not match OpenAI's published {path.name} (corrupt or partial "
-                       "download?). Download it again, rename the file if it is your own checkpoint, or load "
-                       "it with verify=False.")
+        raise LoadError(
+            f"{path}: SHA-256 does not match OpenAI's published {path.name} (corrupt or partial "
+            "download?). Download it again, rename the file if it is your own checkpoint, or load "
+            "it with verify=False."
+        )
 
 
 def _jit_state_dict(path: Path) -> dict:
@@ -140,7 +167,9 @@ def _jit_state_dict(path: Path) -> dict:
     try:
         return dict(_jit_load(path).state_dict())
     except RuntimeError as e:
-        raise LoadError(f"{path}: torch.jit.load failed: {str(e).strip().splitlines()[0]}") from None
+        raise LoadError(
+            f"{path}: torch.jit.load failed: {str(e).strip().splitlines()[0]}"
+        ) from None
 
 
 def _jit_load(path: Path) -> torch.jit.ScriptModule:
@@ -155,13 +184,19 @@ def _read_weights(path: Path, jit: bool) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises many kinds of error on damaged files
         if "Weights only load failed" in str(e):
-            raise LoadError(f"{path}: holds Python objects other than tensors, which are not loaded for safety "
-                             "(torch.load weights_only=True); save the model's state dict alone") from None
+            raise LoadError(
+                f"{path}: holds Python objects other than tensors, which are not loaded for safety "
+                "(torch.load weights_only=True); save the model's state dict alone"
+            ) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoadError(f"{path}: not a TorchScript archive or a PyTorch checkpoint "
-                         f"(truncated or corrupt file?): {first}") from None
+        raise LoadError(
+            f"{path}: not a TorchScript archive or a PyTorch checkpoint "
+            f"(truncated or corrupt file?): {first}"
+        ) from None
     if not isinstance(obj, dict):
-        raise LoadError(f"{path}: expected a state dict or a training checkpoint, got {type(obj).__name__}")
+        raise LoadError(
+            f"{path}: expected a state dict or a training checkpoint, got {type(obj).__name__}"
+        )
     return obj
 
 
@@ -177,16 +212,20 @@ def load_checkpoint_state_dict(path: Union[str, os.PathLike], jit: bool = False)
     obj = _read_weights(path, jit)
     state_dict = obj.get("state_dict", obj)
     if not isinstance(state_dict, dict) or not state_dict:
-        raise LoadError(f"{path}: no model weights found (expected a state dict or {{'state_dict': ...}})")
+        raise LoadError(
+            f"{path}: no model weights found (expected a state dict or {{'state_dict': ...}})"
+        )
     if all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     bad = [k for k, v in state_dict.items() if not torch.is_tensor(v)]
     if bad:
         raise LoadError(f"{path}: entry {bad[0]!r} of the state dict is not a tensor")
     return state_dict
 
 
-def load_state_dict_into(model: nn.Module, state_dict: dict, source: Union[str, os.PathLike]) -> None:
+def load_state_dict_into(
+    model: nn.Module, state_dict: dict, source: Union[str, os.PathLike]
+) -> None:
     """Strictly load `state_dict` into `model`; a mismatch is an LoadError naming `source`."""
     try:
         model.load_state_dict(state_dict, strict=True)
@@ -203,7 +242,9 @@ def _inferred_config(state_dict: dict, source: Union[str, os.PathLike]) -> dict:
         raise LoadError(f"{source}: not a CLIP state dict (missing {e.args[0]!r})") from None
 
 
-def model_from_state_dict(state_dict: dict, source: Union[str, os.PathLike], model_name: Optional[str] = None) -> CLIP:
+def model_from_state_dict(
+    state_dict: dict, source: Union[str, os.PathLike], model_name: Optional[str] = None
+) -> CLIP:
     """A CLIP holding `state_dict` (fp32, eval mode); errors name `source`.
 
     Without `model_name` the architecture is inferred from the weights and the activation is QuickGELU
@@ -217,15 +258,19 @@ def model_from_state_dict(state_dict: dict, source: Union[str, os.PathLike], mod
         diff = [k for k, v in inferred.items() if k != "transformer_heads" and v != config[k]]
         if diff:
             found = ", ".join(f"{k} {inferred[k]} != {config[k]}" for k in diff[:3])
-            raise LoadError(f"{source}: weights are not a {normalize_model_name(model_name)} model ({found}); "
-                            "check the model name")
+            raise LoadError(
+                f"{source}: weights are not a {normalize_model_name(model_name)} model ({found}); "
+                "check the model name"
+            )
     else:
         _inferred_config(state_dict, source)
     try:
         return build_model(state_dict, config)
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
-        raise LoadError(f"{source}: inconsistent CLIP state dict: {'; '.join(lines[1:3]) or lines[0]}") from None
+        raise LoadError(
+            f"{source}: inconsistent CLIP state dict: {'; '.join(lines[1:3]) or lines[0]}"
+        ) from None
 
 
 def load_model(
@@ -241,13 +286,17 @@ def load_model(
     ``model_name``: see model_from_state_dict. ``jit=True`` reads a TorchScript archive's weights with
     torch.jit.load (which runs the archive's code) instead of the restricted reader.
     """
-    model = _cast(model_from_state_dict(load_checkpoint_state_dict(path, jit=jit), path, model_name), device, precision)
+    model = _cast(
+        model_from_state_dict(load_checkpoint_state_dict(path, jit=jit), path, model_name),
+        device,
+        precision,
+    )
     return model.train(is_train)
 
 
 def load(
     name: Union[str, os.PathLike],
-    device: Union[str, torch.device] = "cuda" if torch.cuda.is_available() else "cpu",
+    device: Union[str, torch.device, None] = None,
     jit: bool = False,
     is_train: bool = False,
     precision: Optional[str] = None,
@@ -261,7 +310,8 @@ def load(
     ``{"epoch", "state_dict", ...}`` (``module.`` prefixes stripped). Archives are read without running
     their code. The architecture is inferred from the weights, with QuickGELU activations (OpenAI's);
     ``model_name`` (e.g. 'ViT-B-32-gelu' for an OpenCLIP GELU checkpoint; default: ``name`` when it is a
-    config name) builds that config instead, after checking the weights fit it. ``precision`` None gives fp16 weights on CUDA and fp32 on CPU
+    config name) builds that config instead, after checking the weights fit it. ``device`` None means
+    CUDA when available, else the CPU. ``precision`` None gives fp16 weights on CUDA and fp32 on CPU
     (OpenAI's behaviour); 'fp32' or 'amp' give fp32 weights, 'fp16' half weights.
     ``jit=True`` returns the TorchScript module stored in the archive, through torch.jit.load (which
     runs the archive's code and is deprecated in recent torch).
@@ -269,6 +319,8 @@ def load(
     OpenAI's checkpoints is checked against its SHA-256 unless ``verify=False``.
     The model is in eval mode unless ``is_train``.
     """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve_checkpoint(name, download_root)
     if model_name is None:
         model_name = config_name(name)
@@ -276,14 +328,20 @@ def load(
         verify_openai_checkpoint(path)
     if jit:
         if not is_torchscript_archive(path):
-            raise LoadError(f"{path}: jit=True needs a TorchScript archive; this file is a state dict")
+            raise LoadError(
+                f"{path}: jit=True needs a TorchScript archive; this file is a state dict"
+            )
         model = _jit_load(path)
         resolution = config_from_state_dict(model.state_dict())["image_resolution"]
         model = model.to(device).train(is_train)
     else:
         model = load_model(path, model_name, device=device, precision=precision, is_train=is_train)
         resolution = model.visual.input_resolution
-    return model, image_transform(resolution, is_train=True), image_transform(resolution, is_train=False)
+    return (
+        model,
+        image_transform(resolution, is_train=True),
+        image_transform(resolution, is_train=False),
+    )
 
 
 def get_tokenizer() -> SimpleTokenizer:
@@ -294,7 +352,9 @@ def get_tokenizer() -> SimpleTokenizer:
     return _tokenizer
 
 
-def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = True) -> torch.LongTensor:
+def tokenize(
+    texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = True
+) -> torch.LongTensor:
     """Token ids, (N, context_length), with start/end tokens and zero padding.
 
     A text longer than the context is cut to ``context_length`` tokens with the end token kept
@@ -311,5 +371,5 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
                 raise ValueError(f"input {text!r} is too long for context length {context_length}")
             ids = ids[:context_length]
             ids[-1] = tok.eot_token
-        result[i, :len(ids)] = torch.tensor(ids)
+        result[i, : len(ids)] = torch.tensor(ids)
     return result

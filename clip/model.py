@@ -1,4 +1,5 @@
 """CLIP: modified-ResNet or ViT image tower, causal text transformer, OpenAI parameter names."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,11 @@ def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
     For passes that repeat a forward already counted: checkpoint recomputation, feature caching. The layers
     update throw-away copies of their statistics buffers (the same ops run, so the same tensors are saved).
     """
-    norms = [m for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
     names = ("running_mean", "running_var", "num_batches_tracked")
     kept = [{n: getattr(m, n) for n in names} for m in norms]
     for m, buffers in zip(norms, kept):
@@ -43,8 +47,12 @@ def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
 
 def _checkpointed(fn: nn.Module, *args: Optional[torch.Tensor]) -> torch.Tensor:
     """fn(*args), its activations recomputed in the backward pass (non-reentrant; BN statistics counted once)."""
-    return checkpoint(fn, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), frozen_bn_stats(fn)))
+    return checkpoint(
+        fn,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), frozen_bn_stats(fn)),
+    )
 
 
 class QuickGELU(nn.Module):
@@ -84,11 +92,18 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.downsample = None
         if stride > 1 or inplanes != planes * self.expansion:
-            self.downsample = nn.Sequential(OrderedDict([
-                ("-1", nn.AvgPool2d(stride)),
-                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, stride=1, bias=False)),
-                ("1", nn.BatchNorm2d(planes * self.expansion)),
-            ]))
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride)),
+                        (
+                            "0",
+                            nn.Conv2d(inplanes, planes * self.expansion, 1, stride=1, bias=False),
+                        ),
+                        ("1", nn.BatchNorm2d(planes * self.expansion)),
+                    ]
+                )
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -101,9 +116,13 @@ class Bottleneck(nn.Module):
 class AttentionPool2d(nn.Module):
     """Attention pooling: the mean of the feature map queries all positions."""
 
-    def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: Optional[int] = None):
+    def __init__(
+        self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: Optional[int] = None
+    ):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.positional_embedding = nn.Parameter(
+            torch.randn(spacial_dim**2 + 1, embed_dim) / embed_dim**0.5
+        )
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -126,7 +145,14 @@ class AttentionPool2d(nn.Module):
 class ModifiedResNet(nn.Module):
     """ResNet with a 3-conv stem, anti-aliased strides and an attention-pool head."""
 
-    def __init__(self, layers: Sequence[int], output_dim: int, heads: int, input_resolution: int = 224, width: int = 64):
+    def __init__(
+        self,
+        layers: Sequence[int],
+        output_dim: int,
+        heads: int,
+        input_resolution: int = 224,
+        width: int = 64,
+    ):
         super().__init__()
         self.output_dim = output_dim
         self.input_resolution = input_resolution
@@ -160,7 +186,11 @@ class ModifiedResNet(nn.Module):
         x = F.relu(self.bn3(self.conv3(x)))
         x = self.avgpool(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = _checkpointed(stage, x) if self.grad_checkpointing and torch.is_grad_enabled() else stage(x)
+            x = (
+                _checkpointed(stage, x)
+                if self.grad_checkpointing and torch.is_grad_enabled()
+                else stage(x)
+            )
         return self.attnpool(x)
 
 
@@ -173,11 +203,15 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
         self.ln_1 = LayerNorm(d_model)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(d_model, d_model * 4)),
-            ("gelu", activation_layer(activation)),
-            ("c_proj", nn.Linear(d_model * 4, d_model)),
-        ]))
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(d_model, d_model * 4)),
+                    ("gelu", activation_layer(activation)),
+                    ("c_proj", nn.Linear(d_model * 4, d_model)),
+                ]
+            )
+        )
         self.ln_2 = LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -194,7 +228,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, activation) for _ in range(layers)])
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, activation) for _ in range(layers)]
+        )
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -207,15 +243,25 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT image tower: patches + class token, pre-LN, class token projected out."""
 
-    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
-                 activation: str = "quick_gelu"):
+    def __init__(
+        self,
+        input_resolution: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+        activation: str = "quick_gelu",
+    ):
         super().__init__()
         self.input_resolution = input_resolution
         self.output_dim = output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width ** -0.5
+        scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.positional_embedding = nn.Parameter(
+            scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width)
+        )
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = LayerNorm(width)
@@ -252,11 +298,22 @@ class CLIP(nn.Module):
         self.context_length = context_length
         self.activation = activation
         if isinstance(vision_layers, (tuple, list)):
-            self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width)
+            self.visual = ModifiedResNet(
+                vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width
+            )
         else:
-            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                            vision_width // 64 or 1, embed_dim, activation)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, activation)
+            self.visual = VisionTransformer(
+                image_resolution,
+                vision_patch_size,
+                vision_width,
+                vision_layers,
+                vision_width // 64 or 1,
+                embed_dim,
+                activation,
+            )
+        self.transformer = Transformer(
+            transformer_width, transformer_layers, transformer_heads, activation
+        )
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -274,22 +331,27 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         if isinstance(self.visual, ModifiedResNet):
             pool = self.visual.attnpool
-            std = pool.c_proj.in_features ** -0.5
+            std = pool.c_proj.in_features**-0.5
             for lin in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
                 nn.init.normal_(lin.weight, std=std)
-            for stage in (self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4):
+            for stage in (
+                self.visual.layer1,
+                self.visual.layer2,
+                self.visual.layer3,
+                self.visual.layer4,
+            ):
                 for block in stage:
                     nn.init.zeros_(block.bn3.weight)  # each residual branch starts as identity
         width, layers = self.transformer.width, self.transformer.layers
-        proj_std = width ** -0.5 * (2 * layers) ** -0.5
-        attn_std = width ** -0.5
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        attn_std = width**-0.5
         fc_std = (2 * width) ** -0.5
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -329,7 +391,9 @@ class CLIP(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Both towers keep only each transformer block's (ResNet stage's) input and recompute the rest in backward."""
         self.transformer.grad_checkpointing = enable
-        tower = self.visual.transformer if isinstance(self.visual, VisionTransformer) else self.visual
+        tower = (
+            self.visual.transformer if isinstance(self.visual, VisionTransformer) else self.visual
+        )
         tower.grad_checkpointing = enable
 
     def layer_groups(self, tower: str) -> list[list[nn.Parameter]]:
@@ -344,12 +408,19 @@ class CLIP(nn.Module):
             head = [*self.ln_final.parameters(), self.text_projection]
         elif tower == "image" and isinstance(self.visual, VisionTransformer):
             v = self.visual
-            stem = [v.conv1.weight, v.class_embedding, v.positional_embedding, *v.ln_pre.parameters()]
+            stem = [
+                v.conv1.weight,
+                v.class_embedding,
+                v.positional_embedding,
+                *v.ln_pre.parameters(),
+            ]
             blocks = [list(b.parameters()) for b in v.transformer.resblocks]
             head = [*v.ln_post.parameters(), v.proj]
         elif tower == "image":
             v = self.visual
-            stem = [p for m in (v.conv1, v.bn1, v.conv2, v.bn2, v.conv3, v.bn3) for p in m.parameters()]
+            stem = [
+                p for m in (v.conv1, v.bn1, v.conv2, v.bn2, v.conv3, v.bn3) for p in m.parameters()
+            ]
             blocks = [list(s.parameters()) for s in (v.layer1, v.layer2, v.layer3, v.layer4)]
             head = list(v.attnpool.parameters())
         else:
@@ -359,8 +430,10 @@ class CLIP(nn.Module):
     def _lock(self, tower: str, unlocked_groups: int) -> None:
         groups = self.layer_groups(tower)
         if not 0 <= unlocked_groups < len(groups):
-            raise ValueError(f"{tower} tower: unlocked_groups must be in [0, {len(groups) - 1}], got {unlocked_groups}")
-        for group in groups[:len(groups) - unlocked_groups]:
+            raise ValueError(
+                f"{tower} tower: unlocked_groups must be in [0, {len(groups) - 1}], got {unlocked_groups}"
+            )
+        for group in groups[: len(groups) - unlocked_groups]:
             for p in group:
                 p.requires_grad_(False)
         self.train(self.training)  # frozen BatchNorm layers switch to eval mode
@@ -377,7 +450,11 @@ class CLIP(nn.Module):
         """As nn.Module.train, but BatchNorm layers with frozen parameters (a locked tower) stay in eval mode."""
         super().train(mode)
         for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+            if (
+                isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.weight is not None
+                and not m.weight.requires_grad
+            ):
                 m.eval()
         return self
 
@@ -391,8 +468,15 @@ def convert_weights(model: nn.Module, dtype: torch.dtype = torch.float16) -> Non
             if module.bias is not None:
                 module.bias.data = module.bias.data.to(dtype)
         if isinstance(module, nn.MultiheadAttention):
-            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-                         "in_proj_bias", "bias_k", "bias_v"):
+            for name in (
+                "in_proj_weight",
+                "q_proj_weight",
+                "k_proj_weight",
+                "v_proj_weight",
+                "in_proj_bias",
+                "bias_k",
+                "bias_v",
+            ):
                 tensor = getattr(module, name, None)
                 if tensor is not None:
                     tensor.data = tensor.data.to(dtype)
@@ -405,7 +489,7 @@ def convert_weights(model: nn.Module, dtype: torch.dtype = torch.float16) -> Non
 
 
 def _count_blocks(state_dict: dict, prefix: str) -> int:
-    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
 
 
 def config_from_state_dict(state_dict: dict) -> dict:

@@ -1,4 +1,5 @@
 """CLIP's byte-level BPE tokenizer (49,408 tokens) over the shipped merges file."""
+
 from __future__ import annotations
 
 import gzip
@@ -12,7 +13,9 @@ import regex as re
 
 DEFAULT_BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-NUM_MERGES = 49152 - 256 - 2  # merges used by CLIP: the vocabulary is 256 bytes x 2 + merges + 2 specials
+NUM_MERGES = (
+    49152 - 256 - 2
+)  # merges used by CLIP: the vocabulary is 256 bytes x 2 + merges + 2 specials
 
 # Words are split into: special tokens, English contractions, letter runs, single digits,
 # and runs of other non-space characters (matched case-insensitively).
@@ -29,7 +32,11 @@ def bytes_to_unicode() -> dict[int, str]:
     Insertion order matters: it is the order of the first 256 vocabulary entries
     (printable bytes first, then the others in byte order).
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -57,7 +64,7 @@ class SimpleTokenizer:
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
+        merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
         symbols = list(self.byte_encoder.values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
         self.encoder = {tok: i for i, tok in enumerate(vocab)}

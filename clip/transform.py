@@ -1,4 +1,5 @@
 """CLIP image preprocessing for PIL images and for the arrays stored in `.npz` archives."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -27,11 +28,22 @@ class ImageTransform:
         self._pipeline: Optional[Callable] = None
 
     def _build(self) -> Callable:
-        from torchvision.transforms import (CenterCrop, Compose, InterpolationMode, Normalize, RandomResizedCrop,
-                                            Resize, ToTensor)
+        from torchvision.transforms import (
+            CenterCrop,
+            Compose,
+            InterpolationMode,
+            Normalize,
+            RandomResizedCrop,
+            Resize,
+            ToTensor,
+        )
+
         r, bicubic = self.resolution, InterpolationMode.BICUBIC
-        resize = [RandomResizedCrop(r, scale=(0.9, 1.0), interpolation=bicubic)] if self.is_train \
+        resize = (
+            [RandomResizedCrop(r, scale=(0.9, 1.0), interpolation=bicubic)]
+            if self.is_train
             else [Resize(r, interpolation=bicubic), CenterCrop(r)]
+        )
         return Compose([*resize, _to_rgb, ToTensor(), Normalize(MEAN, STD)])
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -61,13 +73,23 @@ def array_to_tensor(arr: np.ndarray, resolution: int, is_train: bool = False) ->
     if arr.ndim == 3 and arr.shape[0] == 3 and np.issubdtype(arr.dtype, np.floating):
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         if t.shape[1:] != (resolution, resolution):
-            t = torch.nn.functional.interpolate(t[None], size=(resolution, resolution), mode="bicubic",
-                                                antialias=True, align_corners=False)[0]
+            t = torch.nn.functional.interpolate(
+                t[None],
+                size=(resolution, resolution),
+                mode="bicubic",
+                antialias=True,
+                align_corners=False,
+            )[0]
         return t
     if arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
-        if not is_train and arr.shape[:2] == (resolution, resolution):  # resize + crop would be the identity
+        if not is_train and arr.shape[:2] == (
+            resolution,
+            resolution,
+        ):  # resize + crop would be the identity
             t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
             return (t - _MEAN_T) / _STD_T
         return image_transform(resolution, is_train)(Image.fromarray(arr))
-    raise ValueError(f"unsupported image array: shape {tuple(arr.shape)}, dtype {arr.dtype} "
-                     "(expected float (3, R, R) preprocessed or uint8 (R, R, 3) RGB)")
+    raise ValueError(
+        f"unsupported image array: shape {tuple(arr.shape)}, dtype {arr.dtype} "
+        "(expected float (3, R, R) preprocessed or uint8 (R, R, 3) RGB)"
+    )

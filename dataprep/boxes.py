@@ -6,6 +6,7 @@ in the pixels of the original image as displayed (EXIF orientation applied, as d
 `image` is matched by file name (a leading folder is ignored). Labels are normalised (lower case,
 single spaces). A malformed line stops the run; a box with no area is skipped (counted).
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ each bracket is a phrase with its coreference chain id and one or more types; ch
 A box file lists <object>s with one or more <name> (chain ids) and either a <bndbox> with 1-based
 inclusive pixel corners, or <nobndbox>/<scene> flags (the chain has no box).
 """
+
 from __future__ import annotations
 
 import re
@@ -92,7 +93,10 @@ def read_annotation(path: Path) -> GoldBoxes:
     size = root.find("size")
     width = height = None
     if size is not None and size.find("width") is not None and size.find("height") is not None:
-        width, height = _int(size.find("width"), f"{path}: <width>"), _int(size.find("height"), f"{path}: <height>")
+        width, height = (
+            _int(size.find("width"), f"{path}: <width>"),
+            _int(size.find("height"), f"{path}: <height>"),
+        )
     out = GoldBoxes(width, height)
     for k, obj in enumerate(root.iter("object")):
         names = [n.text.strip() for n in obj.findall("name") if n.text and n.text.strip()]
@@ -101,7 +105,9 @@ def read_annotation(path: Path) -> GoldBoxes:
             out.no_box.update(names)
             continue
         where = f"{path}: object {k}"
-        box = from_one_based(*(_int(bb.find(t), f"{where} <{t}>") for t in ("xmin", "ymin", "xmax", "ymax")))
+        box = from_one_based(
+            *(_int(bb.find(t), f"{where} <{t}>") for t in ("xmin", "ymin", "xmax", "ymax"))
+        )
         for name in names:
             out.boxes.setdefault(name, []).append(box)
     return out

@@ -7,6 +7,7 @@ pixel index i covers [i, i + 1). Flickr30k Entities' 1-based inclusive corners c
 The rule for boxes that the centre crop cuts (documented in the README): a box is clipped to the
 crop; it is dropped when less than MIN_VISIBLE of its area lies inside the crop.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,7 +82,9 @@ def clip_to_image(box: Box, width: int, height: int) -> Optional[Box]:
 
 def box_valid(box: Box) -> bool:
     """Four finite numbers with x1 > x0 and y1 > y0."""
-    return len(box) == 4 and all(math.isfinite(v) for v in box) and box[2] > box[0] and box[3] > box[1]
+    return (
+        len(box) == 4 and all(math.isfinite(v) for v in box) and box[2] > box[0] and box[3] > box[1]
+    )
 
 
 def pixel_span(box: Box) -> tuple[int, int, int, int]:
@@ -95,18 +98,18 @@ def exif_box(box: Box, orientation: int, width: int, height: int) -> Box:
     """A box given on the stored pixels (width x height) -> the same box on the EXIF-oriented image."""
     x0, y0, x1, y1 = box
     w, h = float(width), float(height)
-    if orientation == 2:      # mirrored left-right
+    if orientation == 2:  # mirrored left-right
         return w - x1, y0, w - x0, y1
-    if orientation == 3:      # rotated 180
+    if orientation == 3:  # rotated 180
         return w - x1, h - y1, w - x0, h - y0
-    if orientation == 4:      # mirrored top-bottom
+    if orientation == 4:  # mirrored top-bottom
         return x0, h - y1, x1, h - y0
-    if orientation == 5:      # transposed
+    if orientation == 5:  # transposed
         return y0, x0, y1, x1
-    if orientation == 6:      # rotated 90 clockwise for display
+    if orientation == 6:  # rotated 90 clockwise for display
         return h - y1, x0, h - y0, x1
-    if orientation == 7:      # transversed
+    if orientation == 7:  # transversed
         return h - y1, w - x1, h - y0, w - x0
-    if orientation == 8:      # rotated 90 counter-clockwise for display
+    if orientation == 8:  # rotated 90 counter-clockwise for display
         return y0, w - x1, y1, w - x0
     return box

@@ -16,6 +16,7 @@ Then the crop rule of dataprep.geometry applies: a label none of whose boxes sur
 is removed from every caption's preds. Training masks the first label of a caption's preds (other
 than "object"); one masked image is written for each such label, key "{stem}_{label}".
 """
+
 from __future__ import annotations
 
 import re
@@ -63,7 +64,9 @@ class Grounding:
     ranked: bool = False
 
 
-def from_gold(caption_segs: Sequence[Sequence[tuple[str, str]]], chain_boxes: dict[str, list[Box]]) -> Grounding:
+def from_gold(
+    caption_segs: Sequence[Sequence[tuple[str, str]]], chain_boxes: dict[str, list[Box]]
+) -> Grounding:
     """From each caption's (seg, chain id) gold phrases and the boxes of each chain."""
     g = Grounding([])
     for segs in caption_segs:
@@ -85,10 +88,15 @@ def mentions(caption: str, label: str) -> bool:
     words = label.split()
     if not words:
         return False
-    return re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)", caption, re.I) is not None
+    return (
+        re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)", caption, re.I)
+        is not None
+    )
 
 
-def from_detections(captions: Sequence[str], detections: Iterable[Detection], threshold: float) -> Grounding:
+def from_detections(
+    captions: Sequence[str], detections: Iterable[Detection], threshold: float
+) -> Grounding:
     """From a detector's boxes of one image (labels already normalised); boxes below `threshold` are ignored."""
     g = Grounding([], ranked=True)
     for d in detections:

@@ -8,6 +8,7 @@ computed with numpy in float32, the same operations as clip.transform.array_to_t
 exactly what evaluation computes from the uint8 one. The constants are clip.transform's MEAN and STD, copied
 so that preparing data does not import torch (2 s and ~600 MB); a test pins them to clip.transform.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,8 @@ from dataprep.geometry import Box, Geometry, pixel_span
 
 EXIF_ORIENTATION = 274
 STORAGE = ("float32", "uint8")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # = clip.transform.MEAN
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)    # = clip.transform.STD
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # = clip.transform.MEAN
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # = clip.transform.STD
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -35,10 +36,10 @@ class Decoded:
     """A decoded image in its displayed orientation, and what was odd about the file."""
 
     image: Image.Image
-    stored_size: tuple[int, int]      # (width, height) of the pixels as stored, before EXIF orientation
-    orientation: int                  # EXIF orientation tag (1 = none)
-    format: str                       # what the content is ("JPEG", "PNG", ...), whatever the file name says
-    mode: str                         # PIL mode of the file ("RGB", "L", "CMYK", "P", ...)
+    stored_size: tuple[int, int]  # (width, height) of the pixels as stored, before EXIF orientation
+    orientation: int  # EXIF orientation tag (1 = none)
+    format: str  # what the content is ("JPEG", "PNG", ...), whatever the file name says
+    mode: str  # PIL mode of the file ("RGB", "L", "CMYK", "P", ...)
 
 
 def decode(path: str | os.PathLike) -> Decoded:
@@ -79,7 +80,7 @@ def masked(array: np.ndarray, boxes: Iterable[Box], fill: tuple[int, int, int]) 
     r = array.shape[0]
     for box in boxes:
         x0, y0, x1, y1 = pixel_span(box)
-        out[max(y0, 0):min(y1, r), max(x0, 0):min(x1, r)] = fill
+        out[max(y0, 0) : min(y1, r), max(x0, 0) : min(x1, r)] = fill
     return out
 
 
@@ -126,5 +127,7 @@ def _table(mean: tuple, std: tuple) -> np.ndarray:
     key = (mean, std)
     if key not in _TABLES:
         x = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
-        _TABLES[key] = (x - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+        _TABLES[key] = (x - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[
+            :, None
+        ]
     return _TABLES[key]

@@ -3,6 +3,7 @@ and for a training image the preds of each caption and the grounding-masked copi
 Visual Genome image and its masked copies. Odd input comes back as notes and skips, never as an
 exception, so the main process counts it against --max-missing-fraction.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,10 +15,17 @@ import numpy as np
 from agree.io import InputError
 from dataprep.entities_files import GoldBoxes, read_annotation, read_sentences
 from dataprep.geometry import Box, Geometry, clip_to_image, exif_box
-from dataprep.grounding import Detection, Grounding, from_detections, from_gold, masked_labels, through_crop
+from dataprep.grounding import (
+    Detection,
+    Grounding,
+    from_detections,
+    from_gold,
+    masked_labels,
+    through_crop,
+)
 from dataprep.images import Decoded, ImageReadError, decode, masked, to_model_input
 from dataprep.karpathy import ImageEntry
-from dataprep.textual import gold_segs, get_extractor, match_sentence, unique
+from dataprep.textual import get_extractor, gold_segs, match_sentence, unique
 from dataprep.visual_genome import qualifying_box
 
 
@@ -36,13 +44,13 @@ class ItemTask:
     entry: ImageEntry
     image_path: str
     resolution: int
-    fill: tuple[int, int, int]                  # colour of masked regions (CLIP's mean)
+    fill: tuple[int, int, int]  # colour of masked regions (CLIP's mean)
     text: TextSettings
-    sentences_path: Optional[str] = None        # Flickr30k Entities Sentences/<stem>.txt
-    annotation_path: Optional[str] = None       # Flickr30k Entities Annotations/<stem>.xml (train only)
-    detections: tuple[Detection, ...] = ()      # --boxes of this image (all scores)
+    sentences_path: Optional[str] = None  # Flickr30k Entities Sentences/<stem>.txt
+    annotation_path: Optional[str] = None  # Flickr30k Entities Annotations/<stem>.xml (train only)
+    detections: tuple[Detection, ...] = ()  # --boxes of this image (all scores)
     box_threshold: float = 0.5
-    grounding: str = "none"                     # none | gold | boxes (train only)
+    grounding: str = "none"  # none | gold | boxes (train only)
 
 
 @dataclass
@@ -60,21 +68,27 @@ class ItemResult:
     task: ItemTask
     outcome: Outcome
     error: Optional[str] = None
-    image: Optional[np.ndarray] = None          # uint8 (R, R, 3); the main process encodes it for storage
+    image: Optional[np.ndarray] = None  # uint8 (R, R, 3); the main process encodes it for storage
     segs: list[list[str]] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)   # detector labels >= threshold (for objects)
+    labels: list[str] = field(default_factory=list)  # detector labels >= threshold (for objects)
     preds: list[list[dict]] = field(default_factory=list)
     masked: dict[str, np.ndarray] = field(default_factory=dict)
-    boxes_seen: int = 0                         # grounding boxes looked at (the base of the "boxes" skip budget)
+    boxes_seen: int = 0  # grounding boxes looked at (the base of the "boxes" skip budget)
 
 
 def _decode_notes(d: Decoded, path: str, out: Outcome) -> None:
     if d.orientation != 1:
-        out.notes.append(("EXIF-rotated images (shown upright)", f"{path} (orientation {d.orientation})"))
+        out.notes.append(
+            ("EXIF-rotated images (shown upright)", f"{path} (orientation {d.orientation})")
+        )
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix in ("jpg", "jpeg") and d.format != "JPEG" or suffix == "png" and d.format != "PNG":
-        out.notes.append(("images whose content is not what the file name says (read by content)",
-                          f"{path} ({d.format})"))
+        out.notes.append(
+            (
+                "images whose content is not what the file name says (read by content)",
+                f"{path} ({d.format})",
+            )
+        )
     if d.mode not in ("RGB",):
         out.notes.append(("images converted to RGB", f"{path} ({d.mode})"))
 
@@ -91,15 +105,21 @@ def _segs(task: ItemTask, out: Outcome) -> tuple[list[list[str]], list[list[tupl
     for i, caption in enumerate(task.entry.captions):
         sentence = match_sentence(caption, i, sentences) if sentences else None
         if sentences and sentence is None:
-            out.notes.append(("captions without a matching Entities sentence (extractor used)",
-                              f"{task.sentences_path}: {caption!r}"))
+            out.notes.append(
+                (
+                    "captions without a matching Entities sentence (extractor used)",
+                    f"{task.sentences_path}: {caption!r}",
+                )
+            )
         phrases = gold_segs(caption, sentence) if sentence is not None else []
         if sentence is not None:
             found = unique(s for s, _ in phrases)
         else:
             found = get_extractor(task.text.extractor, task.text.spacy_model)(caption)
         if not found:
-            out.notes.append(("captions without any textual entity", f"{task.entry.file}: {caption!r}"))
+            out.notes.append(
+                ("captions without any textual entity", f"{task.entry.file}: {caption!r}")
+            )
         segs.append(found)
         gold.append(phrases)
     return segs, gold
@@ -119,12 +139,16 @@ def _gold_boxes(task: ItemTask, d: Decoded, out: Outcome) -> dict[str, list[Box]
             return box
         if d.orientation != 1 and ref == d.stored_size:
             return exif_box(box, d.orientation, *d.stored_size)
-        sx, sy = w / ann.width, h / ann.height          # a rescaled copy of the annotated image
+        sx, sy = w / ann.width, h / ann.height  # a rescaled copy of the annotated image
         return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
     if ann.width is not None and ref not in ((w, h), d.stored_size):
-        out.notes.append(("Entities boxes rescaled to the image's size",
-                          f"{task.annotation_path}: annotated {ref[0]}x{ref[1]}, image {w}x{h}"))
+        out.notes.append(
+            (
+                "Entities boxes rescaled to the image's size",
+                f"{task.annotation_path}: annotated {ref[0]}x{ref[1]}, image {w}x{h}",
+            )
+        )
     return {chain: [displayed(b) for b in boxes] for chain, boxes in ann.boxes.items()}
 
 
@@ -136,8 +160,13 @@ def _inside(g: Grounding, size: tuple[int, int], where: str, out: Outcome) -> Gr
         for box, score in pairs:
             c = clip_to_image(box, w, h)
             if c is None:
-                out.skips.append(("boxes", f"{where}: box {tuple(round(v, 1) for v in box)} of {label!r} lies "
-                                           f"outside the {w}x{h} image"))
+                out.skips.append(
+                    (
+                        "boxes",
+                        f"{where}: box {tuple(round(v, 1) for v in box)} of {label!r} lies "
+                        f"outside the {w}x{h} image",
+                    )
+                )
                 continue
             if c != box:
                 out.notes.append(("boxes clipped to their image", f"{where}: {label!r}"))
@@ -174,7 +203,9 @@ def prepare_item(task: ItemTask) -> ItemResult:
     res.preds, crop_boxes = through_crop(g, geometry)
     dropped = [label for label in g.boxes if g.boxes[label] and label not in crop_boxes]
     for label in dropped:
-        out.notes.append(("grounded labels dropped by the centre crop", f"{task.entry.file}: {label!r}"))
+        out.notes.append(
+            ("grounded labels dropped by the centre crop", f"{task.entry.file}: {label!r}")
+        )
     for label in masked_labels(res.preds):
         res.masked[label] = masked(res.image, crop_boxes[label], task.fill)
     return res
@@ -222,13 +253,19 @@ def prepare_vg(task: VgTask) -> VgResult:
     w, h = d.image.size
     sx, sy = w / task.size[0], h / task.size[1]
     if (w, h) != task.size:
-        out.notes.append(("VG images whose size differs from image_data.json (boxes rescaled)",
-                          f"{path}: {w}x{h}, image_data {task.size[0]}x{task.size[1]}"))
+        out.notes.append(
+            (
+                "VG images whose size differs from image_data.json (boxes rescaled)",
+                f"{path}: {w}x{h}, image_data {task.size[0]}x{task.size[1]}",
+            )
+        )
     g = Geometry(w, h, task.resolution)
     for word, box in task.words:
         b = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         if not qualifying_box(g, b):
-            out.notes.append(("VG objects dropped (box unusable on the real image)", f"{path}: {word!r}"))
+            out.notes.append(
+                ("VG objects dropped (box unusable on the real image)", f"{path}: {word!r}")
+            )
             continue
         res.masked[word] = masked(image, [g.crop_box(b)], task.fill)
     res.image = image

@@ -3,6 +3,7 @@
 Elements are decoded one at a time with the standard library's C decoder, so memory holds one
 element and a read buffer, never the whole document.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from typing import Any, Iterator, Optional
 
 from agree.io import InputError, require_file
 
-CHUNK = 1 << 20                  # characters read at a time
-MAX_ELEMENT = 256 << 20          # a single element larger than this is treated as malformed input
+CHUNK = 1 << 20  # characters read at a time
+MAX_ELEMENT = 256 << 20  # a single element larger than this is treated as malformed input
 _WS = " \t\n\r"
 _DECODER = json.JSONDecoder()
 
@@ -36,9 +37,9 @@ class _Stream:
         if not data:
             self.eof = True
             return False
-        if self.pos > self.chunk:          # drop what was consumed
+        if self.pos > self.chunk:  # drop what was consumed
             self.base += self.pos
-            self.buf, self.pos = self.buf[self.pos:], 0
+            self.buf, self.pos = self.buf[self.pos :], 0
         self.buf += data
         return True
 
@@ -59,7 +60,9 @@ class _Stream:
     def expect(self, chars: str) -> str:
         c = self.peek()
         if not c or c not in chars:
-            raise self.error(f"expected one of {' '.join(repr(x) for x in chars)}, found {c or 'end of file'!r}")
+            raise self.error(
+                f"expected one of {' '.join(repr(x) for x in chars)}, found {c or 'end of file'!r}"
+            )
         self.pos += 1
         return c
 
@@ -80,7 +83,9 @@ class _Stream:
                 raise self.error("unexpected end of file")
 
 
-def iter_array(path: str | os.PathLike, key: Optional[str] = None, chunk: int = CHUNK) -> Iterator[Any]:
+def iter_array(
+    path: str | os.PathLike, key: Optional[str] = None, chunk: int = CHUNK
+) -> Iterator[Any]:
     """Yield the elements of the top-level JSON array of `path`, or of the array under `key` of its top-level object."""
     s = _Stream(require_file(path), chunk)
     try:

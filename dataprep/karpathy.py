@@ -6,6 +6,7 @@ the first CAPTIONS_PER_TEST (5) of an image (some COCO images have 6 or 7), trai
 Ids written to the annotation files: COCO -> `cocoid`; Flickr30k -> Karpathy's `imgid` for train
 (as in the release's files) and the file stem as a number for val/test (the release's test ids).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,13 +30,13 @@ ImageId = Union[int, str]
 class ImageEntry:
     """One image of the split file."""
 
-    split: str                 # train | val | test
-    file: str                  # path below RAW, also the `image` field of the annotation files
-    stem: str                  # file name without extension: the key of objects and grounding images
-    image_id: ImageId          # id in the annotation files (npz key: its string form)
+    split: str  # train | val | test
+    file: str  # path below RAW, also the `image` field of the annotation files
+    stem: str  # file name without extension: the key of objects and grounding images
+    image_id: ImageId  # id in the annotation files (npz key: its string form)
     captions: tuple[str, ...]
-    index: int                 # position in the split file, for messages
-    source_id: int             # Karpathy's imgid (Flickr30k) or cocoid (COCO): duplicates are skipped
+    index: int  # position in the split file, for messages
+    source_id: int  # Karpathy's imgid (Flickr30k) or cocoid (COCO): duplicates are skipped
 
 
 def numeric(stem: str) -> ImageId:
@@ -46,13 +47,17 @@ def numeric(stem: str) -> ImageId:
 def _entry(dataset: str, rec: object, k: int, where: str, skips: SkipLog) -> ImageEntry:
     if not isinstance(rec, dict):
         raise InputError(f"{where}: images[{k}] is not an object")
-    need = ["filename", "split", "sentences"] + (["cocoid", "filepath"] if dataset == "coco" else ["imgid"])
+    need = ["filename", "split", "sentences"] + (
+        ["cocoid", "filepath"] if dataset == "coco" else ["imgid"]
+    )
     for key in need:
         if key not in rec:
             raise InputError(f"{where}: images[{k}]: missing key {key!r}")
     split = SPLIT_OF.get(rec["split"])
     if split is None:
-        raise InputError(f"{where}: images[{k}]: unknown split {rec['split']!r} (expected train, restval, val or test)")
+        raise InputError(
+            f"{where}: images[{k}]: unknown split {rec['split']!r} (expected train, restval, val or test)"
+        )
     filename = rec["filename"]
     if not isinstance(filename, str) or not filename or "/" in filename:
         raise InputError(f"{where}: images[{k}]: bad filename {filename!r}")
@@ -80,7 +85,10 @@ def _entry(dataset: str, rec: object, k: int, where: str, skips: SkipLog) -> Ima
         source_id = rec["imgid"]
         if not isinstance(source_id, int):
             raise InputError(f"{where}: images[{k}]: 'imgid' must be an integer")
-        file, image_id = f"{FLICKR_FOLDER}/{filename}", (source_id if split == "train" else numeric(stem))
+        file, image_id = (
+            f"{FLICKR_FOLDER}/{filename}",
+            (source_id if split == "train" else numeric(stem)),
+        )
     return ImageEntry(split, file, stem, image_id, tuple(captions), k, source_id)
 
 
@@ -94,10 +102,18 @@ def read_split_file(path: str | os.PathLike, dataset: str, skips: SkipLog) -> li
         n += 1
         n_captions += len(rec.get("sentences") or []) if isinstance(rec, dict) else 0
         e = _entry(dataset, rec, k, where, skips)
-        dup = next(((what, seen[(what, v)]) for what, v in (("file", e.file), ("id", str(e.source_id)))
-                    if (what, v) in seen), None)
+        dup = next(
+            (
+                (what, seen[(what, v)])
+                for what, v in (("file", e.file), ("id", str(e.source_id)))
+                if (what, v) in seen
+            ),
+            None,
+        )
         if dup is not None:
-            skips.skip("images", f"{where}: images[{k}] ({e.file}): duplicate {dup[0]} of images[{dup[1]}]")
+            skips.skip(
+                "images", f"{where}: images[{k}] ({e.file}): duplicate {dup[0]} of images[{dup[1]}]"
+            )
             continue
         if not e.captions:
             skips.skip("images", f"{where}: images[{k}] ({e.file}): no caption")

@@ -5,14 +5,25 @@ A seg names a word through its head, i.e. its last word (English noun phrases en
 its last two words (`tennis racket`), else its last word, else the singular of the last word
 (`men` -> `man`, `dresses` -> `dress`), whichever is first in the vocabulary.
 """
+
 from __future__ import annotations
 
 import re
 from typing import Iterable, Optional
 
 _WORD = re.compile(r"[a-z]+(?:['-][a-z]+)*")
-_IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "person", "feet": "foot",
-              "teeth": "tooth", "mice": "mouse", "geese": "goose", "oxen": "ox", "dice": "die"}
+_IRREGULAR = {
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "people": "person",
+    "feet": "foot",
+    "teeth": "tooth",
+    "mice": "mouse",
+    "geese": "goose",
+    "oxen": "ox",
+    "dice": "die",
+}
 
 
 def singulars(word: str) -> list[str]:
@@ -38,7 +49,9 @@ def head_word(phrase: str, vocabulary: set[str] | dict) -> Optional[str]:
     words = _WORD.findall(phrase.lower())
     if not words:
         return None
-    candidates = ([" ".join(words[-2:])] if len(words) >= 2 else []) + [words[-1]] + singulars(words[-1])
+    candidates = (
+        ([" ".join(words[-2:])] if len(words) >= 2 else []) + [words[-1]] + singulars(words[-1])
+    )
     return next((c for c in candidates if c in vocabulary), None)
 
 

@@ -1,4 +1,5 @@
 """An ordered map over worker processes with a bounded number of tasks in flight (bounded memory)."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -11,8 +12,12 @@ R = TypeVar("R")
 IN_FLIGHT_PER_WORKER = 8
 
 
-def ordered_map(fn: Callable[[T], R], tasks: Iterable[T], workers: int,
-                in_flight_per_worker: int = IN_FLIGHT_PER_WORKER) -> Iterator[R]:
+def ordered_map(
+    fn: Callable[[T], R],
+    tasks: Iterable[T],
+    workers: int,
+    in_flight_per_worker: int = IN_FLIGHT_PER_WORKER,
+) -> Iterator[R]:
     """fn(task) for each task, results in task order; `workers` = 0 runs in this process.
 
     At most workers x in_flight_per_worker tasks are submitted and not yet consumed, so memory

@@ -1,5 +1,6 @@
 """Odd input, counted: what was skipped (allowed only up to --max-missing-fraction of its kind) and what was
 absorbed (grayscale, EXIF-rotated, clipped boxes...: counted and reported, never an error)."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ from typing import Callable, Optional
 
 from agree.io import InputError
 
-SHOWN = 3   # messages printed per kind; the rest are counted
+SHOWN = 3  # messages printed per kind; the rest are counted
 
 
 class SkipLog:
@@ -47,9 +48,11 @@ class SkipLog:
         n = self.skipped[kind]
         if allowed is not None and n > allowed:
             last = f"{message}\n" if message else ""
-            raise InputError(f"{last}{n} of {self.totals[kind]} {kind} skipped, more than --max-missing-fraction "
-                             f"{self.max_fraction:g} allows ({allowed}); fix the input, or raise "
-                             "--max-missing-fraction to skip them")
+            raise InputError(
+                f"{last}{n} of {self.totals[kind]} {kind} skipped, more than --max-missing-fraction "
+                f"{self.max_fraction:g} allows ({allowed}); fix the input, or raise "
+                "--max-missing-fraction to skip them"
+            )
 
     def note(self, kind: str, message: str, count: int = 1) -> None:
         """Count something odd that was handled (no budget); the first message of each kind is kept."""
@@ -60,10 +63,15 @@ class SkipLog:
 
     def summary(self) -> list[str]:
         """One line per kind: skipped counts, then handled oddities with their first example."""
-        lines = [f"skipped {n} of {self.totals.get(k, '?')} {k}" for k, n in sorted(self.skipped.items())]
+        lines = [
+            f"skipped {n} of {self.totals.get(k, '?')} {k}" for k, n in sorted(self.skipped.items())
+        ]
         lines += [f"{k}: {n} (e.g. {self.first[k]})" for k, n in sorted(self.noted.items())]
         return lines
 
     def as_dict(self) -> dict:
         """Counts for the report and the manifest."""
-        return {"skipped": dict(sorted(self.skipped.items())), "noted": dict(sorted(self.noted.items()))}
+        return {
+            "skipped": dict(sorted(self.skipped.items())),
+            "noted": dict(sorted(self.noted.items())),
+        }

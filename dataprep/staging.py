@@ -2,6 +2,7 @@
 so a failed run leaves no partial layout. A manifest in each finished folder marks it complete; a
 re-run with the same settings is a no-op unless --overwrite.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,10 @@ def inspect(folder: Path, overwrite: bool) -> Optional[dict]:
         return None
     m = read_manifest(folder)
     if m is None and not overwrite:
-        raise InputError(f"{folder} exists and was not written by prepare_data.py (no {MANIFEST}); "
-                         "move it away, or pass --overwrite to replace it")
+        raise InputError(
+            f"{folder} exists and was not written by prepare_data.py (no {MANIFEST}); "
+            "move it away, or pass --overwrite to replace it"
+        )
     return m
 
 
@@ -56,14 +59,19 @@ def check_settings(folder: Path, manifest: Optional[dict], settings: dict, overw
     differs = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
     if differs and not overwrite:
         what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(differs.items()))
-        raise InputError(f"{folder} was prepared with other settings ({what}); pass --overwrite to rebuild it, "
-                         "or choose another --out")
+        raise InputError(
+            f"{folder} was prepared with other settings ({what}); pass --overwrite to rebuild it, "
+            "or choose another --out"
+        )
     return not differs
 
 
 def write_manifest(folder: Path, settings: dict, counts: dict, **extra) -> None:
     """Mark a staged folder complete (written last)."""
-    write_json(folder / MANIFEST, {"format": FORMAT, "version": 1, "settings": settings, **extra, "counts": counts})
+    write_json(
+        folder / MANIFEST,
+        {"format": FORMAT, "version": 1, "settings": settings, **extra, "counts": counts},
+    )
 
 
 @contextlib.contextmanager

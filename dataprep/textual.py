@@ -5,6 +5,7 @@ text located on Karpathy's raw caption: `a man 's arm` -> `a man's arm`), then a
 `textblob` (the Pattern chunker bundled with TextBlob, offline: noun-phrase chunks, with `NP 's NP`
 and `NP of NP` joined) or `spacy` (noun chunks of an installed English pipeline; nothing is downloaded).
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,16 +18,27 @@ from dataprep.entities_files import GoldSentence
 Extractor = Callable[[str], list[str]]
 EXTRACTORS = ("textblob", "spacy")
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     \w+(?=n't\b)                 # do|n't
   | n't\b
   | '(?:s|re|ll|ve|m|d)\b        # clitics: man|'s
   | \w+(?:[-.]\w+)*              # words, hyphenated words, decimals
   | \S                           # any other character on its own
-""", re.X | re.I)
+""",
+    re.X | re.I,
+)
 _NOUN_TAGS = {"NN", "NNS", "NNP", "NNPS"}
-_PTB = {"``": "(?:``|''|\"|“|”)", "''": "(?:``|''|\"|“|”)", "-LRB-": r"\(", "-RRB-": r"\)",
-        "-LSB-": r"\[", "-RSB-": r"\]", "-LCB-": r"\{", "-RCB-": r"\}"}
+_PTB = {
+    "``": "(?:``|''|\"|“|”)",
+    "''": "(?:``|''|\"|“|”)",
+    "-LRB-": r"\(",
+    "-RRB-": r"\)",
+    "-LSB-": r"\[",
+    "-RSB-": r"\]",
+    "-LCB-": r"\{",
+    "-RCB-": r"\}",
+}
 
 
 def tokenize(text: str) -> list[tuple[str, int, int]]:
@@ -44,7 +56,9 @@ def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text).lower().rstrip(".")
 
 
-def match_sentence(caption: str, index: int, sentences: Sequence[GoldSentence]) -> Optional[GoldSentence]:
+def match_sentence(
+    caption: str, index: int, sentences: Sequence[GoldSentence]
+) -> Optional[GoldSentence]:
     """The Entities sentence of a raw caption: the one at the same position if its text agrees (ignoring
     spacing, case and a final period), else any sentence that agrees, else None."""
     key = _squash(caption)
@@ -53,7 +67,9 @@ def match_sentence(caption: str, index: int, sentences: Sequence[GoldSentence]) 
     return next((s for s in sentences if _squash(s.text) == key), None)
 
 
-@functools.lru_cache(maxsize=1 << 16)   # phrases repeat across captions; re's own cache holds only 512
+@functools.lru_cache(
+    maxsize=1 << 16
+)  # phrases repeat across captions; re's own cache holds only 512
 def _phrase_regex(phrase: str) -> Optional[re.Pattern]:
     tokens = phrase.split()
     if not tokens:
@@ -83,7 +99,7 @@ def gold_segs(caption: str, sentence: GoldSentence) -> list[tuple[str, str]]:
         if span is None:
             continue
         cursor = span[1]
-        out.append((caption[span[0]:span[1]], p.chain))
+        out.append((caption[span[0] : span[1]], p.chain))
     return out
 
 
@@ -97,20 +113,30 @@ class TextBlobChunker:
         try:
             from textblob.en import parse
         except ImportError:
-            raise InputError("the textblob extractor needs the textblob package (pip install textblob)") from None
+            raise InputError(
+                "the textblob extractor needs the textblob package (pip install textblob)"
+            ) from None
         self._parse = parse
 
     def __call__(self, caption: str) -> list[str]:
         tokens = tokenize(caption)
         if not tokens:
             return []
-        tagged = self._parse(" ".join(t for t, _, _ in tokens), tokenize=False, tags=True, chunks=True,
-                             relations=False, lemmata=False).split()
+        tagged = self._parse(
+            " ".join(t for t, _, _ in tokens),
+            tokenize=False,
+            tags=True,
+            chunks=True,
+            relations=False,
+            lemmata=False,
+        ).split()
         rows = [row for sentence in tagged for row in sentence]
-        if len(rows) != len(tokens):    # the parser kept our tokens in every case we tried; be safe anyway
+        if len(rows) != len(
+            tokens
+        ):  # the parser kept our tokens in every case we tried; be safe anyway
             return []
         spans = _noun_chunks([(t, r[1], r[2]) for (t, _, _), r in zip(tokens, rows)])
-        return unique(caption[tokens[a][1]:tokens[b - 1][2]] for a, b in spans)
+        return unique(caption[tokens[a][1] : tokens[b - 1][2]] for a, b in spans)
 
 
 def _noun_chunks(rows: Sequence[tuple[str, str, str]]) -> list[tuple[int, int]]:
@@ -148,18 +174,24 @@ class SpacyChunker:
         try:
             import spacy
         except ImportError:
-            raise InputError("--extractor spacy needs spaCy and an English pipeline: pip install spacy, then install "
-                             f"the pipeline package {model!r} (nothing is downloaded at run time)") from None
+            raise InputError(
+                "--extractor spacy needs spaCy and an English pipeline: pip install spacy, then install "
+                f"the pipeline package {model!r} (nothing is downloaded at run time)"
+            ) from None
         try:
             self.nlp = spacy.load(model, disable=["ner", "lemmatizer", "textcat"])
         except OSError as e:
-            raise InputError(f"--spacy-model {model!r}: pipeline not installed or unreadable ({e}); "
-                             "install it yourself (nothing is downloaded at run time)") from None
+            raise InputError(
+                f"--spacy-model {model!r}: pipeline not installed or unreadable ({e}); "
+                "install it yourself (nothing is downloaded at run time)"
+            ) from None
         if not self.nlp.has_pipe("parser"):
-            raise InputError(f"--spacy-model {model!r} has no dependency parser, which noun chunks need")
+            raise InputError(
+                f"--spacy-model {model!r} has no dependency parser, which noun chunks need"
+            )
 
     def __call__(self, caption: str) -> list[str]:
-        return unique(caption[c.start_char:c.end_char] for c in self.nlp(caption).noun_chunks)
+        return unique(caption[c.start_char : c.end_char] for c in self.nlp(caption).noun_chunks)
 
 
 _CACHE: dict[tuple[str, str], Extractor] = {}
@@ -168,7 +200,9 @@ _CACHE: dict[tuple[str, str], Extractor] = {}
 def get_extractor(name: str, spacy_model: str = "en_core_web_sm") -> Extractor:
     """The extractor called `name` (built once per process)."""
     if name not in EXTRACTORS:
-        raise InputError(f"--extractor: unknown extractor {name!r} (choose from {', '.join(EXTRACTORS)})")
+        raise InputError(
+            f"--extractor: unknown extractor {name!r} (choose from {', '.join(EXTRACTORS)})"
+        )
     key = (name, spacy_model if name == "spacy" else "")
     if key not in _CACHE:
         _CACHE[key] = TextBlobChunker() if name == "textblob" else SpacyChunker(spacy_model)

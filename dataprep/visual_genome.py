@@ -9,6 +9,7 @@ CRC-32 of "word|image id" are kept (a fixed pseudo-random sample: same inputs, s
 Images that are val/test images of the dataset being prepared (VG's flickr_id / coco_id) are
 excluded, so fine-tuning never sees a test image.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -37,7 +38,7 @@ class VgImage:
     image_id: int
     width: int
     height: int
-    folder: Optional[str]       # VG_100K or VG_100K_2 when the url says so
+    folder: Optional[str]  # VG_100K or VG_100K_2 when the url says so
     coco_id: Optional[int]
     flickr_id: Optional[int]
 
@@ -70,13 +71,21 @@ def read_image_data(path: str | os.PathLike) -> dict[int, VgImage]:
         image_id = _int_or_none(rec.get("image_id", rec.get("id")))
         width, height = _int_or_none(rec.get("width")), _int_or_none(rec.get("height"))
         if image_id is None or not width or not height or width < 1 or height < 1:
-            raise InputError(f"{where}: needs an integer 'image_id' (or 'id'), 'width' and 'height'")
+            raise InputError(
+                f"{where}: needs an integer 'image_id' (or 'id'), 'width' and 'height'"
+            )
         url = rec.get("url") or ""
         folder = next((f for f in FOLDERS if f"/{f}/" in url), None)
         if image_id in out:
             raise InputError(f"{where}: duplicate image id {image_id}")
-        out[image_id] = VgImage(image_id, width, height, folder, _int_or_none(rec.get("coco_id")),
-                                _int_or_none(rec.get("flickr_id")))
+        out[image_id] = VgImage(
+            image_id,
+            width,
+            height,
+            folder,
+            _int_or_none(rec.get("coco_id")),
+            _int_or_none(rec.get("flickr_id")),
+        )
     return out
 
 
@@ -85,7 +94,11 @@ def heldout_images(images: dict[int, VgImage], dataset: str, heldout_ids: set[st
     key = HELDOUT_KEY.get(dataset)
     if key is None:
         return set()
-    return {g for g, im in images.items() if getattr(im, key) is not None and str(getattr(im, key)) in heldout_ids}
+    return {
+        g
+        for g, im in images.items()
+        if getattr(im, key) is not None and str(getattr(im, key)) in heldout_ids
+    }
 
 
 def vocab_word(name: object) -> Optional[str]:
@@ -116,12 +129,18 @@ def qualifying_box(geometry: Geometry, box: Box) -> bool:
     c = geometry.crop_box(box)
     if c is None:
         return False
-    area = (c[2] - c[0]) * (c[3] - c[1]) / float(geometry.resolution ** 2)
+    area = (c[2] - c[0]) * (c[3] - c[1]) / float(geometry.resolution**2)
     return MIN_AREA <= area <= MAX_AREA
 
 
-def select_candidates(objects_path: str | os.PathLike, images: dict[int, VgImage], excluded: set[int],
-                      resolution: int, per_word: int, progress: Iterable = None) -> tuple[dict[str, list[Candidate]], dict]:
+def select_candidates(
+    objects_path: str | os.PathLike,
+    images: dict[int, VgImage],
+    excluded: set[int],
+    resolution: int,
+    per_word: int,
+    progress: Iterable = None,
+) -> tuple[dict[str, list[Candidate]], dict]:
     """Stream objects.json; return (word -> its chosen candidates in choice order, counts)."""
     heaps: dict[str, list] = {}
     counts = {"vg_images_in_objects": 0, "vg_images_without_image_data": 0}
@@ -164,8 +183,10 @@ def select_candidates(objects_path: str | os.PathLike, images: dict[int, VgImage
                 heapq.heappush(heap, item)
             elif item > heap[0]:
                 heapq.heapreplace(heap, item)
-    chosen = {w: [Candidate(-i, box, name) for _, i, box, name in sorted(h, reverse=True)]
-              for w, h in sorted(heaps.items())}
+    chosen = {
+        w: [Candidate(-i, box, name) for _, i, box, name in sorted(h, reverse=True)]
+        for w, h in sorted(heaps.items())
+    }
     return chosen, counts
 
 

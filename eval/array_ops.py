@@ -9,6 +9,7 @@ alone costs seconds). Both classes keep the same rules, and the tests run both o
 - `order_by_b_then_a`: the order (b descending, a descending, position ascending), i.e. a stable
   sort on a followed by a stable sort on b.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -79,7 +80,9 @@ class NumpyOps:
         starts = np.flatnonzero(np.concatenate(([True], x[1:] != x[:-1])))
         return x[starts], np.diff(np.append(starts, len(x)))
 
-    def topk(self, x: np.ndarray, k: int, floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def topk(
+        self, x: np.ndarray, k: int, floor: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(values, columns) of each row's k largest entries: descending, ties by the lower column.
 
         With `floor` ([B]), only entries above floor[row] are wanted (the caller already holds k
@@ -93,7 +96,9 @@ class NumpyOps:
             keep = x >= kth[:, None]  # every entry tied with the k-th: the lower columns win below
         else:
             keep = x > floor[:, None]
-        flat = np.flatnonzero(keep)  # row-major: columns ascending within a row (much faster than nonzero)
+        flat = np.flatnonzero(
+            keep
+        )  # row-major: columns ascending within a row (much faster than nonzero)
         rows, cols = np.divmod(flat, n)
         counts = np.bincount(rows, minlength=n_rows)
         width = int(counts.max()) if len(flat) else 0
@@ -142,8 +147,12 @@ class TorchOps:
 
     def take_along(self, x: Any, idx: Any, axis: int) -> Any:
         """x's entries at `idx` along `axis` (idx broadcasts against x in the other axes)."""
-        shape = list(self.torch.broadcast_shapes(x.shape[:axis] + (1,) + x.shape[axis + 1:],
-                                                 idx.shape[:axis] + (1,) + idx.shape[axis + 1:]))
+        shape = list(
+            self.torch.broadcast_shapes(
+                x.shape[:axis] + (1,) + x.shape[axis + 1 :],
+                idx.shape[:axis] + (1,) + idx.shape[axis + 1 :],
+            )
+        )
         x_shape, idx_shape = list(shape), list(shape)
         x_shape[axis], idx_shape[axis] = x.shape[axis], idx.shape[axis]
         return x.expand(x_shape).gather(axis, idx.expand(idx_shape))

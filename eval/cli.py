@@ -1,4 +1,5 @@
 """Command-line flags shared by several eval scripts (defined once)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,19 +9,39 @@ from agree.precision import PRECISIONS
 
 def add_prediction_args(p: argparse.ArgumentParser) -> None:
     """Flags of make_topk_predictions.py, shared with make_topk_predictions_mask+prompt.py."""
-    p.add_argument("--image-feats", required=True, help="image features (.jsonl, or .npy + .ids.json)")
-    p.add_argument("--text-feats", required=True, help="text features (.jsonl, or .npy + .ids.json)")
+    p.add_argument(
+        "--image-feats", required=True, help="image features (.jsonl, or .npy + .ids.json)"
+    )
+    p.add_argument(
+        "--text-feats", required=True, help="text features (.jsonl, or .npy + .ids.json)"
+    )
     p.add_argument("--top-k", type=int, default=10, help="items kept per query")
-    p.add_argument("--eval-batch-size", type=int, default=256, help="queries scored at once (bounds memory)")
-    p.add_argument("--output-images", required=True, help="I2T predictions to write (keyed by image_id)")
-    p.add_argument("--output-texts", required=True, help="T2I predictions to write (keyed by query_id)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu (default: numpy, torch is not imported), cuda or cuda:N (torch), auto (cuda when available)")
-    p.add_argument("--folds", type=int, default=1,
-                   help="rank each query among its own fold's items only, the test set cut into N folds in "
-                        "feature-file order (MSCOCO 5k test: --folds 5 gives the 1k-fold protocol); records carry \"fold\"")
-    p.add_argument("--faiss", action="store_true",
-                   help="first-stage top-k with FAISS's exact inner-product index (optional package faiss-cpu; CPU)")
+    p.add_argument(
+        "--eval-batch-size", type=int, default=256, help="queries scored at once (bounds memory)"
+    )
+    p.add_argument(
+        "--output-images", required=True, help="I2T predictions to write (keyed by image_id)"
+    )
+    p.add_argument(
+        "--output-texts", required=True, help="T2I predictions to write (keyed by query_id)"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default: numpy, torch is not imported), cuda or cuda:N (torch), auto (cuda when available)",
+    )
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=1,
+        help="rank each query among its own fold's items only, the test set cut into N folds in "
+        'feature-file order (MSCOCO 5k test: --folds 5 gives the 1k-fold protocol); records carry "fold"',
+    )
+    p.add_argument(
+        "--faiss",
+        action="store_true",
+        help="first-stage top-k with FAISS's exact inner-product index (optional package faiss-cpu; CPU)",
+    )
 
 
 def add_extraction_args(p: argparse.ArgumentParser, resume_help: str) -> None:
@@ -32,11 +53,23 @@ def add_extraction_args(p: argparse.ArgumentParser, resume_help: str) -> None:
     p.add_argument("--img-batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--text-batch-size", type=int, default=32, help="captions per forward pass")
     p.add_argument("--resume", required=True, help=resume_help)
-    p.add_argument("--image-feat-output-path", default=None, help="image features to write (.jsonl, or .npy)")
-    p.add_argument("--text-feat-output-path", default=None, help="caption features to write (.jsonl, or .npy)")
-    p.add_argument("--model", default=None, help="model config, e.g. ViT-L-14, ViT-B-32 (or ViT-L/14)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="default fp32 (the release's); fp16 / bf16 = half / bfloat16 weights (fp16: CUDA, or the "
-                        "CPU to measure it), amp = fp16 autocast (CUDA; fp32 on the CPU), amp_bf16 = bfloat16 autocast")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--image-feat-output-path", default=None, help="image features to write (.jsonl, or .npy)"
+    )
+    p.add_argument(
+        "--text-feat-output-path", default=None, help="caption features to write (.jsonl, or .npy)"
+    )
+    p.add_argument(
+        "--model", default=None, help="model config, e.g. ViT-L-14, ViT-B-32 (or ViT-L/14)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="default fp32 (the release's); fp16 / bf16 = half / bfloat16 weights (fp16: CUDA, or the "
+        "CPU to measure it), amp = fp16 autocast (CUDA; fp32 on the CPU), amp_bf16 = bfloat16 autocast",
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)"
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images")

@@ -5,6 +5,7 @@ Because every batch holds the same inputs as in a single-process run, the featur
 computations as there (bit for bit when the ranks and the single process use the same kernels and
 thread count).
 """
+
 from __future__ import annotations
 
 import os
@@ -91,8 +92,14 @@ def run_everywhere(shard: Shard, device: torch.device, work: Callable[[], T]) ->
     return result  # type: ignore[return-value]
 
 
-def rows_in_order(shard: Shard, device: torch.device, blocks: Iterable[np.ndarray], n_total: int, batch_size: int,
-                  row_shape: tuple[int, ...]) -> Iterator[tuple[int, np.ndarray]]:
+def rows_in_order(
+    shard: Shard,
+    device: torch.device,
+    blocks: Iterable[np.ndarray],
+    n_total: int,
+    batch_size: int,
+    row_shape: tuple[int, ...],
+) -> Iterator[tuple[int, np.ndarray]]:
     """(position of the first row, rows) of every input, in input order, on the writing rank.
 
     `blocks` are this rank's encoded batches (of its `span`). In a single process they pass
@@ -110,22 +117,30 @@ def rows_in_order(shard: Shard, device: torch.device, blocks: Iterable[np.ndarra
         mine = list(blocks)
         return np.concatenate(mine) if mine else np.empty((0,) + row_shape, dtype=np.float32)
 
-    full = gather_rows(shard, device, run_everywhere(shard, device, encode_mine), n_total, batch_size)
+    full = gather_rows(
+        shard, device, run_everywhere(shard, device, encode_mine), n_total, batch_size
+    )
     if full is not None:
         yield 0, full
 
 
-def gather_rows(shard: Shard, device: torch.device, local: np.ndarray, n_total: int, batch_size: int) -> np.ndarray | None:
+def gather_rows(
+    shard: Shard, device: torch.device, local: np.ndarray, n_total: int, batch_size: int
+) -> np.ndarray | None:
     """All ranks' rows, in rank order (= input order), on rank 0; None on the others.
 
     `local` holds this rank's rows (its `span`); every rank passes the same n_total and batch_size.
     """
     if shard.world == 1:
         return local
-    counts = [b - a for a, b in (span(n_total, batch_size, r, shard.world) for r in range(shard.world))]
+    counts = [
+        b - a for a, b in (span(n_total, batch_size, r, shard.world) for r in range(shard.world))
+    ]
     width = max(counts)
     padded = torch.zeros((width,) + local.shape[1:], dtype=torch.float32, device=device)
-    padded[: len(local)] = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float32)).to(device)
+    padded[: len(local)] = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float32)).to(
+        device
+    )
     parts = [torch.empty_like(padded) for _ in range(shard.world)] if shard.is_writer else None
     dist.gather(padded, parts, dst=0)
     if not shard.is_writer:

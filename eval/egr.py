@@ -14,6 +14,7 @@ items with the largest s (ties: lower item index); they are ordered by a then
 by b (stable sorts, descending) and the first `top_k` kept. Only the candidates
 are re-scored, so the cost beyond the first-stage top-k is O(queries x pool).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,14 @@ import numpy as np
 from agree.io import InputError
 from eval.array_ops import Array, Ops
 from eval.feature_io import Features
-from eval.topk import TopkRows, check_sizes, chunked_topk, first_stage, shared_scores, topk_of_scores
+from eval.topk import (
+    TopkRows,
+    check_sizes,
+    chunked_topk,
+    first_stage,
+    shared_scores,
+    topk_of_scores,
+)
 
 POOL = 128  # candidates re-ranked per query (release value)
 PAIR_BLOCK = 1 << 21  # floats per gathered block in pair_slot_dots (8 MB in float32: cache-sized)
@@ -45,7 +53,9 @@ class Ranked:
     b: np.ndarray
 
 
-def slot_weights(n_slots: int, n_rows: int, n_real: np.ndarray | None, real_only: bool, path: object = "") -> np.ndarray:
+def slot_weights(
+    n_slots: int, n_rows: int, n_real: np.ndarray | None, real_only: bool, path: object = ""
+) -> np.ndarray:
     """[N, S] float32 weights: ones (release), or ones on the first n_real slots of each row."""
     if not real_only:
         return np.ones((n_rows, n_slots), dtype=np.float32)
@@ -94,12 +104,16 @@ def egr_text_to_image(
     extras = ops.concat([w_mask[:, None] @ mask, w_prompt[:, None] @ prompt], 1)  # [Q, 2, D]
     in_product = search is chunked_topk and image.shape[0] <= EXTRAS_IN_PRODUCT * pool
     parts = []
-    tops = search(ops, text, image, pool, chunk, extras=extras if in_product else None, scores_out=scores_out)
+    tops = search(
+        ops, text, image, pool, chunk, extras=extras if in_product else None, scores_out=scores_out
+    )
     for start, s, idx, x in tops:
         if x is None:  # candidates only: pairs (query, candidate) grouped by query
             n_q, n_c = idx.shape
             rows = ops.repeat(ops.arange(n_q), ops.full(n_q, n_c))
-            x = pair_slot_dots(ops, image, idx.reshape(-1), rows, [extras[start : start + n_q]])[0].reshape(n_q, n_c, 2)
+            x = pair_slot_dots(ops, image, idx.reshape(-1), rows, [extras[start : start + n_q]])[
+                0
+            ].reshape(n_q, n_c, 2)
         s = ops.f64(s)
         m_sum, p_sum = ops.f64(x[..., 0]), ops.f64(x[..., 1])
         nm, np_ = n_m[start : start + len(s), None], n_p[start : start + len(s), None]
@@ -180,11 +194,17 @@ def pair_slot_dots(
         pieces = (counts + cap - 1) // cap
         g = ops.repeat(ops.arange(len(counts)), pieces)
         k = ops.arange(len(g)) - ops.repeat(pieces.cumsum(0) - pieces, pieces)
-        groups, starts, counts = groups[g], starts[g] + k * cap, ops.minimum(counts[g] - k * cap, cap)
+        groups, starts, counts = (
+            groups[g],
+            starts[g] + k * cap,
+            ops.minimum(counts[g] - k * cap, cap),
+        )
     by_size = ops.argsort_stable(-counts)  # similar sizes share a block: little padding
     groups, counts, starts = groups[by_size], counts[by_size], starts[by_size]
     outs = [ops.empty((n_pairs, t.shape[1])) for t in slot_sets]
-    flat_sets = [t.reshape(t.shape[0], -1) for t in slot_sets]  # [N, S * D] views: row gathers are one copy
+    flat_sets = [
+        t.reshape(t.shape[0], -1) for t in slot_sets
+    ]  # [N, S * D] views: row gathers are one copy
     n_groups, g0 = len(groups), 0
     while g0 < n_groups:
         width = int(counts[g0])  # largest group of the block
@@ -194,7 +214,9 @@ def pair_slot_dots(
         pos = ops.arange(len(local)) - ops.repeat(cnt.cumsum(0) - cnt, cnt)
         pair = order[starts[g0:g1][local] + pos]
         flat = local * width + pos
-        src = ops.full((g1 - g0) * width, 0)  # padding places take row 0: their products are never read
+        src = ops.full(
+            (g1 - g0) * width, 0
+        )  # padding places take row 0: their products are never read
         src[flat] = left_idx[pair]
         padded = left[src].reshape(g1 - g0, width, dim)
         rows = groups[g0:g1]
@@ -228,13 +250,29 @@ def egr_lists(
     i = ops.asarray(image.data)
     p = ops.asarray(prompt.data)
     m = ops.asarray(mask.data)
-    wp = ops.asarray(slot_weights(prompt.n_slots, len(prompt), prompt.n_real, real_only, prompt.path))
+    wp = ops.asarray(
+        slot_weights(prompt.n_slots, len(prompt), prompt.n_real, real_only, prompt.path)
+    )
     wm = ops.asarray(slot_weights(mask.n_slots, len(mask), mask.n_real, real_only, mask.path))
     # one text-image product serves both directions when the score matrix is small enough to keep
     kept = None if use_faiss else shared_scores(ops, len(text), len(image))
-    t2i = egr_text_to_image(ops, t, i, p, m, wp, wm, top_k, chunk, pool, scores_out=kept, search=search)
-    i2t = egr_image_to_text(ops, i, t, p, m, wp, wm, top_k, chunk, pool, scores=None if kept is None else kept.T,
-                            search=search)
+    t2i = egr_text_to_image(
+        ops, t, i, p, m, wp, wm, top_k, chunk, pool, scores_out=kept, search=search
+    )
+    i2t = egr_image_to_text(
+        ops,
+        i,
+        t,
+        p,
+        m,
+        wp,
+        wm,
+        top_k,
+        chunk,
+        pool,
+        scores=None if kept is None else kept.T,
+        search=search,
+    )
     return _rows(text.ids, image.ids, t2i), _rows(image.ids, text.ids, i2t)
 
 
@@ -242,7 +280,9 @@ def _rows(query_ids: list, item_ids: list, r: Ranked) -> list[tuple[object, list
     with _gc_paused():  # ~10^5 small lists: the cyclic GC would rescan them many times
         return [
             (qid, [[item_ids[j], sj, aj, bj] for j, sj, aj, bj in zip(idx, s, a, b)])
-            for qid, idx, s, a, b in zip(query_ids, r.index.tolist(), r.s.tolist(), r.a.tolist(), r.b.tolist())
+            for qid, idx, s, a, b in zip(
+                query_ids, r.index.tolist(), r.s.tolist(), r.a.tolist(), r.b.tolist()
+            )
         ]
 
 

@@ -1,4 +1,5 @@
 """TBR re-ranking: `eval_back_retrieval.py IMG_GT IMG_PRED TXT_GT TXT_PRED IMG_OUT TXT_OUT`."""
+
 import argparse
 
 from agree.io import run_cli
@@ -36,7 +37,9 @@ def main(argv=None) -> int:
         ("I2T", "forward", recall(img_gt, img_pred)),
         ("I2T", "re-ranked", recall(img_gt, img_new)),
     ]
-    write_ranked_lists((args.image_out, "image_id", img_rows), (args.text_out, "query_id", txt_rows))
+    write_ranked_lists(
+        (args.image_out, "image_id", img_rows), (args.text_out, "query_id", txt_rows)
+    )
     for direction, which, r in lines:
         print(f"{direction} {which} [mean, R@1, R@5, R@10]: {recall_list(r)}")
     return 0

@@ -6,6 +6,7 @@ Pairs file: one JSON object per line, {"kind", "image_a", "image_b", "text_a", "
 feature files). Output: {kind: {"n", "text", "text_se", "image", "image_se", "group", "group_se"}}
 in percent, per kind and over all pairs ("all").
 """
+
 import argparse
 
 from agree.io import run_cli, write_json
@@ -14,9 +15,15 @@ from eval.twins import read_twin_pairs, score_twins
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image-feats", required=True, help="image features (.jsonl, or .npy + .ids.json)")
-    p.add_argument("--text-feats", required=True, help="caption features (.jsonl, or .npy + .ids.json)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--image-feats", required=True, help="image features (.jsonl, or .npy + .ids.json)"
+    )
+    p.add_argument(
+        "--text-feats", required=True, help="caption features (.jsonl, or .npy + .ids.json)"
+    )
     p.add_argument("--pairs", required=True, help="twin pairs JSONL")
     p.add_argument("--output", required=True, help="where to write the scores (JSON)")
     args = p.parse_args(argv)
@@ -25,8 +32,12 @@ def main(argv=None) -> int:
     scores = score_twins(pairs, image, text, args.pairs)
     write_json(args.output, scores)
     for kind, row in scores.items():
-        print(f"{kind:>9} (n={row['n']}): " + "  ".join(
-            f"{s} {row[s]:5.1f} ± {row[s + '_se']:.1f}" for s in ("text", "image", "group")))
+        print(
+            f"{kind:>9} (n={row['n']}): "
+            + "  ".join(
+                f"{s} {row[s]:5.1f} ± {row[s + '_se']:.1f}" for s in ("text", "image", "group")
+            )
+        )
     return 0
 
 

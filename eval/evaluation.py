@@ -3,6 +3,7 @@
 Predictions made with `--folds N` (their records carry "fold") are scored within each fold and
 averaged over the folds (MSCOCO's 1k-fold protocol); `scoreJson.folds` then lists each fold's values.
 """
+
 import argparse
 import json
 

@@ -1,4 +1,5 @@
 """Feature extraction with CLIP: model loading, batched image / text / entity-slot encoding (spec 4.1)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from agree.entities import EVAL_SLOTS, PROMPT_TEMPLATE, entity_slots
-from agree.io import InputError, iter_jsonl
 from agree.images import ImageArchive
+from agree.io import InputError, iter_jsonl
 from agree.precision import autocast, resolve_device, resolve_precision, weight_dtype
 from agree.pretrained import clip_errors_as_input_errors, load_pretrained
 from clip.clip import create_model, load_checkpoint_state_dict, load_state_dict_into, tokenize
@@ -23,10 +24,13 @@ from clip.model import CLIP, convert_weights
 from eval.distributed import Shard, close_shard, init_shard, rows_in_order, run_everywhere
 from eval.feature_io import FeatureWriter
 
-DEFAULT_PRECISION_ON_CUDA = "fp32"  # without --precision, as the release extracts; fp32 on the CPU too
+DEFAULT_PRECISION_ON_CUDA = (
+    "fp32"  # without --precision, as the release extracts; fp32 on the CPU too
+)
 
 
 # ---------------------------------------------------------------- models
+
 
 def resolve_extraction_precision(requested: str | None, device: torch.device) -> str:
     """--precision of the extraction scripts: fp32 unless asked (see agree.precision.resolve_precision).
@@ -35,7 +39,9 @@ def resolve_extraction_precision(requested: str | None, device: torch.device) ->
     CLIP's ops in half on the CPU, slowly): it measures what fp16 does to the features without a GPU.
     """
     if requested == "fp16" and device.type != "cuda":
-        logging.warning("--precision fp16 on the CPU: half-precision weights (slow; meant to measure its effect)")
+        logging.warning(
+            "--precision fp16 on the CPU: half-precision weights (slow; meant to measure its effect)"
+        )
         return "fp16"
     return resolve_precision(requested, device, default_on_cuda=DEFAULT_PRECISION_ON_CUDA)
 
@@ -48,7 +54,9 @@ def _place(model: CLIP, device: torch.device, precision: str) -> CLIP:
     return model
 
 
-def load_finetuned(resume: str | os.PathLike, model_name: str, device: torch.device, precision: str) -> CLIP:
+def load_finetuned(
+    resume: str | os.PathLike, model_name: str, device: torch.device, precision: str
+) -> CLIP:
     """Model of config `model_name` with the weights of a training checkpoint (or any CLIP state dict)."""
     with clip_errors_as_input_errors():
         model = create_model(model_name, device="cpu", precision="fp32")
@@ -56,11 +64,18 @@ def load_finetuned(resume: str | os.PathLike, model_name: str, device: torch.dev
     return _place(model, device, precision)
 
 
-def load_zero_shot(resume: str | os.PathLike, model_name: str | None, device: torch.device, precision: str,
-                   jit: bool = False) -> CLIP:
+def load_zero_shot(
+    resume: str | os.PathLike,
+    model_name: str | None,
+    device: torch.device,
+    precision: str,
+    jit: bool = False,
+) -> CLIP:
     """A pre-trained checkpoint (TorchScript archive or state dict); `model_name`, if given, must fit its
     weights and gives the activation (e.g. ViT-B-32-gelu for OpenCLIP's GELU models). `jit`: torch.jit.load."""
-    model, _, _ = load_pretrained(resume, device="cpu", precision="fp32", jit=jit, model_name=model_name or None)
+    model, _, _ = load_pretrained(
+        resume, device="cpu", precision="fp32", jit=jit, model_name=model_name or None
+    )
     return _place(model, device, precision)
 
 
@@ -70,6 +85,7 @@ def _normalised(x: torch.Tensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- images
+
 
 class _ArchiveImages(Dataset):
     """Images of an archive as model inputs; errors travel back as strings (no worker tracebacks)."""
@@ -101,16 +117,30 @@ def open_images(path: str | os.PathLike) -> ImageArchive:
 
 
 def encode_images(
-    model: CLIP, archive: ImageArchive, batch_size: int, device: torch.device, precision: str | None, workers: int = 0,
-    keys: Sequence[str] | None = None, progress: bool = True,
+    model: CLIP,
+    archive: ImageArchive,
+    batch_size: int,
+    device: torch.device,
+    precision: str | None,
+    workers: int = 0,
+    keys: Sequence[str] | None = None,
+    progress: bool = True,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Yield (npz keys, L2-normalised float32 features) batch by batch, in archive order (or of `keys`); images are read lazily."""
+    """Yield (npz keys, L2-normalised float32 features) batch by batch, in archive order (or of `keys`).
+
+    Images are read lazily."""
     keys = archive.keys() if keys is None else list(keys)
-    loader = DataLoader(_ArchiveImages(archive, keys, model.visual.input_resolution), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate)
+    loader = DataLoader(
+        _ArchiveImages(archive, keys, model.visual.input_resolution),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
     start = 0
     with torch.no_grad(), autocast(precision, device):
-        for batch in tqdm(loader, desc="images", unit="batch", dynamic_ncols=True, disable=not progress):
+        for batch in tqdm(
+            loader, desc="images", unit="batch", dynamic_ncols=True, disable=not progress
+        ):
             if isinstance(batch, str):
                 raise InputError(batch)
             feats = model.encode_image(batch.to(device=device, dtype=model.dtype))
@@ -119,6 +149,7 @@ def encode_images(
 
 
 # ---------------------------------------------------------------- texts
+
 
 @dataclass
 class Query:
@@ -143,7 +174,9 @@ def read_queries(path: str | os.PathLike, with_items: bool = False) -> list[Quer
             raise InputError(f"{path}:{lineno}: 'items' must be a list of strings")
         qid = rec["query_id"]
         if str(qid) in seen:
-            raise InputError(f"{path}:{lineno}: duplicate query_id {qid!r} (first on line {seen[str(qid)]})")
+            raise InputError(
+                f"{path}:{lineno}: duplicate query_id {qid!r} (first on line {seen[str(qid)]})"
+            )
         seen[str(qid)] = lineno
         out.append(Query(qid, text, items))
     if not out:
@@ -151,7 +184,9 @@ def read_queries(path: str | os.PathLike, with_items: bool = False) -> list[Quer
     return out
 
 
-def encode_texts(model: CLIP, texts: Sequence[str], device: torch.device, precision: str | None) -> np.ndarray:
+def encode_texts(
+    model: CLIP, texts: Sequence[str], device: torch.device, precision: str | None
+) -> np.ndarray:
     """L2-normalised float32 features of `texts` in one forward pass (repeated texts encoded once)."""
     unique = list(dict.fromkeys(texts))
     tokens = tokenize(unique, context_length=model.context_length).to(device)
@@ -165,7 +200,9 @@ def encode_texts(model: CLIP, texts: Sequence[str], device: torch.device, precis
 
 def batches(seq: Sequence, size: int, desc: str, progress: bool = True) -> Iterator[Sequence]:
     """Consecutive slices of `seq` with a tqdm progress bar."""
-    for start in tqdm(range(0, len(seq), size), desc=desc, unit="batch", dynamic_ncols=True, disable=not progress):
+    for start in tqdm(
+        range(0, len(seq), size), desc=desc, unit="batch", dynamic_ncols=True, disable=not progress
+    ):
         yield seq[start : start + size]
 
 
@@ -195,6 +232,7 @@ def output_dir_ok(*paths: str | None) -> None:
 
 # ---------------------------------------------------------------- whole runs
 
+
 @dataclass
 class ExtractionPlan:
     """What one extraction run reads and writes (validated before the model is loaded)."""
@@ -216,12 +254,16 @@ def plan_extraction(args, slots: bool = False) -> ExtractionPlan:
     want_prompt = slots and args.extract_prompt_feats
     want_mask = slots and args.extract_mask_feats
     if not (args.extract_image_feats or args.extract_text_feats or want_prompt or want_mask):
-        flags = "--extract-image-feats, --extract-text-feats" + (", --extract-prompt-feats, --extract-mask-feats" if slots else "")
+        flags = "--extract-image-feats, --extract-text-feats" + (
+            ", --extract-prompt-feats, --extract-mask-feats" if slots else ""
+        )
         raise InputError(f"nothing to extract: give at least one of {flags}")
     check_batch_size("--img-batch-size", args.img_batch_size)
     check_batch_size("--text-batch-size", args.text_batch_size)
     if args.extract_image_feats:
-        require_paths(image_data=args.image_data, image_feat_output_path=args.image_feat_output_path)
+        require_paths(
+            image_data=args.image_data, image_feat_output_path=args.image_feat_output_path
+        )
         plan.archive, plan.image_out = open_images(args.image_data), args.image_feat_output_path
     if args.extract_text_feats:
         require_paths(text_data=args.text_data, text_feat_output_path=args.text_feat_output_path)
@@ -244,8 +286,14 @@ def plan_extraction(args, slots: bool = False) -> ExtractionPlan:
     return plan
 
 
-def run_extraction(plan: ExtractionPlan, model: CLIP, args, device: torch.device, precision: str,
-                   shard: Shard | None = None) -> None:
+def run_extraction(
+    plan: ExtractionPlan,
+    model: CLIP,
+    args,
+    device: torch.device,
+    precision: str,
+    shard: Shard | None = None,
+) -> None:
     """Encode and write everything in `plan`; the output files appear together at the end, or none.
 
     With several ranks (`shard`), each encodes its run of whole batches and rank 0 writes the files.
@@ -253,50 +301,96 @@ def run_extraction(plan: ExtractionPlan, model: CLIP, args, device: torch.device
     shard = shard or Shard()
     dim = int(model.text_projection.shape[1])
     if shard.world > 1:
-        spans = [(what, len(items), size) for what, items, size in (
-            ("images", plan.archive.keys() if plan.archive is not None else None, args.img_batch_size),
-            ("captions", plan.queries, args.text_batch_size),
-            ("entity slots", plan.slot_queries, args.text_batch_size)) if items is not None]
-        print(f"rank {shard.rank} of {shard.world} encodes " + ", ".join(
-            "{} [{}, {})".format(what, *shard.span(n, size)) for what, n, size in spans), flush=True)
+        spans = [
+            (what, len(items), size)
+            for what, items, size in (
+                (
+                    "images",
+                    plan.archive.keys() if plan.archive is not None else None,
+                    args.img_batch_size,
+                ),
+                ("captions", plan.queries, args.text_batch_size),
+                ("entity slots", plan.slot_queries, args.text_batch_size),
+            )
+            if items is not None
+        ]
+        print(
+            f"rank {shard.rank} of {shard.world} encodes "
+            + ", ".join(
+                "{} [{}, {})".format(what, *shard.span(n, size)) for what, n, size in spans
+            ),
+            flush=True,
+        )
     with contextlib.ExitStack() as outputs:
 
         def writer(path: str | None, key: str, slots: bool = False) -> FeatureWriter | None:
-            return outputs.enter_context(FeatureWriter(path, key, slots)) if path and shard.is_writer else None
+            return (
+                outputs.enter_context(FeatureWriter(path, key, slots))
+                if path and shard.is_writer
+                else None
+            )
 
         if plan.archive is not None:
             w = writer(plan.image_out, "image_id")
             keys = plan.archive.keys()
             lo, hi = shard.span(len(keys), args.img_batch_size)
-            blocks = (f for _, f in encode_images(model, plan.archive, args.img_batch_size, device, precision,
-                                                  args.workers, keys[lo:hi], shard.is_writer))
-            for start, rows in rows_in_order(shard, device, blocks, len(keys), args.img_batch_size, (dim,)):
+            blocks = (
+                f
+                for _, f in encode_images(
+                    model,
+                    plan.archive,
+                    args.img_batch_size,
+                    device,
+                    precision,
+                    args.workers,
+                    keys[lo:hi],
+                    shard.is_writer,
+                )
+            )
+            for start, rows in rows_in_order(
+                shard, device, blocks, len(keys), args.img_batch_size, (dim,)
+            ):
                 w.add(keys[start : start + len(rows)], rows)
         if plan.queries is not None:
             w = writer(plan.text_out, "query_id")
             ids = [q.id for q in plan.queries]
             lo, hi = shard.span(len(ids), args.text_batch_size)
-            blocks = (encode_texts(model, [q.text for q in batch], device, precision)
-                      for batch in batches(plan.queries[lo:hi], args.text_batch_size, "captions", shard.is_writer))
-            for start, rows in rows_in_order(shard, device, blocks, len(ids), args.text_batch_size, (dim,)):
+            blocks = (
+                encode_texts(model, [q.text for q in batch], device, precision)
+                for batch in batches(
+                    plan.queries[lo:hi], args.text_batch_size, "captions", shard.is_writer
+                )
+            )
+            for start, rows in rows_in_order(
+                shard, device, blocks, len(ids), args.text_batch_size, (dim,)
+            ):
                 w.add(ids[start : start + len(rows)], rows)
         if plan.slot_queries is not None:
             wp = writer(plan.prompt_out, "query_id", slots=True)
             wm = writer(plan.mask_out, "query_id", slots=True)
             s, qs = plan.n_slots, plan.slot_queries
-            sets = [name for name, out in (("prompts", plan.prompt_out), ("masked", plan.mask_out)) if out]
+            sets = [
+                name
+                for name, out in (("prompts", plan.prompt_out), ("masked", plan.mask_out))
+                if out
+            ]
             slots = [entity_slots(q.text, q.items, s, plan.template) for q in qs]
             ids, n_real = [q.id for q in qs], [x.n_real for x in slots]
             lo, hi = shard.span(len(qs), args.text_batch_size)
 
             def slot_blocks() -> Iterator[np.ndarray]:
-                for b0 in batches(range(lo, hi), args.text_batch_size, "entity slots", shard.is_writer):
+                for b0 in batches(
+                    range(lo, hi), args.text_batch_size, "entity slots", shard.is_writer
+                ):
                     # every prompt and mask slot of the batch in one forward pass
                     texts = [t for j in b0 for name in sets for t in getattr(slots[j], name)]
-                    yield encode_texts(model, texts, device, precision).reshape(len(b0), len(sets), s, -1)
+                    yield encode_texts(model, texts, device, precision).reshape(
+                        len(b0), len(sets), s, -1
+                    )
 
-            for start, rows in rows_in_order(shard, device, slot_blocks(), len(qs), args.text_batch_size,
-                                             (len(sets), s, dim)):
+            for start, rows in rows_in_order(
+                shard, device, slot_blocks(), len(qs), args.text_batch_size, (len(sets), s, dim)
+            ):
                 part = slice(start, start + len(rows))
                 if wp:
                     wp.add(ids[part], rows[:, 0], n_real[part])
@@ -307,11 +401,14 @@ def run_extraction(plan: ExtractionPlan, model: CLIP, args, device: torch.device
 def extract(args, load: Callable[[torch.device, str], CLIP], slots: bool = False) -> None:
     """An extraction script's run: device and precision, plan and model `load(device, precision)` (on every
     rank, so that a bad input stops all of them), then encode and write (sharded under torchrun)."""
-    shard, device = init_shard(resolve_device(args.device))  # under torchrun: this rank's share and device
+    shard, device = init_shard(
+        resolve_device(args.device)
+    )  # under torchrun: this rank's share and device
     try:
         precision = resolve_extraction_precision(args.precision, device)
-        plan, model = run_everywhere(shard, device, lambda: (plan_extraction(args, slots=slots),
-                                                             load(device, precision)))
+        plan, model = run_everywhere(
+            shard, device, lambda: (plan_extraction(args, slots=slots), load(device, precision))
+        )
         run_extraction(plan, model, args, device, precision, shard)
     finally:
         close_shard(shard)

@@ -9,6 +9,7 @@ Binary, chosen by the `.npy` extension: `X.npy` holds the float matrix
 `{"format": "agree-features", "version": 1, "key": "image_id", "ids": [...],
 "n_real_slots": [...]}` (the last entry only for slot files that record it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agree.io import InputError, atomic_path, atomic_write, dumps, iter_jsonl, read_json, require_file
+from agree.io import (
+    InputError,
+    atomic_path,
+    atomic_write,
+    dumps,
+    iter_jsonl,
+    read_json,
+    require_file,
+)
 
 SIDECAR_FORMAT = "agree-features"
 SIDECAR_VERSION = 1
@@ -88,7 +97,9 @@ def _read_jsonl(path: Path, key: str, slots: bool) -> Features:
             try:  # one conversion per line: faster than batching nested lists, and locates errors
                 row = np.asarray(rec["feature"], dtype=np.float32)
             except (TypeError, ValueError):
-                raise InputError(f"{path}:{lineno}: 'feature' must be {_FEATURE_LAYOUT[slots]}") from None
+                raise InputError(
+                    f"{path}:{lineno}: 'feature' must be {_FEATURE_LAYOUT[slots]}"
+                ) from None
             if row.ndim != want_ndim:
                 raise InputError(f"{path}:{lineno}: 'feature' must be {_FEATURE_LAYOUT[slots]}")
             if shape is None:
@@ -97,7 +108,8 @@ def _read_jsonl(path: Path, key: str, slots: bool) -> Features:
                 shape, first_line = row.shape, lineno
             elif row.shape != shape:
                 raise InputError(
-                    f"{path}:{lineno}: feature has shape {list(row.shape)}, expected {list(shape)} as on line {first_line}"
+                    f"{path}:{lineno}: feature has shape {list(row.shape)}, "
+                    f"expected {list(shape)} as on line {first_line}"
                 )
             if not np.isfinite(row).all():
                 raise InputError(f"{path}:{lineno}: feature holds NaN, infinite or null values")
@@ -115,15 +127,22 @@ def _read_jsonl(path: Path, key: str, slots: bool) -> Features:
         raise InputError(f"{path}: cannot read ({e})") from None
     if not ids:
         raise InputError(f"{path}: no features (file is empty)")
-    return Features(path, key, ids, np.stack(rows), np.asarray(n_real, dtype=np.int64) if has_n_real else None)
+    return Features(
+        path, key, ids, np.stack(rows), np.asarray(n_real, dtype=np.int64) if has_n_real else None
+    )
 
 
-_FEATURE_LAYOUT = {False: "a flat list of numbers", True: "a list of equal-length lists of numbers (one per entity slot)"}
+_FEATURE_LAYOUT = {
+    False: "a flat list of numbers",
+    True: "a list of equal-length lists of numbers (one per entity slot)",
+}
 
 
 def _check_n_real(value: Any, n_slots: int, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= n_slots:
-        raise InputError(f"{where}: {N_REAL_KEY!r} must be an integer in [0, {n_slots}], got {value!r}")
+        raise InputError(
+            f"{where}: {N_REAL_KEY!r} must be an integer in [0, {n_slots}], got {value!r}"
+        )
     return value
 
 
@@ -160,7 +179,9 @@ def _read_npy(path: Path, key: str, slots: bool) -> Features:
         counts = meta[N_REAL_KEY]
         if not isinstance(counts, list) or len(counts) != len(ids):
             raise InputError(f"{side}: {N_REAL_KEY!r} must be a list with one count per id")
-        n_real = np.asarray([_check_n_real(c, data.shape[1], str(side)) for c in counts], dtype=np.int64)
+        n_real = np.asarray(
+            [_check_n_real(c, data.shape[1], str(side)) for c in counts], dtype=np.int64
+        )
     return Features(path, key, list(ids), data, n_real)
 
 
@@ -235,7 +256,12 @@ class FeatureWriter:
         if not self._blocks:
             raise ValueError("FeatureWriter: no rows to write")
         data = np.concatenate(self._blocks)
-        meta: dict[str, Any] = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "key": self.key, "ids": self._ids}
+        meta: dict[str, Any] = {
+            "format": SIDECAR_FORMAT,
+            "version": SIDECAR_VERSION,
+            "key": self.key,
+            "ids": self._ids,
+        }
         if self.slots and self._n_real:
             meta[N_REAL_KEY] = self._n_real
         with atomic_path(self.path) as tmp_npy, atomic_write(sidecar_path(self.path)) as side:
@@ -262,11 +288,19 @@ def align_slots(text: Features, slot_feats: Features) -> Features:
     for q in text.ids:
         i = pos.get(str(q))
         if i is None:
-            raise InputError(f"{slot_feats.path}: no entry for query {q!r} (present in {text.path})")
+            raise InputError(
+                f"{slot_feats.path}: no entry for query {q!r} (present in {text.path})"
+            )
         order.append(i)
     idx = np.asarray(order, dtype=np.int64)
     n_real = slot_feats.n_real[idx] if slot_feats.n_real is not None else None
-    return Features(slot_feats.path, slot_feats.key, [slot_feats.ids[i] for i in order], slot_feats.data[idx], n_real)
+    return Features(
+        slot_feats.path,
+        slot_feats.key,
+        [slot_feats.ids[i] for i in order],
+        slot_feats.data[idx],
+        n_real,
+    )
 
 
 def check_same_dim(*feats: Features) -> None:
@@ -274,10 +308,14 @@ def check_same_dim(*feats: Features) -> None:
     first = feats[0]
     for f in feats[1:]:
         if f.dim != first.dim:
-            raise InputError(f"{f.path}: feature dimension {f.dim} differs from {first.dim} in {first.path}")
+            raise InputError(
+                f"{f.path}: feature dimension {f.dim} differs from {first.dim} in {first.path}"
+            )
 
 
-def read_retrieval_features(image_path: str | os.PathLike, text_path: str | os.PathLike) -> tuple[Features, Features]:
+def read_retrieval_features(
+    image_path: str | os.PathLike, text_path: str | os.PathLike
+) -> tuple[Features, Features]:
     """Image (`image_id`) and text (`query_id`) features of one test set, same dimension."""
     image = read_features(image_path, "image_id")
     text = read_features(text_path, "query_id")

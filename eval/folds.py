@@ -6,6 +6,7 @@ most one when N does not divide them). Karpathy's MSCOCO 5k test split, listed i
 its 5 captions, is thus 5 folds of 1,000 images and their 5,000 captions. Each query is ranked
 against its own fold's items only, and its prediction record says which fold: `"fold": f`.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -37,11 +38,20 @@ def rows_of(feats: Features, start: int, stop: int) -> Features:
     return replace(feats, ids=feats.ids[start:stop], data=feats.data[start:stop], n_real=n_real)
 
 
-def split_folds(folds: int, text: Features, image: Features, *per_text: Features) -> Iterator[tuple]:
+def split_folds(
+    folds: int, text: Features, image: Features, *per_text: Features
+) -> Iterator[tuple]:
     """For each fold f: (f, its texts, its images, its rows of each `per_text` set (aligned with text))."""
     check_folds(folds, text, image)
-    for f, ((t0, t1), (i0, i1)) in enumerate(zip(fold_bounds(len(text), folds), fold_bounds(len(image), folds))):
-        yield (f, rows_of(text, t0, t1), rows_of(image, i0, i1), *(rows_of(s, t0, t1) for s in per_text))
+    for f, ((t0, t1), (i0, i1)) in enumerate(
+        zip(fold_bounds(len(text), folds), fold_bounds(len(image), folds))
+    ):
+        yield (
+            f,
+            rows_of(text, t0, t1),
+            rows_of(image, i0, i1),
+            *(rows_of(s, t0, t1) for s in per_text),
+        )
 
 
 def tag_fold(rows: list[tuple], fold: int, folds: int) -> Rows:

@@ -1,4 +1,5 @@
 """Top-k retrieval lists both ways from image and text features (spec section 4.2)."""
+
 import argparse
 
 from agree.io import run_cli
@@ -18,7 +19,9 @@ def main(argv=None) -> int:
     image, text = read_retrieval_features(args.image_feats, args.text_feats)
     t2i, i2t = [], []
     for fold, text_f, image_f in split_folds(args.folds, text, image):
-        fold_t2i, fold_i2t = topk_lists(ops, text_f, image_f, args.top_k, args.eval_batch_size, args.faiss)
+        fold_t2i, fold_i2t = topk_lists(
+            ops, text_f, image_f, args.top_k, args.eval_batch_size, args.faiss
+        )
         t2i += tag_fold(fold_t2i, fold, args.folds)
         i2t += tag_fold(fold_i2t, fold, args.folds)
     write_ranked_lists((args.output_images, "image_id", i2t), (args.output_texts, "query_id", t2i))

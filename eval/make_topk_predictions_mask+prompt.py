@@ -1,4 +1,5 @@
 """Top-k lists re-ranked with entity-guided re-ranking, EGR (spec section 4.3)."""
+
 import argparse
 
 from agree.io import run_cli
@@ -15,11 +16,13 @@ def main(argv=None) -> int:
     add_prediction_args(p)
     p.add_argument("--mask-feats", required=True, help="masked-caption slot features per query")
     p.add_argument("--prompt-feats", required=True, help="prompt slot features per query")
-    p.add_argument("--pool-size", type=int, default=POOL, help="candidates re-ranked per query (release: 128)")
+    p.add_argument(
+        "--pool-size", type=int, default=POOL, help="candidates re-ranked per query (release: 128)"
+    )
     p.add_argument(
         "--real-slots-only",
         action="store_true",
-        help="compute EGR over real entity slots only (default: release behaviour, the \"\" pads take part); "
+        help='compute EGR over real entity slots only (default: release behaviour, the "" pads take part); '
         "needs the n_real_slots that extract_features_zs_mask+prompt.py records",
     )
     args = p.parse_args(argv)
@@ -28,9 +31,21 @@ def main(argv=None) -> int:
     prompt = read_slot_features(args.prompt_feats, text)
     mask = read_slot_features(args.mask_feats, text)
     t2i, i2t = [], []
-    for fold, text_f, image_f, prompt_f, mask_f in split_folds(args.folds, text, image, prompt, mask):
-        fold_t2i, fold_i2t = egr_lists(ops, text_f, image_f, prompt_f, mask_f, args.top_k, args.eval_batch_size,
-                                       args.real_slots_only, args.pool_size, args.faiss)
+    for fold, text_f, image_f, prompt_f, mask_f in split_folds(
+        args.folds, text, image, prompt, mask
+    ):
+        fold_t2i, fold_i2t = egr_lists(
+            ops,
+            text_f,
+            image_f,
+            prompt_f,
+            mask_f,
+            args.top_k,
+            args.eval_batch_size,
+            args.real_slots_only,
+            args.pool_size,
+            args.faiss,
+        )
         t2i += tag_fold(fold_t2i, fold, args.folds)
         i2t += tag_fold(fold_i2t, fold, args.folds)
     write_ranked_lists((args.output_images, "image_id", i2t), (args.output_texts, "query_id", t2i))

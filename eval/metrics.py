@@ -1,4 +1,5 @@
 """Recall@K of ranked lists against ground truth, and the evaluation record (spec section 4.5)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,7 +49,9 @@ def recall(gt: RankedLists, pred: RankedLists, ks: tuple[int, ...] = KS) -> dict
         if not mine:
             raise InputError(f"{pred.path}: fold {f} has no query of {gt.path}")
         per_fold.append(dict(_summary(mine, ks), queries=len(mine)))
-    out: dict[str, Any] = {name: sum(p[name] for p in per_fold) / n_folds for name in [f"r{k}" for k in ks] + ["mean"]}
+    out: dict[str, Any] = {
+        name: sum(p[name] for p in per_fold) / n_folds for name in [f"r{k}" for k in ks] + ["mean"]
+    }
     out["folds"] = per_fold
     return out
 
@@ -60,8 +63,10 @@ def _query_folds(gt: RankedLists, pred: RankedLists) -> list[int]:
         for x in items:
             seen = item_fold.setdefault(str(x), (fold, row))
             if seen[0] != fold:
-                raise InputError(f"{pred.path}:{pred.lines[row]}: item {x!r} is ranked in fold {fold} and in fold "
-                                 f"{seen[0]} (line {pred.lines[seen[1]]})")
+                raise InputError(
+                    f"{pred.path}:{pred.lines[row]}: item {x!r} is ranked in fold {fold} and in fold "
+                    f"{seen[0]} (line {pred.lines[seen[1]]})"
+                )
     out = []
     for qid, gold, line in zip(gt.ids, gt.items, gt.lines):
         fold = pred.folds[pred.index[str(qid)]]
@@ -71,7 +76,8 @@ def _query_folds(gt: RankedLists, pred: RankedLists) -> list[int]:
                 raise InputError(
                     f"{gt.path}:{line}: gold item {g!r} of {gt.key} {qid!r} (fold {fold}) is ranked in fold {other[0]} "
                     f"of {pred.path}: the folds do not follow the ground truth (the feature files must list the "
-                    "images and their captions fold by fold)")
+                    "images and their captions fold by fold)"
+                )
         out.append(fold)
     return out
 
@@ -86,11 +92,25 @@ def success_record(r: dict[str, Any]) -> dict[str, Any]:
     m = r["mean"]
     score = {"score": m, "mean_recall": m, "r1": r["r1"], "r5": r["r5"], "r10": r["r10"]}
     if "folds" in r:
-        score["folds"] = [{"mean_recall": f["mean"], "r1": f["r1"], "r5": f["r5"], "r10": f["r10"],
-                           "queries": f["queries"]} for f in r["folds"]]
+        score["folds"] = [
+            {
+                "mean_recall": f["mean"],
+                "r1": f["r1"],
+                "r5": f["r5"],
+                "r10": f["r10"],
+                "queries": f["queries"],
+            }
+            for f in r["folds"]
+        ]
     return {"success": True, "score": m, "scoreJson": score}
 
 
 def failure_record(message: str, detail: str) -> dict[str, Any]:
     """evaluation.py's record for a failed run."""
-    return {"success": False, "score": 0, "scoreJson": {}, "errorMsg": message, "errorDetail": detail}
+    return {
+        "success": False,
+        "score": 0,
+        "scoreJson": {},
+        "errorMsg": message,
+        "errorDetail": detail,
+    }

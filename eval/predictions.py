@@ -1,4 +1,5 @@
 """Ranked-list files: ground truth and predictions (`{key: id, "item_ids": [...]}` per line)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +24,9 @@ class RankedLists:
     items: list[list] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)  # str(query id) -> row
-    folds: list[int] | None = None  # each row's test fold, when the file records them (eval/folds.py)
+    folds: list[int] | None = (
+        None  # each row's test fold, when the file records them (eval/folds.py)
+    )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -58,7 +61,9 @@ def read_ranked_lists(path: str | os.PathLike, key: str, what: str = "prediction
             raise InputError(f"{path}:{lineno}: {key!r} must be a string or a number, got {qid!r}")
         s = str(qid)
         if s in out.index:
-            raise InputError(f"{path}:{lineno}: duplicate {key} {qid!r} (first on line {out.lines[out.index[s]]})")
+            raise InputError(
+                f"{path}:{lineno}: duplicate {key} {qid!r} (first on line {out.lines[out.index[s]]})"
+            )
         _read_fold(out, rec, lineno)
         out.index[s] = len(out.ids)
         out.ids.append(qid)
@@ -76,7 +81,9 @@ def _read_fold(out: RankedLists, rec: dict, lineno: int) -> None:
     if fold is None:
         return
     if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
-        raise InputError(f"{out.path}:{lineno}: {FOLD_KEY!r} must be a non-negative integer, got {fold!r}")
+        raise InputError(
+            f"{out.path}:{lineno}: {FOLD_KEY!r} must be a non-negative integer, got {fold!r}"
+        )
     if out.folds is None:
         out.folds = []
     out.folds.append(fold)

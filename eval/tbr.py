@@ -1,4 +1,5 @@
 """Text-image bidirectional re-ranking, TBR (spec section 4.4)."""
+
 from __future__ import annotations
 
 from agree.io import InputError
@@ -43,7 +44,9 @@ def tbr_rerank(forward: RankedLists, backward: RankedLists) -> list[tuple]:
             ranked = list(items)
         else:
             score = [(r + b.get(q, ABSENT_RANK)) / 2 for r, b in enumerate(pos_lists)]
-            order = sorted(range(len(items)), key=score.__getitem__)  # stable: ties keep forward order
+            order = sorted(
+                range(len(items)), key=score.__getitem__
+            )  # stable: ties keep forward order
             ranked = [items[i] for i in order]
         out.append((qid, ranked) if fold_of is None else (qid, ranked, forward.folds[row]))
     return out
@@ -52,18 +55,25 @@ def tbr_rerank(forward: RankedLists, backward: RankedLists) -> list[tuple]:
 def _folds(forward: RankedLists, backward: RankedLists) -> dict[str, int] | None:
     """Backward query (string id) -> fold, when both files record folds; None when neither does."""
     if (forward.folds is None) != (backward.folds is None):
-        with_folds, without = (forward, backward) if forward.folds is not None else (backward, forward)
-        raise InputError(f"{with_folds.path} records test folds and {without.path} does not "
-                         "(make both directions' predictions with the same --folds)")
+        with_folds, without = (
+            (forward, backward) if forward.folds is not None else (backward, forward)
+        )
+        raise InputError(
+            f"{with_folds.path} records test folds and {without.path} does not "
+            "(make both directions' predictions with the same --folds)"
+        )
     if backward.folds is None:
         return None
     return {str(q): f for q, f in zip(backward.ids, backward.folds)}
 
 
-def _check_same_fold(forward: RankedLists, backward: RankedLists, fold_of: dict[str, int], row: int,
-                     items: list) -> None:
+def _check_same_fold(
+    forward: RankedLists, backward: RankedLists, fold_of: dict[str, int], row: int, items: list
+) -> None:
     fold = forward.folds[row]
     for x in items:
         if fold_of[str(x)] != fold:
-            raise InputError(f"{forward.path}:{forward.lines[row]}: item {x!r} is in fold {fold_of[str(x)]} of "
-                             f"{backward.path}, the query in fold {fold}")
+            raise InputError(
+                f"{forward.path}:{forward.lines[row]}: item {x!r} is in fold {fold_of[str(x)]} of "
+                f"{backward.path}, the query in fold {fold}"
+            )

@@ -6,6 +6,7 @@ running top-k. Blocks
 grow geometrically from a small first one, so that the running k-th score (the "floor") prunes
 almost every entry of the later blocks before any sorting (NumpyOps.topk).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterator
@@ -22,7 +23,9 @@ ITEM_CHUNK = 16384  # items per block at most
 PASS_WIDTH = 4
 FIRST_BLOCK = 1024  # items of the first block (at least 4 k), doubling up to ITEM_CHUNK
 FAISS_QUERIES = 4096  # queries per FAISS search call (FAISS blocks its own score matrix)
-SHARED_SCORES_MAX = 1 << 25  # keep the score matrix for the reverse direction up to this many floats (128 MB)
+SHARED_SCORES_MAX = (
+    1 << 25
+)  # keep the score matrix for the reverse direction up to this many floats (128 MB)
 
 TopkRows = Iterator[tuple[int, Array, Array, "Array | None"]]
 
@@ -38,7 +41,8 @@ def item_blocks(n_items: int, k: int, item_chunk: int = ITEM_CHUNK) -> Iterator[
 
 
 def queries_per_pass(chunk: int, n_items: int, item_chunk: int = ITEM_CHUNK) -> int:
-    """Queries scored per pass: as many as fit chunk x PASS_WIDTH x item_chunk scores in blocks of at most item_chunk items.
+    """Queries scored per pass: as many as fit chunk x PASS_WIDTH x item_chunk scores, in blocks of at
+    most item_chunk items.
 
     (Wide blocks of few queries and narrow blocks of many queries cost the same memory; the
     latter make faster matrix products.)
@@ -46,7 +50,9 @@ def queries_per_pass(chunk: int, n_items: int, item_chunk: int = ITEM_CHUNK) -> 
     return chunk * max(1, PASS_WIDTH * item_chunk // min(max(1, n_items), item_chunk))
 
 
-def running_topk(ops: Ops, blocks: Iterator[tuple[int, Array, "Array | None"]], k: int) -> tuple[Array, Array, "Array | None"]:
+def running_topk(
+    ops: Ops, blocks: Iterator[tuple[int, Array, "Array | None"]], k: int
+) -> tuple[Array, Array, "Array | None"]:
     """Top-k of rows given block by block: `blocks` yields (first column, scores [B, n], extras [B, E, n] or None).
 
     Returns (scores [B, k'], columns [B, k'], extras at those columns [B, k', E] or None), k' = min(k, columns):
@@ -56,7 +62,11 @@ def running_topk(ops: Ops, blocks: Iterator[tuple[int, Array, "Array | None"]], 
     for col0, scores, extras in blocks:
         floor = best_s[:, -1] if best_s is not None and best_s.shape[1] >= k else None
         s, i = ops.topk(scores, k, floor)
-        x = ops.take_along(extras, i[:, None, :], axis=2).swapaxes(1, 2) if extras is not None else None
+        x = (
+            ops.take_along(extras, i[:, None, :], axis=2).swapaxes(1, 2)
+            if extras is not None
+            else None
+        )
         i = i + col0
         if best_s is not None:  # earlier columns first: ties still resolve by column
             s, i = ops.concat([best_s, s], 1), ops.concat([best_i, i], 1)
@@ -95,7 +105,9 @@ def chunked_topk(
         q = queries[start : start + chunk]
         b = q.shape[0]
         if extras is not None:  # one product for the query and its extra vectors: rows [B, 1 + E]
-            q = ops.concat([q[:, None], extras[start : start + chunk]], 1).reshape(b * (1 + n_extra), -1)
+            q = ops.concat([q[:, None], extras[start : start + chunk]], 1).reshape(
+                b * (1 + n_extra), -1
+            )
 
         def blocks(q=q, b=b, start=start):
             for i0, i1 in item_blocks(n_items, k, item_chunk):
@@ -145,8 +157,10 @@ def import_faiss():
     try:
         import faiss
     except ImportError:
-        raise InputError("--faiss needs the optional package faiss-cpu: pip install faiss-cpu "
-                         "(or pip install -e '.[faiss]')") from None
+        raise InputError(
+            "--faiss needs the optional package faiss-cpu: pip install faiss-cpu "
+            "(or pip install -e '.[faiss]')"
+        ) from None
     return faiss
 
 
@@ -155,7 +169,9 @@ def first_stage(use_faiss: bool) -> Callable[..., TopkRows]:
     return faiss_topk if use_faiss else chunked_topk
 
 
-def topk_of_scores(ops: Ops, scores: Array, k: int, chunk: int, item_chunk: int = ITEM_CHUNK) -> TopkRows:
+def topk_of_scores(
+    ops: Ops, scores: Array, k: int, chunk: int, item_chunk: int = ITEM_CHUNK
+) -> TopkRows:
     """chunked_topk's output from a kept score matrix (e.g. the transposed one of the other direction)."""
     n_items = scores.shape[1]
     chunk = queries_per_pass(chunk, n_items, item_chunk)
@@ -181,8 +197,14 @@ def topk_lists(
     search = first_stage(use_faiss)
     text_a, image_a = ops.asarray(text.data), ops.asarray(image.data)
     kept = None if use_faiss else shared_scores(ops, len(text), len(image))
-    t2i = _id_rows(ops, text.ids, image.ids, search(ops, text_a, image_a, k, chunk, scores_out=kept))
-    tops = topk_of_scores(ops, kept.T, k, chunk) if kept is not None else search(ops, image_a, text_a, k, chunk)
+    t2i = _id_rows(
+        ops, text.ids, image.ids, search(ops, text_a, image_a, k, chunk, scores_out=kept)
+    )
+    tops = (
+        topk_of_scores(ops, kept.T, k, chunk)
+        if kept is not None
+        else search(ops, image_a, text_a, k, chunk)
+    )
     return t2i, _id_rows(ops, image.ids, text.ids, tops)
 
 
@@ -191,10 +213,14 @@ def check_sizes(**sizes: int) -> None:
     bad = {name: v for name, v in sizes.items() if v < 1}
     if bad:
         flags = {"k": "--top-k", "chunk": "--eval-batch-size", "pool": "--pool-size"}
-        raise InputError(", ".join(f"{flags.get(n, n)} must be at least 1 (got {v})" for n, v in bad.items()))
+        raise InputError(
+            ", ".join(f"{flags.get(n, n)} must be at least 1 (got {v})" for n, v in bad.items())
+        )
 
 
-def _id_rows(ops: Ops, query_ids: list, item_ids: list, tops: TopkRows) -> list[tuple[object, list]]:
+def _id_rows(
+    ops: Ops, query_ids: list, item_ids: list, tops: TopkRows
+) -> list[tuple[object, list]]:
     rows: list[tuple[object, list]] = []
     for start, _, idx, _ in tops:
         for qid, row in zip(query_ids[start : start + len(idx)], ops.to_numpy(idx).tolist()):

@@ -4,6 +4,7 @@ text score:  s(A,a) > s(A,b) and s(B,b) > s(B,a)   (each image picks its own cap
 image score: s(A,a) > s(B,a) and s(B,b) > s(A,b)   (each caption picks its own image)
 group score: both.  Ties count as failures, as in Winoground.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,9 @@ def read_twin_pairs(path: str | os.PathLike) -> TwinPairs:
     return TwinPairs(cols["kind"], cols["image_a"], cols["image_b"], cols["text_a"], cols["text_b"])
 
 
-def pair_outcomes(s_aa: np.ndarray, s_ab: np.ndarray, s_ba: np.ndarray, s_bb: np.ndarray) -> dict[str, np.ndarray]:
+def pair_outcomes(
+    s_aa: np.ndarray, s_ab: np.ndarray, s_ba: np.ndarray, s_bb: np.ndarray
+) -> dict[str, np.ndarray]:
     """Boolean text/image/group outcome per pair; s_xy = similarity of image X and caption y."""
     text = (s_aa > s_ab) & (s_bb > s_ba)
     image = (s_aa > s_ba) & (s_bb > s_ab)
@@ -57,14 +60,20 @@ def _rows(feats: Features, ids: list, what: str, path: object) -> np.ndarray:
     index = {s: i for i, s in enumerate(feats.str_ids())}
     missing = [i for i in ids if str(i) not in index]
     if missing:
-        raise InputError(f"{path}: {what} id {missing[0]!r} has no feature in {feats.path} "
-                         f"({len(missing)} missing in all)")
+        raise InputError(
+            f"{path}: {what} id {missing[0]!r} has no feature in {feats.path} "
+            f"({len(missing)} missing in all)"
+        )
     return np.array([index[str(i)] for i in ids], dtype=np.int64)
 
 
-def pair_similarities(pairs: TwinPairs, images: Features, texts: Features, path: object = "") -> tuple[np.ndarray, ...]:
+def pair_similarities(
+    pairs: TwinPairs, images: Features, texts: Features, path: object = ""
+) -> tuple[np.ndarray, ...]:
     """(s_aa, s_ab, s_ba, s_bb) for every pair: dot products of the features (cosines for normalised ones)."""
-    ia, ib = (images.data[_rows(images, ids, "image", path)] for ids in (pairs.image_a, pairs.image_b))
+    ia, ib = (
+        images.data[_rows(images, ids, "image", path)] for ids in (pairs.image_a, pairs.image_b)
+    )
     ta, tb = (texts.data[_rows(texts, ids, "text", path)] for ids in (pairs.text_a, pairs.text_b))
     dot = lambda x, y: np.einsum("nd,nd->n", x.astype(np.float64), y.astype(np.float64))  # noqa: E731
     return dot(ia, ta), dot(ia, tb), dot(ib, ta), dot(ib, tb)
@@ -86,6 +95,8 @@ def summarise(outcomes: dict[str, np.ndarray], kinds: list[str]) -> dict[str, di
     return out
 
 
-def score_twins(pairs: TwinPairs, images: Features, texts: Features, path: object = "") -> dict[str, dict]:
+def score_twins(
+    pairs: TwinPairs, images: Features, texts: Features, path: object = ""
+) -> dict[str, dict]:
     """Text, image and group scores (percent, with standard errors) per twin kind and over all pairs."""
     return summarise(pair_outcomes(*pair_similarities(pairs, images, texts, path)), pairs.kinds)

@@ -1,5 +1,6 @@
 """Scoring one model in process: features of the evaluation split and the twins, recall rows (plain, TBR,
 EGR, EGR + TBR) through the same library functions as the README's eval scripts, per-query ranks, twin scores."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class EvalSplit:
 
     name: str
     images: Path
-    captions: list[tuple[object, str]]   # (query id, text)
+    captions: list[tuple[object, str]]  # (query id, text)
     t2i_gt: RankedLists
     i2t_gt: RankedLists
     caps_per_image: int
@@ -46,35 +47,49 @@ class EvalSplit:
 def test_split(lay: Layout) -> EvalSplit:
     """The layout's test split (captions of image k are queries 5k..5k+4, in image order)."""
     texts = read_jsonl(lay.test_texts, required=("query_id", "query_text", "item_ids"))
-    segs = {str(r["query_id"]): r["items"] for r in read_jsonl(lay.test_segs, required=("query_id", "items"))}
+    segs = {
+        str(r["query_id"]): r["items"]
+        for r in read_jsonl(lay.test_segs, required=("query_id", "items"))
+    }
     t2i = read_ranked_lists(lay.test_texts, "query_id", "ground truth")
     i2t = read_ranked_lists(lay.test_images, "image_id", "ground truth")
     per = len(t2i) // len(i2t)
-    return EvalSplit("test", lay.test_npz, [(r["query_id"], r["query_text"]) for r in texts], t2i, i2t, per, segs)
+    return EvalSplit(
+        "test", lay.test_npz, [(r["query_id"], r["query_text"]) for r in texts], t2i, i2t, per, segs
+    )
 
 
 def val_split(lay: Layout) -> EvalSplit:
     """The layout's validation split: image i (npz key str(i)) with captions 5i..5i+4; no entity phrases."""
     records = read_json(lay.val_json)
     per = len(records[0]["caption"])
-    captions = [(per * i + c, text) for i, r in enumerate(records) for c, text in enumerate(r["caption"])]
+    captions = [
+        (per * i + c, text) for i, r in enumerate(records) for c, text in enumerate(r["caption"])
+    ]
     t2i = as_ranked_lists(lay.val_json, "query_id", [(q, [q // per]) for q, _ in captions])
-    i2t = as_ranked_lists(lay.val_json, "image_id", [(i, list(range(per * i, per * i + per)))
-                                                       for i in range(len(records))])
+    i2t = as_ranked_lists(
+        lay.val_json,
+        "image_id",
+        [(i, list(range(per * i, per * i + per))) for i in range(len(records))],
+    )
     return EvalSplit("val", lay.val_npz, captions, t2i, i2t, per)
 
 
 def _texts(model: CLIP, texts: list[str]) -> np.ndarray:
     dim = int(model.text_projection.shape[1])
-    parts = [encode_texts(model, texts[s : s + TEXT_BATCH], torch.device("cpu"), "fp32")
-             for s in range(0, len(texts), TEXT_BATCH)]
+    parts = [
+        encode_texts(model, texts[s : s + TEXT_BATCH], torch.device("cpu"), "fp32")
+        for s in range(0, len(texts), TEXT_BATCH)
+    ]
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
 def _images(model: CLIP, path: Path) -> Features:
     archive = open_images(path)
     ids, rows = [], []
-    for keys, feats in encode_images(model, archive, IMAGE_BATCH, torch.device("cpu"), "fp32", progress=False):
+    for keys, feats in encode_images(
+        model, archive, IMAGE_BATCH, torch.device("cpu"), "fp32", progress=False
+    ):
         ids += keys
         rows.append(feats)
     return Features(path, "image_id", ids, np.concatenate(rows))
@@ -90,18 +105,22 @@ def _gt_ids(ids: list[str], gt: RankedLists) -> list:
 class Scored:
     """A model's recall rows on one split and what the report needs besides."""
 
-    rows: dict[str, dict]          # label -> {"t2i_r1", ..., "rsum"}
-    ranks: dict[str, tuple]        # label -> (t2i first-gold ranks, i2t first-gold ranks), numpy
-    top1: dict[str, list]          # label -> T2I top-1 item per query (query order of the split)
+    rows: dict[str, dict]  # label -> {"t2i_r1", ..., "rsum"}
+    ranks: dict[str, tuple]  # label -> (t2i first-gold ranks, i2t first-gold ranks), numpy
+    top1: dict[str, list]  # label -> T2I top-1 item per query (query order of the split)
     twins: Optional[dict] = None
 
 
 def _recall_row(split: EvalSplit, t2i: RankedLists, i2t: RankedLists) -> tuple[dict, tuple]:
     rt, ri = recall(split.t2i_gt, t2i), recall(split.i2t_gt, i2t)
-    row = {f"t2i_r{k}": rt[f"r{k}"] for k in (1, 5, 10)} | {f"i2t_r{k}": ri[f"r{k}"] for k in (1, 5, 10)}
+    row = {f"t2i_r{k}": rt[f"r{k}"] for k in (1, 5, 10)} | {
+        f"i2t_r{k}": ri[f"r{k}"] for k in (1, 5, 10)
+    }
     row["rsum"] = sum(row.values())
-    ranks = tuple(np.array([MISSING_RANK if r is None else r for r in first_gold_ranks(gt, pred)])
-                  for gt, pred in ((split.t2i_gt, t2i), (split.i2t_gt, i2t)))
+    ranks = tuple(
+        np.array([MISSING_RANK if r is None else r for r in first_gold_ranks(gt, pred)])
+        for gt, pred in ((split.t2i_gt, t2i), (split.i2t_gt, i2t))
+    )
     return row, ranks
 
 
@@ -109,14 +128,17 @@ def _ids_only(rows: list[tuple]) -> list[tuple]:
     return [(q, [x[0] if isinstance(x, list) else x for x in items]) for q, items in rows]
 
 
-def score(model: CLIP, split: EvalSplit, twins: Optional[TwinFiles], egr: bool = False,
-          tbr: bool = True) -> Scored:
+def score(
+    model: CLIP, split: EvalSplit, twins: Optional[TwinFiles], egr: bool = False, tbr: bool = True
+) -> Scored:
     """Recall rows of `model` on `split`: "plain", "TBR", and with `egr` "EGR", "EGR+TBR"; twin scores."""
     ops = array_ops("cpu")
     image = _images(model, split.images)
     image.ids = _gt_ids(image.ids, split.t2i_gt)
     qids = [q for q, _ in split.captions]
-    text = Features(Path("<captions>"), "query_id", qids, _texts(model, [t for _, t in split.captions]))
+    text = Features(
+        Path("<captions>"), "query_id", qids, _texts(model, [t for _, t in split.captions])
+    )
     lists = {}
     t2i, i2t = topk_lists(ops, text, image, TOP_K, CHUNK)
     lists["plain"] = (t2i, i2t)
@@ -124,15 +146,29 @@ def score(model: CLIP, split: EvalSplit, twins: Optional[TwinFiles], egr: bool =
         if split.segs is None:
             raise ValueError(f"EGR needs entity phrases; the {split.name} split has none")
         prompt, mask = _slot_features(model, split, qids)
-        lists["EGR"] = tuple(_ids_only(r) for r in egr_lists(ops, text, image, prompt, mask, EGR_TOP_K, CHUNK))
+        lists["EGR"] = tuple(
+            _ids_only(r) for r in egr_lists(ops, text, image, prompt, mask, EGR_TOP_K, CHUNK)
+        )
     out = Scored({}, {}, {})
     for label, (t2i, i2t) in list(lists.items()):
         variants = [(label, t2i, i2t)]
         if tbr:
-            ft, fi = as_ranked_lists("<t2i>", "query_id", t2i), as_ranked_lists("<i2t>", "image_id", i2t)
-            variants.append(("TBR" if label == "plain" else f"{label}+TBR", tbr_rerank(ft, fi), tbr_rerank(fi, ft)))
+            ft, fi = (
+                as_ranked_lists("<t2i>", "query_id", t2i),
+                as_ranked_lists("<i2t>", "image_id", i2t),
+            )
+            variants.append(
+                (
+                    "TBR" if label == "plain" else f"{label}+TBR",
+                    tbr_rerank(ft, fi),
+                    tbr_rerank(fi, ft),
+                )
+            )
         for name, a, b in variants:
-            ft, fi = as_ranked_lists(f"<{name}>", "query_id", a), as_ranked_lists(f"<{name}>", "image_id", b)
+            ft, fi = (
+                as_ranked_lists(f"<{name}>", "query_id", a),
+                as_ranked_lists(f"<{name}>", "image_id", b),
+            )
             out.rows[name], out.ranks[name] = _recall_row(split, ft, fi)
             out.top1[name] = [items[0] if items else None for _, items in a]
     if twins is not None:
@@ -141,12 +177,16 @@ def score(model: CLIP, split: EvalSplit, twins: Optional[TwinFiles], egr: bool =
 
 
 def _slot_features(model: CLIP, split: EvalSplit, qids: list) -> tuple[Features, Features]:
-    slots = [entity_slots(text, split.segs.get(str(q), []), EVAL_SLOTS) for q, text in split.captions]
+    slots = [
+        entity_slots(text, split.segs.get(str(q), []), EVAL_SLOTS) for q, text in split.captions
+    ]
     n_real = np.array([s.n_real for s in slots], dtype=np.int64)
     flat = [t for s in slots for t in s.prompts + s.masked]
     feats = _texts(model, flat).reshape(len(slots), 2, EVAL_SLOTS, -1)
-    return (Features(Path("<prompts>"), "query_id", qids, np.ascontiguousarray(feats[:, 0]), n_real),
-            Features(Path("<masked>"), "query_id", qids, np.ascontiguousarray(feats[:, 1]), n_real))
+    return (
+        Features(Path("<prompts>"), "query_id", qids, np.ascontiguousarray(feats[:, 0]), n_real),
+        Features(Path("<masked>"), "query_id", qids, np.ascontiguousarray(feats[:, 1]), n_real),
+    )
 
 
 def twin_outcomes(model: CLIP, twins: TwinFiles) -> tuple[TwinPairs, dict[str, np.ndarray]]:
@@ -154,8 +194,12 @@ def twin_outcomes(model: CLIP, twins: TwinFiles) -> tuple[TwinPairs, dict[str, n
     pairs = read_twin_pairs(twins.pairs)
     image = _images(model, twins.images)
     records = read_jsonl(twins.texts, required=("query_id", "query_text"))
-    text = Features(twins.texts, "query_id", [r["query_id"] for r in records],
-                    _texts(model, [r["query_text"] for r in records]))
+    text = Features(
+        twins.texts,
+        "query_id",
+        [r["query_id"] for r in records],
+        _texts(model, [r["query_text"] for r in records]),
+    )
     return pairs, pair_outcomes(*pair_similarities(pairs, image, text, twins.pairs))
 
 
@@ -174,15 +218,22 @@ def _constraint(phrase: str) -> tuple[int, int, int]:
     words = phrase.split()
     colour = next((w for w in words if w in COLOUR_NAMES), None)
     size = next((_SIZE_OF_WORD[w] for w in words if w in _SIZE_OF_WORD), None)
-    return (SHAPES.index(words[-1]), 0 if colour is None else 1 + COLOUR_NAMES.index(colour),
-            0 if size is None else 1 + SIZES.index(size))
+    return (
+        SHAPES.index(words[-1]),
+        0 if colour is None else 1 + COLOUR_NAMES.index(colour),
+        0 if size is None else 1 + SIZES.index(size),
+    )
 
 
 def _entity_table(entities: list[dict]) -> np.ndarray:
     """[shape, colour or any, size or any] -> does the image hold an entity that fits."""
     table = np.zeros((len(SHAPES), 1 + len(COLOUR_NAMES), 1 + len(SIZES)), bool)
     for e in entities:
-        s, c, z = SHAPES.index(e["shape"]), 1 + COLOUR_NAMES.index(e["colour"]), 1 + SIZES.index(e["size"])
+        s, c, z = (
+            SHAPES.index(e["shape"]),
+            1 + COLOUR_NAMES.index(e["colour"]),
+            1 + SIZES.index(e["size"]),
+        )
         table[s, 0, 0] = table[s, c, 0] = table[s, 0, z] = table[s, c, z] = True
     return table
 
@@ -195,11 +246,16 @@ def entities_found(meta: Path, split: EvalSplit, top1: list) -> dict[str, float]
     the split's image ground truth, its captions in the order of that image's queries."""
     records = read_jsonl(meta)
     if len(records) != len(split.i2t_gt):
-        raise InputError(f"{meta}: {len(records)} scenes for {len(split.i2t_gt)} images of the {split.name} split")
+        raise InputError(
+            f"{meta}: {len(records)} scenes for {len(split.i2t_gt)} images of the {split.name} split"
+        )
     row_of = {str(image): k for k, image in enumerate(split.i2t_gt.ids)}
     every = np.stack([_entity_table(rec["scene"]["entities"]) for rec in records])
-    asks = {str(q): np.array([_constraint(m[0]) for m in cap["mentions"]]).reshape(-1, 3)
-            for rec, queries in zip(records, split.i2t_gt.items) for q, cap in zip(queries, rec["captions"])}
+    asks = {
+        str(q): np.array([_constraint(m[0]) for m in cap["mentions"]]).reshape(-1, 3)
+        for rec, queries in zip(records, split.i2t_gt.items)
+        for q, cap in zip(queries, rec["captions"])
+    }
     out = {"entities": [], "shapes": [], "entities_chance": [], "shapes_chance": []}
     for (q, _), item in zip(split.captions, top1):
         ask = asks[str(q)]

@@ -1,5 +1,6 @@
 """The demo's record and pictures: rows with per-seed numbers, mean and sd (results.json), the paper-style
 tables (results.md), RSUM per method with error bars (rsum.png), and wins and losses (retrieval_examples.png)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,21 @@ import numpy as np
 
 from agree.io import atomic_path, atomic_write, write_json
 from experiments.measure import EvalSplit, Scored
-from experiments.stats import (RECALL_KEYS, bootstrap_rsum_se, duplicate_rows, paired_difference, summarise_seeds,
-                               verdict)
+from experiments.stats import (
+    RECALL_KEYS,
+    bootstrap_rsum_se,
+    duplicate_rows,
+    paired_difference,
+    summarise_seeds,
+    verdict,
+)
 
-ZERO_SHOT_ROWS = (("CLIP", "plain"), ("CLIP+TBR", "TBR"), ("CLIP+EGR", "EGR"), ("CLIP+EGR+TBR", "EGR+TBR"))
+ZERO_SHOT_ROWS = (
+    ("CLIP", "plain"),
+    ("CLIP+TBR", "TBR"),
+    ("CLIP+EGR", "EGR"),
+    ("CLIP+EGR+TBR", "EGR+TBR"),
+)
 EXAMPLES_PER_SIDE = 3
 TWIN_SCORES = ("text", "image", "group")
 
@@ -22,32 +34,64 @@ def _twin_mean(per_seed: list[dict]) -> dict:
     out = {}
     for kind in per_seed[0]:
         row = {s: float(np.mean([t[kind][s] for t in per_seed])) for s in TWIN_SCORES}
-        row |= {f"{s}_se": float(np.mean([t[kind][f"{s}_se"] for t in per_seed])) for s in TWIN_SCORES}
+        row |= {
+            f"{s}_se": float(np.mean([t[kind][f"{s}_se"] for t in per_seed])) for s in TWIN_SCORES
+        }
         out[kind] = row | {"n": per_seed[0][kind]["n"]}
     return out
 
 
-def _row(section: str, method: str, seeds: list[Optional[int]], scored: list[Scored], variant: str,
-         caps_per_image: int, twins: bool) -> dict:
-    per_seed = [{"seed": s, **{k: round(v, 4) for k, v in sc.rows[variant].items()}} for s, sc in zip(seeds, scored)]
+def _row(
+    section: str,
+    method: str,
+    seeds: list[Optional[int]],
+    scored: list[Scored],
+    variant: str,
+    caps_per_image: int,
+    twins: bool,
+) -> dict:
+    per_seed = [
+        {"seed": s, **{k: round(v, 4) for k, v in sc.rows[variant].items()}}
+        for s, sc in zip(seeds, scored)
+    ]
     for entry, sc in zip(per_seed, scored):
         if twins and sc.twins is not None:
             entry["twin"] = sc.twins
     mean, sd = summarise_seeds(per_seed)
     se = [bootstrap_rsum_se(*sc.ranks[variant], caps_per_image) for sc in scored]
-    row = {"section": section, "method": method, "per_seed": per_seed, "mean": mean, "sd": sd,
-           "test_se": {"rsum": float(np.mean(se))}}
-    row["twin"] = _twin_mean([e["twin"] for e in per_seed]) if all("twin" in e for e in per_seed) else {}
+    row = {
+        "section": section,
+        "method": method,
+        "per_seed": per_seed,
+        "mean": mean,
+        "sd": sd,
+        "test_se": {"rsum": float(np.mean(se))},
+    }
+    row["twin"] = (
+        _twin_mean([e["twin"] for e in per_seed]) if all("twin" in e for e in per_seed) else {}
+    )
     return row
 
 
-def build_rows(measured, split: EvalSplit, methods: list[tuple[str, tuple]], seeds: tuple[int, ...]) -> list[dict]:
+def build_rows(
+    measured, split: EvalSplit, methods: list[tuple[str, tuple]], seeds: tuple[int, ...]
+) -> list[dict]:
     """Every table row once: zero-shot (no training seed), fine-tuned (global-only, AGREE, AGREE+TBR), ablation."""
     per = split.caps_per_image
     rows = []
     for method, variant in ZERO_SHOT_ROWS:
         if variant in measured.zero_shot.rows:
-            rows.append(_row("zero-shot", method, [None], [measured.zero_shot], variant, per, variant == "plain"))
+            rows.append(
+                _row(
+                    "zero-shot",
+                    method,
+                    [None],
+                    [measured.zero_shot],
+                    variant,
+                    per,
+                    variant == "plain",
+                )
+            )
     for label, _ in methods:
         scored = [measured.fine_tuned[(label, s)] for s in seeds]
         section = "ablation" if label.startswith("AGREE w/o") else "fine-tuned"
@@ -71,6 +115,7 @@ def paired(rows: list[dict], a: str = "AGREE", b: str = "global-only") -> Option
 
 # ---------------------------------------------------------------- markdown
 
+
 def _pm(mean: float, sd: float, seeded: bool) -> str:
     return f"{mean:.2f} ± {sd:.2f}" if seeded else f"{mean:.2f}"
 
@@ -82,59 +127,90 @@ def markdown(record: dict) -> str:
     lines = [f"# AGREE demo ({record['preset']} preset)", ""]
     if len(rec["seeds"]) < 2:
         lines += ["**One training seed: a first look, no claims.**", ""]
-    lines += [f"Scored on the {split} split ({record['sizes']['eval_images']} images, "
-              f"{record['sizes']['eval_captions']} captions); recall in percent. Fine-tuned rows: mean ± sd over "
-              f"training seeds {', '.join(map(str, rec['seeds']))} (data seed {rec['data_seed']} fixed). Zero-shot "
-              f"rows have no training seed; the last column gives every row's {split}-sampling standard error of "
-              f"RSUM (bootstrap over {split} images).", ""]
-    for section, title in (("zero-shot", "Zero-shot re-ranking"), ("fine-tuned", "Fine-tuning"),
-                           ("ablation", "Ablation (AGREE minus one term, no re-ranking)")):
+    lines += [
+        f"Scored on the {split} split ({record['sizes']['eval_images']} images, "
+        f"{record['sizes']['eval_captions']} captions); recall in percent. Fine-tuned rows: mean ± sd over "
+        f"training seeds {', '.join(map(str, rec['seeds']))} (data seed {rec['data_seed']} fixed). Zero-shot "
+        f"rows have no training seed; the last column gives every row's {split}-sampling standard error of "
+        f"RSUM (bootstrap over {split} images).",
+        "",
+    ]
+    for section, title in (
+        ("zero-shot", "Zero-shot re-ranking"),
+        ("fine-tuned", "Fine-tuning"),
+        ("ablation", "Ablation (AGREE minus one term, no re-ranking)"),
+    ):
         rows = [r for r in record["rows"] if r["section"] == section]
         if not rows:
             continue
-        lines += [f"### {title}", "", f"| Method | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | R@10 | RSUM | {split} SE |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"### {title}",
+            "",
+            f"| Method | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | R@10 | RSUM | {split} SE |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in rows:
             seeded = r["per_seed"][0]["seed"] is not None and len(r["per_seed"]) > 1
             cells = [_pm(r["mean"][k], r["sd"][k], seeded) for k in RECALL_KEYS]
-            lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['test_se']['rsum']:.2f} |")
+            lines.append(
+                f"| {r['method']} | " + " | ".join(cells) + f" | {r['test_se']['rsum']:.2f} |"
+            )
         lines.append("")
     if record.get("paired"):
         lines += [f"**Paired difference.** {record['paired']['sentence']}", ""]
     twin_rows = [r for r in record["rows"] if r["twin"]]
     if twin_rows:
         kinds = list(twin_rows[0]["twin"])
-        lines += ["### Twin test (Winoground-style text / image / group scores, percent ± standard error)", "",
-                  f"{twin_rows[0]['twin']['all']['n']} pairs: " + ", ".join(
-                      f"{k} {twin_rows[0]['twin'][k]['n']}" for k in kinds if k != "all")
-                  + ". Chance: text 25, image 25, group 16.7.", "",
-                  "| Method | " + " | ".join(f"{k} text / image / group" for k in kinds) + " |",
-                  "|---|" + "---:|" * len(kinds)]
+        lines += [
+            "### Twin test (Winoground-style text / image / group scores, percent ± standard error)",
+            "",
+            f"{twin_rows[0]['twin']['all']['n']} pairs: "
+            + ", ".join(f"{k} {twin_rows[0]['twin'][k]['n']}" for k in kinds if k != "all")
+            + ". Chance: text 25, image 25, group 16.7.",
+            "",
+            "| Method | " + " | ".join(f"{k} text / image / group" for k in kinds) + " |",
+            "|---|" + "---:|" * len(kinds),
+        ]
         for r in twin_rows:
-            cells = [" / ".join(f"{r['twin'][k][s]:.1f}" for s in TWIN_SCORES)
-                     + f" (±{max(r['twin'][k][s + '_se'] for s in TWIN_SCORES):.1f})" for k in kinds]
+            cells = [
+                " / ".join(f"{r['twin'][k][s]:.1f}" for s in TWIN_SCORES)
+                + f" (±{max(r['twin'][k][s + '_se'] for s in TWIN_SCORES):.1f})"
+                for k in kinds
+            ]
             lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
         lines.append("")
     found = record.get("backbone", {}).get("entities_found")
     if found:
-        lines += [f"Backbone: {found['entities']:.1f}% of zero-shot T→I top-1 images contain every entity the query "
-                  f"names (shape, colour and size as named; {found['entities_chance']:.1f}% for an image drawn at "
-                  f"random); {found['shapes']:.1f}% contain every shape it names ({found['shapes_chance']:.1f}% at "
-                  "random).", ""]
+        lines += [
+            f"Backbone: {found['entities']:.1f}% of zero-shot T→I top-1 images contain every entity the query "
+            f"names (shape, colour and size as named; {found['entities_chance']:.1f}% for an image drawn at "
+            f"random); {found['shapes']:.1f}% contain every shape it names ({found['shapes_chance']:.1f}% at "
+            "random).",
+            "",
+        ]
     if record.get("examples"):
         e = record["examples"]
-        lines += [f"T→I top-1, AGREE vs global-only (seed {e['seed']}), over all {e['queries']} queries: "
-                  f"{e['wins']} wins, {e['losses']} losses, {e['ties']} ties.", ""]
-    lines += ["Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in record["seconds"].items())
-              + f"; total {sum(record['seconds'].values()) / 60:.1f} min.", ""]
+        lines += [
+            f"T→I top-1, AGREE vs global-only (seed {e['seed']}), over all {e['queries']} queries: "
+            f"{e['wins']} wins, {e['losses']} losses, {e['ties']} ties.",
+            "",
+        ]
+    lines += [
+        "Seconds per stage: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in record["seconds"].items())
+        + f"; total {sum(record['seconds'].values()) / 60:.1f} min.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- pictures
 
+
 def plot_rsum(rows: list[dict], path: Path) -> None:
     """RSUM per method: mean with sd over seeds (fine-tuned) or test-sampling SE (zero-shot) as error bars."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -142,12 +218,23 @@ def plot_rsum(rows: list[dict], path: Path) -> None:
     for x, r in enumerate(rows):
         zs = r["section"] == "zero-shot"
         err = r["test_se"]["rsum"] if zs else r["sd"]["rsum"]
-        ax.errorbar([x], [r["mean"]["rsum"]], yerr=[err], fmt="s" if zs else "o", capsize=4,
-                    color="tab:gray" if zs else ("tab:blue" if r["section"] == "fine-tuned" else "tab:orange"))
+        ax.errorbar(
+            [x],
+            [r["mean"]["rsum"]],
+            yerr=[err],
+            fmt="s" if zs else "o",
+            capsize=4,
+            color="tab:gray"
+            if zs
+            else ("tab:blue" if r["section"] == "fine-tuned" else "tab:orange"),
+        )
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["method"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("RSUM (sum of six recalls, %)")
-    ax.set_title("grey squares: zero-shot ± test-sampling SE; dots: fine-tuned mean ± sd over seeds", fontsize=9)
+    ax.set_title(
+        "grey squares: zero-shot ± test-sampling SE; dots: fine-tuned mean ± sd over seeds",
+        fontsize=9,
+    )
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -164,9 +251,12 @@ def compare_top1(split: EvalSplit, a: list, b: list) -> dict:
     return {"wins": wins, "losses": losses, "ties": int(len(gold) - len(wins) - len(losses))}
 
 
-def draw_examples(split: EvalSplit, a: list, b: list, seed: int, path: Path, sample_seed: int = 0) -> dict:
+def draw_examples(
+    split: EvalSplit, a: list, b: list, seed: int, path: Path, sample_seed: int = 0
+) -> dict:
     """retrieval_examples.png: a fixed random sample of wins and of losses of AGREE vs global-only."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -179,29 +269,44 @@ def draw_examples(split: EvalSplit, a: list, b: list, seed: int, path: Path, sam
     shown += [("loss", int(i)) for i in rng.permutation(cmp["losses"])[:EXAMPLES_PER_SIDE]]
     archive = ImageArchive(split.images)
     keys = {str(k): k for k in archive.keys()}
-    fig, axes = plt.subplots(max(1, len(shown)), 3, figsize=(7.5, 2.3 * max(1, len(shown))), squeeze=False)
+    fig, axes = plt.subplots(
+        max(1, len(shown)), 3, figsize=(7.5, 2.3 * max(1, len(shown))), squeeze=False
+    )
     for row, (what, i) in zip(axes, shown):
         qid, text = split.captions[i]
         gold = (split.t2i_gt.get(qid) or [None])[0]
-        for ax, item, title in zip(row, (gold, b[i], a[i]), ("correct image", "global-only top-1", "AGREE top-1")):
+        for ax, item, title in zip(
+            row, (gold, b[i], a[i]), ("correct image", "global-only top-1", "AGREE top-1")
+        ):
             ax.imshow(displayable(archive[keys[str(item)]]))
             ax.set_xticks([])
             ax.set_yticks([])
             mark = "" if str(item) == str(gold) or title == "correct image" else " (wrong)"
             ax.set_title(title + mark, fontsize=8)
-        row[0].set_ylabel(f"{what.upper()}", fontsize=9, color="tab:green" if what == "win" else "tab:red")
+        row[0].set_ylabel(
+            f"{what.upper()}", fontsize=9, color="tab:green" if what == "win" else "tab:red"
+        )
         row[1].set_xlabel(text if len(text) < 70 else text[:67] + "...", fontsize=7)
     n = len(split.captions)
-    fig.suptitle(f"Rule: {EXAMPLES_PER_SIDE} wins and {EXAMPLES_PER_SIDE} losses of AGREE vs global-only, drawn at random "
-                 f"(seed {sample_seed})\namong the queries whose T→I top-1 is right for one method only (training seed "
-                 f"{seed}).\nOver all {n} queries: {len(cmp['wins'])} wins, {len(cmp['losses'])} losses, {cmp['ties']} "
-                 "ties (both right or both wrong).", fontsize=8)
+    fig.suptitle(
+        f"Rule: {EXAMPLES_PER_SIDE} wins and {EXAMPLES_PER_SIDE} losses of AGREE vs global-only, drawn at random "
+        f"(seed {sample_seed})\namong the queries whose T→I top-1 is right for one method only (training seed "
+        f"{seed}).\nOver all {n} queries: {len(cmp['wins'])} wins, {len(cmp['losses'])} losses, {cmp['ties']} "
+        "ties (both right or both wrong).",
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    return {"seed": seed, "queries": n, "wins": len(cmp["wins"]), "losses": len(cmp["losses"]), "ties": cmp["ties"],
-            "shown": [{"query_id": split.captions[i][0], "outcome": w} for w, i in shown]}
+    return {
+        "seed": seed,
+        "queries": n,
+        "wins": len(cmp["wins"]),
+        "losses": len(cmp["losses"]),
+        "ties": cmp["ties"],
+        "shown": [{"query_id": split.captions[i][0], "outcome": w} for w, i in shown],
+    }
 
 
 def write_report(out: Path, record: dict) -> None:

@@ -1,4 +1,5 @@
 """Arithmetic of the demo's report: mean and sd over seeds, paired differences, the test set's sampling error."""
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,9 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
-def summarise_seeds(per_seed: Sequence[Mapping[str, float]], keys: Sequence[str] = RECALL_KEYS) -> tuple[dict, dict]:
+def summarise_seeds(
+    per_seed: Sequence[Mapping[str, float]], keys: Sequence[str] = RECALL_KEYS
+) -> tuple[dict, dict]:
     """{key: mean} and {key: sd} over the per-seed records."""
     mean, sd = {}, {}
     for k in keys:
@@ -41,14 +44,23 @@ def verdict(mean: float, sd: float, n: int, what: str = "AGREE - global-only") -
     se = sd / math.sqrt(n)
     side = "above" if mean > 0 else "below"
     if abs(mean) > 2 * se:
-        return (f"{what}: {mean:+.2f} ± {sd:.2f} RSUM (mean ± sd over {n} paired seeds) is {side} noise "
-                f"(|mean| > 2 standard errors = {2 * se:.2f}).")
-    return (f"{what}: {mean:+.2f} ± {sd:.2f} RSUM (mean ± sd over {n} paired seeds) is within noise "
-            f"(|mean| <= 2 standard errors = {2 * se:.2f}).")
+        return (
+            f"{what}: {mean:+.2f} ± {sd:.2f} RSUM (mean ± sd over {n} paired seeds) is {side} noise "
+            f"(|mean| > 2 standard errors = {2 * se:.2f})."
+        )
+    return (
+        f"{what}: {mean:+.2f} ± {sd:.2f} RSUM (mean ± sd over {n} paired seeds) is within noise "
+        f"(|mean| <= 2 standard errors = {2 * se:.2f})."
+    )
 
 
-def bootstrap_rsum_se(t2i_ranks: np.ndarray, i2t_ranks: np.ndarray, caps_per_image: int, draws: int = 200,
-                      seed: int = 0) -> float:
+def bootstrap_rsum_se(
+    t2i_ranks: np.ndarray,
+    i2t_ranks: np.ndarray,
+    caps_per_image: int,
+    draws: int = 200,
+    seed: int = 0,
+) -> float:
     """Standard error of RSUM from resampling test images (each with its captions) with replacement.
 
     `t2i_ranks` [n_images * caps_per_image] (caption j of image i at i * caps_per_image + j) and
@@ -57,9 +69,13 @@ def bootstrap_rsum_se(t2i_ranks: np.ndarray, i2t_ranks: np.ndarray, caps_per_ima
     """
     n = len(i2t_ranks)
     if len(t2i_ranks) != n * caps_per_image:
-        raise ValueError(f"{len(t2i_ranks)} caption ranks for {n} images x {caps_per_image} captions")
-    t_hits = np.stack([t2i_ranks < k for k in (1, 5, 10)], 1).reshape(n, caps_per_image, 3).mean(1)  # [n, 3]
-    i_hits = np.stack([i2t_ranks < k for k in (1, 5, 10)], 1).astype(np.float64)                    # [n, 3]
+        raise ValueError(
+            f"{len(t2i_ranks)} caption ranks for {n} images x {caps_per_image} captions"
+        )
+    t_hits = (
+        np.stack([t2i_ranks < k for k in (1, 5, 10)], 1).reshape(n, caps_per_image, 3).mean(1)
+    )  # [n, 3]
+    i_hits = np.stack([i2t_ranks < k for k in (1, 5, 10)], 1).astype(np.float64)  # [n, 3]
     per_image = 100 * (t_hits.sum(1) + i_hits.sum(1))  # each image's contribution to RSUM, times n
     idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
     return float(per_image[idx].mean(1).std(ddof=1))

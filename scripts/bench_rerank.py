@@ -11,6 +11,7 @@ alone with the features already in memory. The re-ranking scripts run on numpy
     python3 scripts/bench_rerank.py                  # full scale, files under tmp/bench/
     python3 scripts/bench_rerank.py --images 100 --captions 500 --dim 64
 """
+
 import argparse
 import os
 import shutil
@@ -28,9 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--captions", type=int, default=5000, help="total captions (spread evenly over the images)")
+    p.add_argument(
+        "--captions", type=int, default=5000, help="total captions (spread evenly over the images)"
+    )
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--slots", type=int, default=10, help="prompt slots = mask slots per caption")
     p.add_argument("--top-k", type=int, default=20, help="EGR top-k (the zero-shot recipe's 20)")
@@ -39,7 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="runs per stage; the fastest is reported")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
-    p.add_argument("--reuse", action="store_true", help="use the files a --keep run left in --workdir (same sizes)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use the files a --keep run left in --workdir (same sizes)",
+    )
     p.add_argument("--internal", choices=["generate", "egr-in-memory"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -72,11 +81,21 @@ def generate(args: argparse.Namespace, work: Path) -> int:
         ):
             with FeatureWriter(work / f"{name}.{ext}", key, slots) as w:
                 for i0 in range(0, len(ids), 1000):
-                    w.add(ids[i0 : i0 + 1000], data[i0 : i0 + 1000], n_real[i0 : i0 + 1000] if slots else None)
-    write_jsonl(work / "test_texts.jsonl", ({"query_id": q, "item_ids": [int(img_ids[owner[q]])]} for q in txt_ids))
+                    w.add(
+                        ids[i0 : i0 + 1000],
+                        data[i0 : i0 + 1000],
+                        n_real[i0 : i0 + 1000] if slots else None,
+                    )
+    write_jsonl(
+        work / "test_texts.jsonl",
+        ({"query_id": q, "item_ids": [int(img_ids[owner[q]])]} for q in txt_ids),
+    )
     write_jsonl(
         work / "test_images.jsonl",
-        ({"image_id": int(img_ids[i]), "item_ids": np.flatnonzero(owner == i).tolist()} for i in range(n_img)),
+        (
+            {"image_id": int(img_ids[i]), "item_ids": np.flatnonzero(owner == i).tolist()}
+            for i in range(n_img)
+        ),
     )
     return 0
 
@@ -94,7 +113,11 @@ def run_stage(cmd: list[str], repeat: int) -> tuple[float, float, float]:
         if proc.returncode != 0:
             raise SystemExit(f"stage failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
         if elapsed < best_t:  # ru_maxrss is in KB on Linux
-            best_t, best_cpu, best_mem = elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+            best_t, best_cpu, best_mem = (
+                elapsed,
+                usage.ru_utime + usage.ru_stime,
+                usage.ru_maxrss / 1024,
+            )
     return best_t, best_cpu, best_mem
 
 
@@ -105,7 +128,10 @@ def egr_in_memory(args: argparse.Namespace, work: Path) -> int:
     from eval.feature_io import read_retrieval_features, read_slot_features
 
     image, text = read_retrieval_features(work / "img_feat.npy", work / "txt_feat.npy")
-    prompt, mask = read_slot_features(work / "prompt_feat.npy", text), read_slot_features(work / "mask_feat.npy", text)
+    prompt, mask = (
+        read_slot_features(work / "prompt_feat.npy", text),
+        read_slot_features(work / "mask_feat.npy", text),
+    )
     best = float("inf")
     for _ in range(max(2, args.repeat)):
         t0 = time.perf_counter()
@@ -126,35 +152,96 @@ def main(argv=None) -> int:
     # parent's at fork time, so this process stays small for the memory figures to mean anything.
     work.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-u"]
-    me = py + [str(Path(__file__).resolve())] + [a for a in (argv if argv is not None else sys.argv[1:])]
+    me = (
+        py
+        + [str(Path(__file__).resolve())]
+        + [a for a in (argv if argv is not None else sys.argv[1:])]
+    )
     t0 = time.perf_counter()
     if not (args.reuse and (work / "test_images.jsonl").is_file()):
         subprocess.run(me + ["--internal", "generate"], check=True)
-    sizes = {p.name: p.stat().st_size / 2**20 for p in work.iterdir() if p.suffix in (".jsonl", ".npy")}
+    sizes = {
+        p.name: p.stat().st_size / 2**20 for p in work.iterdir() if p.suffix in (".jsonl", ".npy")
+    }
     print(
-        f"{'reused' if args.reuse else 'generated'} {args.images} images x {args.captions} captions, {args.dim}-d, {args.slots}+{args.slots} slots "
+        f"{'reused' if args.reuse else 'generated'} {args.images} images x {args.captions} captions, "
+        f"{args.dim}-d, {args.slots}+{args.slots} slots "
         f"in {time.perf_counter() - t0:.1f} s; slot files {sizes['prompt_feat.jsonl']:.0f} MB JSONL / "
         f"{sizes['prompt_feat.npy']:.0f} MB .npy each"
     )
     results = []
     for ext in ("jsonl", "npy"):
-        feats = {n: str(work / f"{n}.{ext}") for n in ("img_feat", "txt_feat", "prompt_feat", "mask_feat")}
+        feats = {
+            n: str(work / f"{n}.{ext}")
+            for n in ("img_feat", "txt_feat", "prompt_feat", "mask_feat")
+        }
         out = work / f"out_{ext}"
-        common = [f"--image-feats={feats['img_feat']}", f"--text-feats={feats['txt_feat']}",
-                  f"--eval-batch-size={args.eval_batch_size}", "--device=cpu"]
+        common = [
+            f"--image-feats={feats['img_feat']}",
+            f"--text-feats={feats['txt_feat']}",
+            f"--eval-batch-size={args.eval_batch_size}",
+            "--device=cpu",
+        ]
         stages = [
-            ("EGR (make_topk_predictions_mask+prompt)", py + ["eval/make_topk_predictions_mask+prompt.py", *common,
-             f"--mask-feats={feats['mask_feat']}", f"--prompt-feats={feats['prompt_feat']}", f"--top-k={args.top_k}",
-             f"--output-images={out}/images_mp.jsonl", f"--output-texts={out}/texts_mp.jsonl"]),
-            ("TBR (eval_back_retrieval)", py + ["eval/eval_back_retrieval.py", str(work / "test_images.jsonl"),
-             f"{out}/images_mp.jsonl", str(work / "test_texts.jsonl"), f"{out}/texts_mp.jsonl",
-             f"{out}/images_mp_rerank.jsonl", f"{out}/texts_mp_rerank.jsonl"]),
-            ("evaluation (texts)", py + ["eval/evaluation.py", str(work / "test_texts.jsonl"),
-             f"{out}/texts_mp_rerank.jsonl", f"{out}/score_texts.json", "query_id"]),
-            ("evaluation (images)", py + ["eval/evaluation.py", str(work / "test_images.jsonl"),
-             f"{out}/images_mp_rerank.jsonl", f"{out}/score_images.json", "image_id"]),
-            ("plain top-k (make_topk_predictions)", py + ["eval/make_topk_predictions.py", *common, "--top-k=10",
-             f"--output-images={out}/images.jsonl", f"--output-texts={out}/texts.jsonl"]),
+            (
+                "EGR (make_topk_predictions_mask+prompt)",
+                py
+                + [
+                    "eval/make_topk_predictions_mask+prompt.py",
+                    *common,
+                    f"--mask-feats={feats['mask_feat']}",
+                    f"--prompt-feats={feats['prompt_feat']}",
+                    f"--top-k={args.top_k}",
+                    f"--output-images={out}/images_mp.jsonl",
+                    f"--output-texts={out}/texts_mp.jsonl",
+                ],
+            ),
+            (
+                "TBR (eval_back_retrieval)",
+                py
+                + [
+                    "eval/eval_back_retrieval.py",
+                    str(work / "test_images.jsonl"),
+                    f"{out}/images_mp.jsonl",
+                    str(work / "test_texts.jsonl"),
+                    f"{out}/texts_mp.jsonl",
+                    f"{out}/images_mp_rerank.jsonl",
+                    f"{out}/texts_mp_rerank.jsonl",
+                ],
+            ),
+            (
+                "evaluation (texts)",
+                py
+                + [
+                    "eval/evaluation.py",
+                    str(work / "test_texts.jsonl"),
+                    f"{out}/texts_mp_rerank.jsonl",
+                    f"{out}/score_texts.json",
+                    "query_id",
+                ],
+            ),
+            (
+                "evaluation (images)",
+                py
+                + [
+                    "eval/evaluation.py",
+                    str(work / "test_images.jsonl"),
+                    f"{out}/images_mp_rerank.jsonl",
+                    f"{out}/score_images.json",
+                    "image_id",
+                ],
+            ),
+            (
+                "plain top-k (make_topk_predictions)",
+                py
+                + [
+                    "eval/make_topk_predictions.py",
+                    *common,
+                    "--top-k=10",
+                    f"--output-images={out}/images.jsonl",
+                    f"--output-texts={out}/texts.jsonl",
+                ],
+            ),
         ]
         chain_t, chain_cpu, chain_mem = 0.0, 0.0, 0.0
         for name, cmd in stages:
@@ -162,16 +249,25 @@ def main(argv=None) -> int:
             results.append((ext, name, t, cpu, mem))
             if not name.startswith("plain"):
                 chain_t, chain_cpu, chain_mem = chain_t + t, chain_cpu + cpu, max(chain_mem, mem)
-        results.append((ext, "zero-shot chain (EGR + TBR + 2 x evaluation)", chain_t, chain_cpu, chain_mem))
-    egr_t = float(subprocess.run(me + ["--internal", "egr-in-memory"], check=True, capture_output=True,
-                                 text=True).stdout.split()[-1])
+        results.append(
+            (ext, "zero-shot chain (EGR + TBR + 2 x evaluation)", chain_t, chain_cpu, chain_mem)
+        )
+    egr_t = float(
+        subprocess.run(
+            me + ["--internal", "egr-in-memory"], check=True, capture_output=True, text=True
+        ).stdout.split()[-1]
+    )
     t_import = min(run_stage(py + ["-c", "import numpy"], 1)[:2] for _ in range(3))
 
     print("\n| features | stage | wall s | CPU s | peak RSS MB |\n|---|---|---:|---:|---:|")
     for ext, name, t, cpu, mem in results:
-        print(f"| {'JSONL' if ext == 'jsonl' else 'binary .npy'} | {name} | {t:.2f} | {cpu:.2f} | {mem:.0f} |")
+        print(
+            f"| {'JSONL' if ext == 'jsonl' else 'binary .npy'} | {name} | {t:.2f} | {cpu:.2f} | {mem:.0f} |"
+        )
     print(f"| in memory | EGR compute both ways (no file I/O) | {egr_t:.2f} | | |")
-    print(f"| - | python -c 'import numpy' (interpreter start-up) | {t_import[0]:.2f} | {t_import[1]:.2f} | |")
+    print(
+        f"| - | python -c 'import numpy' (interpreter start-up) | {t_import[0]:.2f} | {t_import[1]:.2f} | |"
+    )
     if not args.keep:
         shutil.rmtree(work)
     return 0

@@ -16,6 +16,7 @@ at the differing places is printed (a tie or a difference in the last float bits
     python3 scripts/bench_retrieval.py --items 20000 --queries 5000 --dim 64
     python3 scripts/bench_retrieval.py --chain             # the README's chain scripts at that scale
 """
+
 import argparse
 import contextlib
 import json
@@ -33,20 +34,27 @@ GEN_BLOCK = 8192  # rows generated (and added to FAISS) at a time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--items", type=int, default=100_000, help="gallery size (e.g. images)")
     p.add_argument("--queries", type=int, default=25_000, help="queries (e.g. captions)")
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--eval-batch-size", type=int, default=256, help="queries scored at once by chunked_topk")
+    p.add_argument(
+        "--eval-batch-size", type=int, default=256, help="queries scored at once by chunked_topk"
+    )
     p.add_argument("--methods", default="numpy,faiss", help="comma-separated: numpy, faiss")
     p.add_argument("--directions", default="t2i,i2t", help="comma-separated: t2i, i2t")
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest is reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=str(ROOT / "tmp" / "bench_retrieval"))
-    p.add_argument("--chain", action="store_true",
-                   help="instead: write the features as .npy files (items = images, queries = captions, plus "
-                        "--slots prompt and mask slots per caption) and time the README's chain scripts on them")
+    p.add_argument(
+        "--chain",
+        action="store_true",
+        help="instead: write the features as .npy files (items = images, queries = captions, plus "
+        "--slots prompt and mask slots per caption) and time the README's chain scripts on them",
+    )
     p.add_argument("--slots", type=int, default=10, help="entity slots per caption (--chain)")
     p.add_argument("--internal", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -92,7 +100,9 @@ def child(args: argparse.Namespace) -> int:
         import faiss
 
         index = faiss.IndexFlatIP(args.dim)
-        for b in blocks(n_items, args.dim, items_seed):  # the index holds the only copy of the items
+        for b in blocks(
+            n_items, args.dim, items_seed
+        ):  # the index holds the only copy of the items
             index.add(b)
         t0 = time.perf_counter()
         s, i = index.search(queries, args.top_k)
@@ -133,7 +143,10 @@ def write_chain_files(args: argparse.Namespace) -> int:
         w.add(img_ids, img)
     with contextlib.ExitStack() as files:
         txt_w = files.enter_context(FeatureWriter(work / "txt.npy", "query_id"))
-        slot_w = [files.enter_context(FeatureWriter(work / f"{n}.npy", "query_id", slots=True)) for n in ("prompt", "mask")]
+        slot_w = [
+            files.enter_context(FeatureWriter(work / f"{n}.npy", "query_id", slots=True))
+            for n in ("prompt", "mask")
+        ]
         for q0 in range(0, n_txt, GEN_BLOCK):
             own = owner[q0 : q0 + GEN_BLOCK]
             txt = img[own] + 1.5 * rng.standard_normal((len(own), d), dtype=np.float32) / np.sqrt(d)
@@ -141,11 +154,18 @@ def write_chain_files(args: argparse.Namespace) -> int:
             ids = list(range(q0, q0 + len(own)))
             txt_w.add(ids, txt)
             for w in slot_w:
-                slots = txt[:, None] + rng.standard_normal((len(own), s, d), dtype=np.float32) / np.sqrt(d)
+                slots = txt[:, None] + rng.standard_normal(
+                    (len(own), s, d), dtype=np.float32
+                ) / np.sqrt(d)
                 w.add(ids, slots / np.linalg.norm(slots, axis=-1, keepdims=True))
-    write_jsonl(work / "gt_texts.jsonl", ({"query_id": q, "item_ids": [int(owner[q])]} for q in range(n_txt)))
-    write_jsonl(work / "gt_images.jsonl", ({"image_id": i, "item_ids": np.flatnonzero(owner == i).tolist()}
-                                           for i in range(n_img)))
+    write_jsonl(
+        work / "gt_texts.jsonl",
+        ({"query_id": q, "item_ids": [int(owner[q])]} for q in range(n_txt)),
+    )
+    write_jsonl(
+        work / "gt_images.jsonl",
+        ({"image_id": i, "item_ids": np.flatnonzero(owner == i).tolist()} for i in range(n_img)),
+    )
     return 0
 
 
@@ -154,23 +174,66 @@ def run_chain(args: argparse.Namespace, me: list[str]) -> int:
     work = Path(args.workdir)
     subprocess.run(me + ["--internal", "chain-files"], check=True)
     py = [sys.executable, "-u"]
-    feats = [f"--image-feats={work / 'img.npy'}", f"--text-feats={work / 'txt.npy'}", "--device=cpu",
-             f"--eval-batch-size={args.eval_batch_size}"]
-    stages = [
-        ("plain top-k, both directions (make_topk_predictions.py --top-k=10)", py + ["eval/make_topk_predictions.py",
-         *feats, "--top-k=10", f"--output-images={work / 'i.jsonl'}", f"--output-texts={work / 't.jsonl'}"]),
-        ("EGR, both directions (make_topk_predictions_mask+prompt.py --top-k=20, pool 128)", py + [
-         "eval/make_topk_predictions_mask+prompt.py", *feats, f"--mask-feats={work / 'mask.npy'}",
-         f"--prompt-feats={work / 'prompt.npy'}", "--top-k=20", f"--output-images={work / 'im.jsonl'}",
-         f"--output-texts={work / 'tm.jsonl'}"]),
-        ("TBR (eval_back_retrieval.py)", py + ["eval/eval_back_retrieval.py", str(work / "gt_images.jsonl"),
-         str(work / "im.jsonl"), str(work / "gt_texts.jsonl"), str(work / "tm.jsonl"), str(work / "ir.jsonl"),
-         str(work / "tr.jsonl")]),
-        ("evaluation.py (texts)", py + ["eval/evaluation.py", str(work / "gt_texts.jsonl"), str(work / "tr.jsonl"),
-         str(work / "s.json"), "query_id"]),
+    feats = [
+        f"--image-feats={work / 'img.npy'}",
+        f"--text-feats={work / 'txt.npy'}",
+        "--device=cpu",
+        f"--eval-batch-size={args.eval_batch_size}",
     ]
-    print(f"chain on {args.items} images x {args.queries} captions, {args.dim}-d, {args.slots}+{args.slots} slots "
-          f"(binary features); load average {os.getloadavg()[0]:.1f} at start")
+    stages = [
+        (
+            "plain top-k, both directions (make_topk_predictions.py --top-k=10)",
+            py
+            + [
+                "eval/make_topk_predictions.py",
+                *feats,
+                "--top-k=10",
+                f"--output-images={work / 'i.jsonl'}",
+                f"--output-texts={work / 't.jsonl'}",
+            ],
+        ),
+        (
+            "EGR, both directions (make_topk_predictions_mask+prompt.py --top-k=20, pool 128)",
+            py
+            + [
+                "eval/make_topk_predictions_mask+prompt.py",
+                *feats,
+                f"--mask-feats={work / 'mask.npy'}",
+                f"--prompt-feats={work / 'prompt.npy'}",
+                "--top-k=20",
+                f"--output-images={work / 'im.jsonl'}",
+                f"--output-texts={work / 'tm.jsonl'}",
+            ],
+        ),
+        (
+            "TBR (eval_back_retrieval.py)",
+            py
+            + [
+                "eval/eval_back_retrieval.py",
+                str(work / "gt_images.jsonl"),
+                str(work / "im.jsonl"),
+                str(work / "gt_texts.jsonl"),
+                str(work / "tm.jsonl"),
+                str(work / "ir.jsonl"),
+                str(work / "tr.jsonl"),
+            ],
+        ),
+        (
+            "evaluation.py (texts)",
+            py
+            + [
+                "eval/evaluation.py",
+                str(work / "gt_texts.jsonl"),
+                str(work / "tr.jsonl"),
+                str(work / "s.json"),
+                "query_id",
+            ],
+        ),
+    ]
+    print(
+        f"chain on {args.items} images x {args.queries} captions, {args.dim}-d, {args.slots}+{args.slots} slots "
+        f"(binary features); load average {os.getloadavg()[0]:.1f} at start"
+    )
     print("\n| stage | wall s | peak RSS MB |\n|---|---:|---:|")
     for name, cmd in stages:
         t0 = time.perf_counter()
@@ -178,9 +241,14 @@ def run_chain(args: argparse.Namespace, me: list[str]) -> int:
         _, status, usage = os.wait4(proc.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr.read().decode()}")
-        print(f"| {name} | {time.perf_counter() - t0:.1f} | {usage.ru_maxrss / 1024:.0f} |", flush=True)
+        print(
+            f"| {name} | {time.perf_counter() - t0:.1f} | {usage.ru_maxrss / 1024:.0f} |",
+            flush=True,
+        )
     sizes = sum(p.stat().st_size for p in work.glob("*.npy")) / 2**20
-    print(f"(feature files: {sizes:.0f} MB in all; load average {os.getloadavg()[0]:.1f} at the end)")
+    print(
+        f"(feature files: {sizes:.0f} MB in all; load average {os.getloadavg()[0]:.1f} at the end)"
+    )
     shutil.rmtree(work)
     return 0
 
@@ -188,7 +256,9 @@ def run_chain(args: argparse.Namespace, me: list[str]) -> int:
 def run_child(me: list[str], job: str) -> tuple[float, float, float]:
     """(search seconds, process wall seconds, peak RSS MB) of one child process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(me + ["--internal", job], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        me + ["--internal", job], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
@@ -207,8 +277,10 @@ def compare(work: Path, direction: str, a: str, b: str) -> str:
     rows = np.flatnonzero(differ)
     # at a place where the lists hold different items, the two scores are those items' scores
     gap = float(np.abs(sa - sb)[ia != ib].max())
-    return (f"{len(rows)} of {len(ia)} lists differ (rows {rows[:5].tolist()}); the items that differ score within "
-            f"{gap:.1e} of each other (float32 rounding); e.g. {ia[rows[0]].tolist()} vs {ib[rows[0]].tolist()}")
+    return (
+        f"{len(rows)} of {len(ia)} lists differ (rows {rows[:5].tolist()}); the items that differ score within "
+        f"{gap:.1e} of each other (float32 rounding); e.g. {ia[rows[0]].tolist()} vs {ib[rows[0]].tolist()}"
+    )
 
 
 def main(argv=None) -> int:
@@ -219,32 +291,47 @@ def main(argv=None) -> int:
         return child(args)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    me = [sys.executable, "-u", str(Path(__file__).resolve())] + list(argv if argv is not None else sys.argv[1:])
+    me = [sys.executable, "-u", str(Path(__file__).resolve())] + list(
+        argv if argv is not None else sys.argv[1:]
+    )
     if args.chain:
         return run_chain(args, me)
     methods = [m for m in args.methods.split(",") if m]
     directions = [d for d in args.directions.split(",") if d]
-    print(f"{args.items} items x {args.queries} queries, {args.dim}-d float32, top-{args.top_k}; "
-          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start")
+    print(
+        f"{args.items} items x {args.queries} queries, {args.dim}-d float32, top-{args.top_k}; "
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start"
+    )
     rows = []
     for direction in directions:
         _, _, base_mem = run_child(me, f"none:{direction}")
         for method in methods:
-            best = min((run_child(me, f"{method}:{direction}") for _ in range(args.repeat)), key=lambda r: r[0])
+            best = min(
+                (run_child(me, f"{method}:{direction}") for _ in range(args.repeat)),
+                key=lambda r: r[0],
+            )
             rows.append((direction, method, best[0], best[2], base_mem))
-            print(f"  {direction} {method}: {best[0]:.2f} s search, peak RSS {best[2]:.0f} MB", flush=True)
+            print(
+                f"  {direction} {method}: {best[0]:.2f} s search, peak RSS {best[2]:.0f} MB",
+                flush=True,
+            )
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     n_q = {"t2i": args.queries, "i2t": args.items}
     n_i = {"t2i": args.items, "i2t": args.queries}
-    print("\n| direction | method | search s | peak RSS MB | RSS above the features MB | time vs FAISS | memory vs FAISS |")
+    print(
+        "\n| direction | method | search s | peak RSS MB | RSS above the features MB "
+        "| time vs FAISS | memory vs FAISS |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     ref = {(d, m): (t, mem) for d, m, t, mem, _ in rows}
     for d, m, t, mem, base in rows:
         f = ref.get((d, "faiss"))
         ratio_t = f"{t / f[0]:.2f}x" if f else ""
         ratio_m = f"{mem / f[1]:.2f}x" if f else ""
-        print(f"| {d} ({n_q[d]:,} queries x {n_i[d]:,} items) | {m} | {t:.2f} | {mem:.0f} | {mem - base:.0f} | "
-              f"{ratio_t} | {ratio_m} |")
+        print(
+            f"| {d} ({n_q[d]:,} queries x {n_i[d]:,} items) | {m} | {t:.2f} | {mem:.0f} | {mem - base:.0f} | "
+            f"{ratio_t} | {ratio_m} |"
+        )
     if "numpy" in methods and "faiss" in methods:
         for d in directions:
             print(f"{d}: numpy vs faiss: {compare(work, d, 'numpy', 'faiss')}")

@@ -7,6 +7,7 @@ Prints numbers only; runs the tiny model on the CPU, and ViT-B-32 too when a GPU
 
     python scripts/bench_train.py [--models tiny ViT-B-32] [--batch-size 32] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,15 @@ def _time(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def bench(model_name: str, batch_size: int, device: torch.device, repeats: int, precision: str | None) -> dict:
+def bench(
+    model_name: str, batch_size: int, device: torch.device, repeats: int, precision: str | None
+) -> dict:
     """Median seconds of (a), (b), (c) for one model."""
     precision = resolve_precision(precision, device)
     torch.manual_seed(0)
-    model = create_model(model_name, device=device, precision="fp16" if precision == "fp16" else "fp32")
+    model = create_model(
+        model_name, device=device, precision="fp16" if precision == "fp16" else "fp32"
+    )
     args = parse_args(["--train-data", "unused.jsonl", "--model", model_name])
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
@@ -56,8 +61,12 @@ def bench(model_name: str, batch_size: int, device: torch.device, repeats: int, 
     cfg_full = StepConfig(terms=AGREE_TERMS, env=env, precision=precision)
 
     images = torch.cat([full[k] for k in IMAGE_SLOTS])
-    texts = torch.cat([full[k].flatten(0, 1) if full[k].dim() == 3 else full[k] for k in TEXT_SLOTS])
-    texts = texts[:, : int(texts.argmax(-1).max()) + 1]  # what the text tower keeps of the padded context
+    texts = torch.cat(
+        [full[k].flatten(0, 1) if full[k].dim() == 3 else full[k] for k in TEXT_SLOTS]
+    )
+    texts = texts[
+        :, : int(texts.argmax(-1).max()) + 1
+    ]  # what the text tower keeps of the padded context
     images = images.to(device, weight_dtype(precision))
     texts = texts.to(device)
 
@@ -68,8 +77,12 @@ def bench(model_name: str, batch_size: int, device: torch.device, repeats: int, 
         loss.backward()
 
     out = {
-        "a_plain_step": _time(lambda: train_step(model, plain, optimizer, scaler, cfg_plain), device, repeats),
-        "b_agree_step": _time(lambda: train_step(model, full, optimizer, scaler, cfg_full), device, repeats),
+        "a_plain_step": _time(
+            lambda: train_step(model, plain, optimizer, scaler, cfg_plain), device, repeats
+        ),
+        "b_agree_step": _time(
+            lambda: train_step(model, full, optimizer, scaler, cfg_full), device, repeats
+        ),
         "c_towers_lower_bound": _time(lower_bound, device, repeats),
     }
     out["images_per_step"], out["texts_per_step"] = images.shape[0], texts.shape[0]
@@ -80,8 +93,12 @@ def bench(model_name: str, batch_size: int, device: torch.device, repeats: int, 
 
 def main() -> int:
     """Parse flags, run the benchmarks, print one block per model."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=None, help="default: tiny, plus ViT-B-32 on a GPU")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--models", nargs="+", default=None, help="default: tiny, plus ViT-B-32 on a GPU"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -92,17 +109,27 @@ def main() -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     models = a.models or (["tiny", "ViT-B-32"] if device.type == "cuda" else ["tiny"])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; batch size {a.batch_size}; median of {a.repeats}")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"device: {name}; torch {torch.__version__}; batch size {a.batch_size}; median of {a.repeats}"
+    )
     for m in models:
         r = bench(m, a.batch_size, device, a.repeats, a.precision)
-        print(f"[{m}] precision {r['precision']}: {r['images_per_step']} images + {r['texts_per_step']} texts "
-              f"({r['text_tokens_kept']} token columns) per AGREE step")
+        print(
+            f"[{m}] precision {r['precision']}: {r['images_per_step']} images + {r['texts_per_step']} texts "
+            f"({r['text_tokens_kept']} token columns) per AGREE step"
+        )
         print(f"  (a) plain contrastive step : {r['a_plain_step'] * 1000:9.1f} ms")
         print(f"  (b) full AGREE step        : {r['b_agree_step'] * 1000:9.1f} ms")
         print(f"  (c) towers lower bound     : {r['c_towers_lower_bound'] * 1000:9.1f} ms")
-        print(f"  (b)/(c) = {r['b_agree_step'] / r['c_towers_lower_bound']:.3f} (target <= 1.15);  "
-              f"(b)/(a) = {r['b_agree_step'] / r['a_plain_step']:.2f}")
+        print(
+            f"  (b)/(c) = {r['b_agree_step'] / r['c_towers_lower_bound']:.3f} (target <= 1.15);  "
+            f"(b)/(a) = {r['b_agree_step'] / r['a_plain_step']:.2f}"
+        )
     return 0
 
 

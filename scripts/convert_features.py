@@ -1,8 +1,9 @@
 """Convert feature files between JSONL and the binary format (`.npy` + `.ids.json`), by extension.
 
-    python3 scripts/convert_features.py IN.jsonl OUT.npy     # writes OUT.npy and OUT.ids.json
-    python3 scripts/convert_features.py IN.npy OUT.jsonl
+python3 scripts/convert_features.py IN.jsonl OUT.npy     # writes OUT.npy and OUT.ids.json
+python3 scripts/convert_features.py IN.npy OUT.jsonl
 """
+
 import argparse
 from pathlib import Path
 
@@ -11,9 +12,13 @@ from eval.feature_io import detect_layout, is_binary, read_features, write_featu
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("input", help="feature file to read (.jsonl or .npy)")
-    p.add_argument("output", help="feature file to write (.npy for binary, anything else for JSONL)")
+    p.add_argument(
+        "output", help="feature file to write (.npy for binary, anything else for JSONL)"
+    )
     args = p.parse_args(argv)
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise InputError("input and output are the same file")
@@ -21,7 +26,9 @@ def main(argv=None) -> int:
     feats = read_features(args.input, key, slots)
     write_features(args.output, feats)
     kind = "binary" if is_binary(args.output) else "JSONL"
-    print(f"{args.input} -> {args.output} ({kind}): {len(feats)} x {list(feats.data.shape[1:])} {key} features")
+    print(
+        f"{args.input} -> {args.output} ({kind}): {len(feats)} x {list(feats.data.shape[1:])} {key} features"
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ results.md, results.json, rsum.png, retrieval_examples.png under --out.
 Every setting of the preset can be changed by its flag (see --help). `--eval-split val` scores on the
 validation split instead of test (how the recipe was chosen); no twin scores and no EGR there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,9 @@ def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
     return seeds
@@ -38,23 +41,40 @@ def _flag(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """--preset, --out, --cache, --eval-split, and one flag per recipe setting (default: the preset's)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--out", type=Path, default=Path("tmp/demo"), help="results folder (replaced)")
-    p.add_argument("--cache", type=Path, default=Path("tmp/cache"), help="cached worlds and backbones")
+    p.add_argument(
+        "--cache", type=Path, default=Path("tmp/cache"), help="cached worlds and backbones"
+    )
     p.add_argument("--eval-split", choices=("test", "val"), default="test")
     for f in dataclasses.fields(PRESETS["default"]):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "seeds":
             p.add_argument(flag, type=_seeds, default=None, help="training seeds, comma-separated")
         elif f.name == "methods":
-            p.add_argument(flag, type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()), default=None,
-                           help="fine-tuned methods, comma-separated: global-only, AGREE (default both)")
+            p.add_argument(
+                flag,
+                type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
+                default=None,
+                help="fine-tuned methods, comma-separated: global-only, AGREE (default both)",
+            )
         elif f.name in ("ablation", "lock_image"):
-            what = "also run AGREE minus each term" if f.name == "ablation" else "fine-tune the text tower only"
+            what = (
+                "also run AGREE minus each term"
+                if f.name == "ablation"
+                else "fine-tune the text tower only"
+            )
             p.add_argument(flag, type=_flag, default=None, help=f"{what} (1/0)")
         else:
-            p.add_argument(flag, type=type(f.default), default=None, help=f"(default: the preset's, {f.default} in default)")
+            p.add_argument(
+                flag,
+                type=type(f.default),
+                default=None,
+                help=f"(default: the preset's, {f.default} in default)",
+            )
     return p
 
 
@@ -71,16 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     measured, seconds, split = run(recipe, args.out, args.cache, args.eval_split)
     rows = build_rows(measured, split, methods(recipe), recipe.seeds)
     n_images = len(split.i2t_gt)
-    record = {"preset": args.preset, "eval_split": args.eval_split, "recipe": recipe_dict(recipe),
-              "sizes": {"eval_images": n_images, "eval_captions": len(split.captions)},
-              "backbone": {"entities_found": measured.entities_found},
-              "rows": rows, "paired": paired(rows), "seconds": seconds}
+    record = {
+        "preset": args.preset,
+        "eval_split": args.eval_split,
+        "recipe": recipe_dict(recipe),
+        "sizes": {"eval_images": n_images, "eval_captions": len(split.captions)},
+        "backbone": {"entities_found": measured.entities_found},
+        "rows": rows,
+        "paired": paired(rows),
+        "seconds": seconds,
+    }
     plot_rsum(rows, args.out / "rsum.png")
     if args.eval_split == "test" and {"AGREE", "global-only"} <= set(recipe.methods):
         seed = recipe.seeds[0]
-        record["examples"] = draw_examples(split, measured.fine_tuned[("AGREE", seed)].top1["plain"],
-                                           measured.fine_tuned[("global-only", seed)].top1["plain"], seed,
-                                           args.out / "retrieval_examples.png")
+        record["examples"] = draw_examples(
+            split,
+            measured.fine_tuned[("AGREE", seed)].top1["plain"],
+            measured.fine_tuned[("global-only", seed)].top1["plain"],
+            seed,
+            args.out / "retrieval_examples.png",
+        )
     write_report(args.out, record)
     print(markdown(record))
     return 0

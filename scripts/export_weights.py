@@ -4,6 +4,7 @@
 
 The result loads with `clip.clip.load`, `--openai-pretrained --pretrained-path` and the zero-shot extractor.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,13 +18,17 @@ from clip.clip import load_checkpoint_state_dict, model_from_state_dict
 
 def main() -> int:
     """Read the checkpoint, check that it builds a CLIP, write its state dict atomically."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", help="training checkpoint, OpenAI archive or state dict")
     p.add_argument("output", help="where to write the state dict (.pt)")
     args = p.parse_args()
     with clip_errors_as_input_errors():
         state_dict = load_checkpoint_state_dict(args.checkpoint)
-        model_from_state_dict(state_dict, args.checkpoint)  # fails early if these are not CLIP weights
+        model_from_state_dict(
+            state_dict, args.checkpoint
+        )  # fails early if these are not CLIP weights
     with atomic_path(args.output) as tmp:
         torch.save(state_dict, tmp)
     print(f"wrote {len(state_dict)} tensors to {args.output}")

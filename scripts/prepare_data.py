@@ -8,6 +8,7 @@ RAW holds Karpathy's split file (dataset_flickr30k.json / dataset_coco.json) and
 (Sentences/, Annotations/). VGRAW holds Visual Genome's image_data.json, objects.json, VG_100K/ and
 VG_100K_2/. See the README's "Data from raw sources".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,35 +21,87 @@ from agree.layout import DATASETS, DEFAULT_DATASET, FILE_RESOLUTION
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags (the contract of issue 13, plus tuning flags with documented defaults)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET, help="which dataset RAW holds")
-    p.add_argument("--raw", type=Path, required=True, help="folder of the dataset's official downloads")
-    p.add_argument("--vg-raw", type=Path, required=True, help="folder of Visual Genome's official downloads")
-    p.add_argument("--out", type=Path, required=True,
-                   help="root of the layout (tmp in the README): writes OUT/datasets/<dataset>_images and OUT/VG")
-    p.add_argument("--boxes", type=Path, default=None,
-                   help="detector boxes, JSONL {image, label, box: [x0, y0, x1, y1], score} in original pixels "
-                        "(default: Flickr30k Entities' gold boxes when RAW/flickr30k_entities/Annotations exists)")
-    p.add_argument("--resolution", type=int, default=FILE_RESOLUTION,
-                   help="side R of the stored images: the model's input resolution (224 for ViT-B/32 and ViT-L/14)")
-    p.add_argument("--max-missing-fraction", type=float, default=0.0,
-                   help="largest share of each kind of input (images, captions, boxes, Entities files, VG images) "
-                        "that may be skipped as missing or unreadable; 0 = any such input stops the run")
-    p.add_argument("--overwrite", action="store_true",
-                   help="rebuild a layout that is already there (default: a finished layout is left as is)")
-    p.add_argument("--storage", choices=("float32", "uint8"), default="float32",
-                   help="float32: (3, R, R) CLIP-normalised arrays, as the release's archives; uint8: (R, R, 3) RGB, "
-                        "4x smaller, the same features in evaluation (see the README)")
-    p.add_argument("--extractor", choices=("textblob", "spacy"), default="textblob",
-                   help="noun-phrase extractor for captions without Flickr30k Entities phrases")
-    p.add_argument("--spacy-model", default="en_core_web_sm",
-                   help="installed spaCy pipeline for --extractor spacy (never downloaded)")
-    p.add_argument("--no-gold-entities", action="store_true",
-                   help="ignore RAW/flickr30k_entities (phrases and boxes); use --extractor and --boxes only")
-    p.add_argument("--box-threshold", type=float, default=0.5, help="detector boxes below this score are ignored")
-    p.add_argument("--vg-per-word", type=int, default=10, help="Visual Genome images kept per vocabulary word")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes that decode images (0 = all in this process)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--dataset", choices=DATASETS, default=DEFAULT_DATASET, help="which dataset RAW holds"
+    )
+    p.add_argument(
+        "--raw", type=Path, required=True, help="folder of the dataset's official downloads"
+    )
+    p.add_argument(
+        "--vg-raw", type=Path, required=True, help="folder of Visual Genome's official downloads"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="root of the layout (tmp in the README): writes OUT/datasets/<dataset>_images and OUT/VG",
+    )
+    p.add_argument(
+        "--boxes",
+        type=Path,
+        default=None,
+        help="detector boxes, JSONL {image, label, box: [x0, y0, x1, y1], score} in original pixels "
+        "(default: Flickr30k Entities' gold boxes when RAW/flickr30k_entities/Annotations exists)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=FILE_RESOLUTION,
+        help="side R of the stored images: the model's input resolution (224 for ViT-B/32 and ViT-L/14)",
+    )
+    p.add_argument(
+        "--max-missing-fraction",
+        type=float,
+        default=0.0,
+        help="largest share of each kind of input (images, captions, boxes, Entities files, VG images) "
+        "that may be skipped as missing or unreadable; 0 = any such input stops the run",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rebuild a layout that is already there (default: a finished layout is left as is)",
+    )
+    p.add_argument(
+        "--storage",
+        choices=("float32", "uint8"),
+        default="float32",
+        help="float32: (3, R, R) CLIP-normalised arrays, as the release's archives; uint8: (R, R, 3) RGB, "
+        "4x smaller, the same features in evaluation (see the README)",
+    )
+    p.add_argument(
+        "--extractor",
+        choices=("textblob", "spacy"),
+        default="textblob",
+        help="noun-phrase extractor for captions without Flickr30k Entities phrases",
+    )
+    p.add_argument(
+        "--spacy-model",
+        default="en_core_web_sm",
+        help="installed spaCy pipeline for --extractor spacy (never downloaded)",
+    )
+    p.add_argument(
+        "--no-gold-entities",
+        action="store_true",
+        help="ignore RAW/flickr30k_entities (phrases and boxes); use --extractor and --boxes only",
+    )
+    p.add_argument(
+        "--box-threshold",
+        type=float,
+        default=0.5,
+        help="detector boxes below this score are ignored",
+    )
+    p.add_argument(
+        "--vg-per-word", type=int, default=10, help="Visual Genome images kept per vocabulary word"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes that decode images (0 = all in this process)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -57,12 +110,27 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the flags and prepare the layout."""
     args = parse_args(argv)
     from dataprep.pipeline import PrepareConfig, prepare
-    prepare(PrepareConfig(dataset=args.dataset, raw=args.raw, vg_raw=args.vg_raw, out=args.out, boxes=args.boxes,
-                          resolution=args.resolution, storage=args.storage, extractor=args.extractor,
-                          spacy_model=args.spacy_model, gold_entities=not args.no_gold_entities,
-                          box_threshold=args.box_threshold, vg_per_word=args.vg_per_word,
-                          max_missing_fraction=args.max_missing_fraction, overwrite=args.overwrite,
-                          workers=args.workers, progress=not args.no_progress))
+
+    prepare(
+        PrepareConfig(
+            dataset=args.dataset,
+            raw=args.raw,
+            vg_raw=args.vg_raw,
+            out=args.out,
+            boxes=args.boxes,
+            resolution=args.resolution,
+            storage=args.storage,
+            extractor=args.extractor,
+            spacy_model=args.spacy_model,
+            gold_entities=not args.no_gold_entities,
+            box_threshold=args.box_threshold,
+            vg_per_word=args.vg_per_word,
+            max_missing_fraction=args.max_missing_fraction,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+    )
     return 0
 
 

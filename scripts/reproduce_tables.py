@@ -8,6 +8,7 @@ OpenAI's ViT-L/14, GPUs):
     python scripts/reproduce_tables.py --data-root tmp/datasets/flickr30k_images --vg-root tmp/VG \
         --pretrained tmp/pretrained_models/ViT-L-14.pt --model ViT-L-14 --device cuda --out tmp/tables
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,24 +23,49 @@ from training.terms import AGREE_TERMS
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags: data, checkpoint, model, device, and the fine-tuning recipe (README values by default)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET,
-                   help="dataset name in the layout's file names")
-    p.add_argument("--data-root", default=None,
-                   help="dataset folder in the release layout (default ./tmp/datasets/<dataset>_images)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=DEFAULT_DATASET,
+        help="dataset name in the layout's file names",
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="dataset folder in the release layout (default ./tmp/datasets/<dataset>_images)",
+    )
     p.add_argument("--vg-root", default="./tmp/VG", help="Visual Genome entity data folder")
-    p.add_argument("--pretrained", default="./tmp/pretrained_models/ViT-L-14.pt",
-                   help="the pre-trained CLIP checkpoint (zero-shot model and fine-tuning start)")
-    p.add_argument("--model", default="ViT-L-14",
-                   help="model config name: ViT-L-14, ViT-B-32, RN50, tiny (OpenAI's, QuickGELU) or ViT-L-14-gelu, "
-                        "ViT-B-32-gelu, RN50-gelu (OpenCLIP's GELU checkpoints)")
-    p.add_argument("--jit", action="store_true",
-                   help="read a TorchScript --pretrained with torch.jit.load (runs the archive's code)")
+    p.add_argument(
+        "--pretrained",
+        default="./tmp/pretrained_models/ViT-L-14.pt",
+        help="the pre-trained CLIP checkpoint (zero-shot model and fine-tuning start)",
+    )
+    p.add_argument(
+        "--model",
+        default="ViT-L-14",
+        help="model config name: ViT-L-14, ViT-B-32, RN50, tiny (OpenAI's, QuickGELU) or ViT-L-14-gelu, "
+        "ViT-B-32-gelu, RN50-gelu (OpenCLIP's GELU checkpoints)",
+    )
+    p.add_argument(
+        "--jit",
+        action="store_true",
+        help="read a TorchScript --pretrained with torch.jit.load (runs the archive's code)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", default="./tmp/tables", help="where predictions, runs, results.md and results.json go")
+    p.add_argument(
+        "--out",
+        default="./tmp/tables",
+        help="where predictions, runs, results.md and results.json go",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete --out first if it exists")
-    p.add_argument("--parts", default="zeroshot,finetune,ablation",
-                   help="comma-separated subset of zeroshot, finetune, ablation")
+    p.add_argument(
+        "--parts",
+        default="zeroshot,finetune,ablation",
+        help="comma-separated subset of zeroshot, finetune, ablation",
+    )
     # Fine-tuning recipe: the README's values by default.
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8)
@@ -47,24 +73,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=10000)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--precision", default=None, help="amp, fp16 or fp32 (default: amp on CUDA, fp32 on CPU)")
+    p.add_argument(
+        "--precision", default=None, help="amp, fp16 or fp32 (default: amp on CUDA, fp32 on CPU)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epoch", type=int, default=None,
-                   help=f"the fine-tuned checkpoint evaluated, epoch_N.pt (default: the recipe's epoch_{RECIPE_EPOCH}.pt "
-                        "when --epochs reaches it, else the last); training stops after it, on the --epochs schedule")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="worker processes per fine-tuning run, passed to main_all.py --nproc (default: main_all.py's, "
-                        "one per visible GPU as in the release, one on the CPU)")
-    p.add_argument("--legacy-detached-rank", action="store_true",
-                   help="passed to every fine-tuning run: the released code's gradients of the ranking terms")
-    p.add_argument("--max-missing-fraction", type=float, default=None,
-                   help="passed to every fine-tuning run (default: main_all.py's, 0: any missing input is an error)")
+    p.add_argument(
+        "--epoch",
+        type=int,
+        default=None,
+        help=f"the fine-tuned checkpoint evaluated, epoch_N.pt (default: the recipe's epoch_{RECIPE_EPOCH}.pt "
+        "when --epochs reaches it, else the last); training stops after it, on the --epochs schedule",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="worker processes per fine-tuning run, passed to main_all.py --nproc (default: main_all.py's, "
+        "one per visible GPU as in the release, one on the CPU)",
+    )
+    p.add_argument(
+        "--legacy-detached-rank",
+        action="store_true",
+        help="passed to every fine-tuning run: the released code's gradients of the ranking terms",
+    )
+    p.add_argument(
+        "--max-missing-fraction",
+        type=float,
+        default=None,
+        help="passed to every fine-tuning run (default: main_all.py's, 0: any missing input is an error)",
+    )
     # Evaluation recipe.
-    p.add_argument("--top-k", type=int, default=10, help="top-k of the plain predictions (README: 10)")
-    p.add_argument("--egr-top-k", type=int, default=20, help="top-k of the EGR predictions (README: 20)")
+    p.add_argument(
+        "--top-k", type=int, default=10, help="top-k of the plain predictions (README: 10)"
+    )
+    p.add_argument(
+        "--egr-top-k", type=int, default=20, help="top-k of the EGR predictions (README: 20)"
+    )
     p.add_argument("--batch-size-eval", type=int, default=32, help="--img/--text/--eval-batch-size")
-    p.add_argument("--examples", type=int, default=4,
-                   help="test captions drawn in retrieval_examples.png (0 = no picture)")
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=4,
+        help="test captions drawn in retrieval_examples.png (0 = no picture)",
+    )
     args = p.parse_args(argv)
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
     unknown = parts - {"zeroshot", "finetune", "ablation"}

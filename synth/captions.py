@@ -4,6 +4,7 @@ Every entity phrase is a referring expression that is unique within its scene (a
 pair never repeats in a scene; bare or size+shape forms are used only when unambiguous), so a
 phrase, or a grounding label made from it, always denotes exactly one entity.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,7 +14,10 @@ import numpy as np
 
 from synth.world import Scene, between, pick, regions, relations, weighted_index
 
-SIZE_WORDS_TARGET: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
+SIZE_WORDS_TARGET: dict[str, tuple[str, ...]] = {
+    "small": ("small", "little"),
+    "large": ("large", "big"),
+}
 SIZE_WORDS_PRETRAIN: dict[str, tuple[str, ...]] = {"small": ("small",), "large": ("large",)}
 REL_WORDS: dict[str, tuple[str, ...]] = {
     "left": ("left of", "to the left of", "on the left of"),
@@ -24,8 +28,10 @@ REL_WORDS: dict[str, tuple[str, ...]] = {
     "front": ("in front of", "partly covering"),
 }
 REGION_WORDS: dict[str, tuple[str, ...]] = {
-    "left": ("on the left",), "right": ("on the right",),
-    "top": ("at the top",), "bottom": ("at the bottom",),
+    "left": ("on the left",),
+    "right": ("on the right",),
+    "top": ("at the top",),
+    "bottom": ("at the bottom",),
     "top left": ("in the top left corner", "in the upper left"),
     "top right": ("in the top right corner", "in the upper right"),
     "bottom left": ("in the bottom left corner", "in the lower left"),
@@ -47,12 +53,19 @@ class Caption:
     template: str
     mentions: list[tuple[str, int]]
     claims: list[list] = field(default_factory=list)
-    chunks: list[str] = field(default_factory=list)  # non-entity noun phrases a chunker would return
+    chunks: list[str] = field(
+        default_factory=list
+    )  # non-entity noun phrases a chunker would return
 
     def to_json(self) -> dict:
         """JSON-ready description (metadata files)."""
-        return {"text": self.text, "template": self.template, "mentions": [list(m) for m in self.mentions],
-                "claims": self.claims, "chunks": self.chunks}
+        return {
+            "text": self.text,
+            "template": self.template,
+            "mentions": [list(m) for m in self.mentions],
+            "claims": self.claims,
+            "chunks": self.chunks,
+        }
 
 
 _FORM_WEIGHTS = {"full": 0.35, "colour": 0.35, "size": 0.15, "bare": 0.15}
@@ -65,9 +78,16 @@ def article(words: list[str], definite: bool) -> str:
     return "an" if words[0][0] in "aeiou" else "a"
 
 
-def refer(scene: Scene, i: int, rng: np.random.Generator, *, sizes: dict[str, tuple[str, ...]] = SIZE_WORDS_TARGET,
-          forms: Optional[tuple[str, ...]] = None, with_article: bool = True,
-          definite_prob: float = 0.15) -> str:
+def refer(
+    scene: Scene,
+    i: int,
+    rng: np.random.Generator,
+    *,
+    sizes: dict[str, tuple[str, ...]] = SIZE_WORDS_TARGET,
+    forms: Optional[tuple[str, ...]] = None,
+    with_article: bool = True,
+    definite_prob: float = 0.15,
+) -> str:
     """A referring expression for entity i that no other entity of the scene matches."""
     e = scene.entities[i]
     avail = ["full", "colour"]
@@ -79,8 +99,12 @@ def refer(scene: Scene, i: int, rng: np.random.Generator, *, sizes: dict[str, tu
         avail = [f for f in avail if f in forms] or ["colour"]
     form = avail[weighted_index(rng, [_FORM_WEIGHTS[f] for f in avail])]
     size_word = pick(rng, sizes[e.size])
-    words = {"full": [size_word, e.colour, e.shape], "colour": [e.colour, e.shape],
-             "size": [size_word, e.shape], "bare": [e.shape]}[form]
+    words = {
+        "full": [size_word, e.colour, e.shape],
+        "colour": [e.colour, e.shape],
+        "size": [size_word, e.shape],
+        "bare": [e.shape],
+    }[form]
     if not with_article:
         return " ".join(words)
     definite = bool(rng.random() < definite_prob)
@@ -107,8 +131,13 @@ def _region_chunk(words: str) -> list[str]:
 def _pairs(scene: Scene) -> list[tuple[int, int, str]]:
     r = scene.resolution
     ents = scene.entities
-    out = [(i, j, rel) for i in range(len(ents)) for j in range(len(ents)) if i != j
-           for rel in relations(ents[i], ents[j], r)]
+    out = [
+        (i, j, rel)
+        for i in range(len(ents))
+        for j in range(len(ents))
+        if i != j
+        for rel in relations(ents[i], ents[j], r)
+    ]
     out += [(i, j, "front") for i, j in scene.covers]
     return out
 
@@ -125,7 +154,9 @@ def _region_words(scene: Scene, i: int, rng: np.random.Generator) -> tuple[str, 
 Template = Callable[[Scene, np.random.Generator], Optional[Caption]]
 
 
-def _relational(lead: Callable[[np.random.Generator], tuple[str, list[str]]], name: str) -> Template:
+def _relational(
+    lead: Callable[[np.random.Generator], tuple[str, list[str]]], name: str
+) -> Template:
     def make(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
         pairs = _pairs(scene)
         if not pairs:
@@ -135,7 +166,10 @@ def _relational(lead: Callable[[np.random.Generator], tuple[str, list[str]]], na
         words = pick(rng, REL_WORDS[rel])
         prefix, chunks = lead(rng)
         text = f"{prefix}{a} {words} {b}."
-        return Caption(text, name, [(a, i), (b, j)], [["rel", i, rel, j]], chunks + _rel_chunk(words))
+        return Caption(
+            text, name, [(a, i), (b, j)], [["rel", i, rel, j]], chunks + _rel_chunk(words)
+        )
+
     return make
 
 
@@ -153,8 +187,13 @@ def _lead_scene(rng: np.random.Generator) -> tuple[str, list[str]]:
 
 
 def t_rel_region(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """"{A} {rel} {B}, with {C} {region}." """
-    triples = [(i, j, rel, k) for i, j, rel in _pairs(scene) for k in _with_regions(scene) if k not in (i, j)]
+    """ "{A} {rel} {B}, with {C} {region}." """
+    triples = [
+        (i, j, rel, k)
+        for i, j, rel in _pairs(scene)
+        for k in _with_regions(scene)
+        if k not in (i, j)
+    ]
     if not triples:
         return None
     i, j, rel, k = pick(rng, triples)
@@ -162,16 +201,23 @@ def t_rel_region(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     words = pick(rng, REL_WORDS[rel])
     region, rwords = _region_words(scene, k, rng)
     text = f"{a} {words} {b}, with {c} {rwords}."
-    return Caption(text, "rel_region", [(a, i), (b, j), (c, k)], [["rel", i, rel, j], ["region", k, region]],
-                   _rel_chunk(words) + _region_chunk(rwords))
+    return Caption(
+        text,
+        "rel_region",
+        [(a, i), (b, j), (c, k)],
+        [["rel", i, rel, j], ["region", k, region]],
+        _rel_chunk(words) + _region_chunk(rwords),
+    )
 
 
 def t_regions(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """"{A} {region} and {B} {region}." (one or two entities)"""
+    """ "{A} {region} and {B} {region}." (one or two entities)"""
     cands = _with_regions(scene)
     if not cands:
         return None
-    chosen = [int(k) for k in rng.permutation(cands)[: 1 + int(len(cands) > 1 and rng.random() < 0.7)]]
+    chosen = [
+        int(k) for k in rng.permutation(cands)[: 1 + int(len(cands) > 1 and rng.random() < 0.7)]
+    ]
     parts, mentions, claims, chunks = [], [], [], []
     for k in chosen:
         p = refer(scene, k, rng)
@@ -184,31 +230,51 @@ def t_regions(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
 
 
 def t_there_region(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """"there is {A} {region}." """
+    """ "there is {A} {region}." """
     cands = _with_regions(scene)
     if not cands:
         return None
     k = int(pick(rng, cands))
     p = refer(scene, k, rng)
     region, rwords = _region_words(scene, k, rng)
-    return Caption(f"there is {p} {rwords}.", "there_region", [(p, k)], [["region", k, region]], _region_chunk(rwords))
+    return Caption(
+        f"there is {p} {rwords}.",
+        "there_region",
+        [(p, k)],
+        [["region", k, region]],
+        _region_chunk(rwords),
+    )
 
 
 def t_count(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """"{n} shapes: {all entities}." """
+    """ "{n} shapes: {all entities}." """
     n = len(scene.entities)
     order = [int(k) for k in rng.permutation(n)]
     phrases = [refer(scene, k, rng) for k in order]
     if n == 1:
-        return Caption(f"just one shape: {phrases[0]}.", "count", [(phrases[0], 0)], [["count", 1]], ["one shape"])
+        return Caption(
+            f"just one shape: {phrases[0]}.",
+            "count",
+            [(phrases[0], 0)],
+            [["count", 1]],
+            ["one shape"],
+        )
     head = f"{COUNT_WORDS[n]} shapes"
-    return Caption(f"{head}: {join_phrases(phrases)}.", "count", list(zip(phrases, order)), [["count", n]], [head])
+    return Caption(
+        f"{head}: {join_phrases(phrases)}.",
+        "count",
+        list(zip(phrases, order)),
+        [["count", n]],
+        [head],
+    )
 
 
 def t_compare(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """"{A} is bigger/smaller than {B}." (different size classes)"""
+    """ "{A} is bigger/smaller than {B}." (different size classes)"""
     ents = scene.entities
-    pairs = [(i, j) for i in range(len(ents)) for j in range(len(ents)) if ents[i].size != ents[j].size]
+    pairs = [
+        (i, j) for i in range(len(ents)) for j in range(len(ents)) if ents[i].size != ents[j].size
+    ]
     if not pairs:
         return None
     i, j = pick(rng, pairs)
@@ -220,33 +286,46 @@ def t_compare(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
 
 
 def t_between(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """"{A} between {B} and {C}." """
+    """ "{A} between {B} and {C}." """
     ents, r = scene.entities, scene.resolution
     n = len(ents)
-    triples = [(i, j, k) for i in range(n) for j in range(n) for k in range(j + 1, n)
-               if len({i, j, k}) == 3 and between(ents[i], ents[j], ents[k], r)]
+    triples = [
+        (i, j, k)
+        for i in range(n)
+        for j in range(n)
+        for k in range(j + 1, n)
+        if len({i, j, k}) == 3 and between(ents[i], ents[j], ents[k], r)
+    ]
     if not triples:
         return None
     i, j, k = pick(rng, triples)
     if rng.random() < 0.5:
         j, k = k, j
     a, b, c = refer(scene, i, rng), refer(scene, j, rng), refer(scene, k, rng)
-    return Caption(f"{a} between {b} and {c}.", "between", [(a, i), (b, j), (c, k)], [["between", i, j, k]], [])
+    return Caption(
+        f"{a} between {b} and {c}.", "between", [(a, i), (b, j), (c, k)], [["between", i, j, k]], []
+    )
 
 
 def t_together(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """"{A} and {B} in one image." (a subset of two or more)"""
+    """ "{A} and {B} in one image." (a subset of two or more)"""
     n = len(scene.entities)
     if n < 2:
         return None
     m = int(rng.integers(2, n + 1))
     order = [int(k) for k in rng.permutation(n)[:m]]
     phrases = [refer(scene, k, rng) for k in order]
-    return Caption(f"{join_phrases(phrases)} in one image.", "together", list(zip(phrases, order)), [], ["one image"])
+    return Caption(
+        f"{join_phrases(phrases)} in one image.",
+        "together",
+        list(zip(phrases, order)),
+        [],
+        ["one image"],
+    )
 
 
 def t_alone(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """"{A} by itself." / "only {A}." (single-entity scenes)"""
+    """ "{A} by itself." / "only {A}." (single-entity scenes)"""
     if len(scene.entities) != 1:
         return None
     p = refer(scene, 0, rng)
@@ -255,7 +334,7 @@ def t_alone(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
 
 
 def t_picture(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
-    """"a picture of {A}." (single-entity scenes)"""
+    """ "a picture of {A}." (single-entity scenes)"""
     if len(scene.entities) != 1:
         return None
     p = refer(scene, 0, rng)
@@ -280,53 +359,96 @@ TARGET_TEMPLATES: dict[str, Template] = {
 
 def p_photo(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     """Pretraining style: "a photo of a circle and a star in blue and red." """
-    return _pretrain_list(scene, rng, "p_photo", lambda shapes, colours: f"a photo of {join_phrases(shapes)} in "
-                          f"{join_phrases(colours)}.", True)
+    return _pretrain_list(
+        scene,
+        rng,
+        "p_photo",
+        lambda shapes, colours: f"a photo of {join_phrases(shapes)} in {join_phrases(colours)}.",
+        True,
+    )
 
 
 def p_image(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     """Pretraining style: "an image of a circle and a star; colours: red, blue; sizes: large, small." """
-    sizes = list(dict.fromkeys(scene.entities[int(k)].size for k in rng.permutation(len(scene.entities))))
-    return _pretrain_list(scene, rng, "p_image", lambda shapes, colours: f"an image of {join_phrases(shapes)}; "
-                          f"colours: {', '.join(colours)}; sizes: {', '.join(sizes)}.", True)
+    sizes = list(
+        dict.fromkeys(scene.entities[int(k)].size for k in rng.permutation(len(scene.entities)))
+    )
+    return _pretrain_list(
+        scene,
+        rng,
+        "p_image",
+        lambda shapes, colours: (
+            f"an image of {join_phrases(shapes)}; "
+            f"colours: {', '.join(colours)}; sizes: {', '.join(sizes)}."
+        ),
+        True,
+    )
 
 
 def p_picture(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     """Pretraining style, shapes only: "a picture of a circle and a star." """
-    return _pretrain_list(scene, rng, "p_picture", lambda shapes, colours: f"a picture of {join_phrases(shapes)}.",
-                          True)
+    return _pretrain_list(
+        scene,
+        rng,
+        "p_picture",
+        lambda shapes, colours: f"a picture of {join_phrases(shapes)}.",
+        True,
+    )
 
 
 def p_shapes(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     """Pretraining style, shapes only: "shapes: circle, star" (no articles)."""
-    return _pretrain_list(scene, rng, "p_shapes", lambda shapes, colours: f"shapes: {', '.join(shapes)}", False)
+    return _pretrain_list(
+        scene, rng, "p_shapes", lambda shapes, colours: f"shapes: {', '.join(shapes)}", False
+    )
 
 
 def p_bare(scene: Scene, rng: np.random.Generator) -> Optional[Caption]:
     """Pretraining style: "circle, star; red, blue" (no articles)."""
-    return _pretrain_list(scene, rng, "p_bare", lambda shapes, colours: f"{', '.join(shapes)}; {', '.join(colours)}",
-                          False)
+    return _pretrain_list(
+        scene,
+        rng,
+        "p_bare",
+        lambda shapes, colours: f"{', '.join(shapes)}; {', '.join(colours)}",
+        False,
+    )
 
 
-def _pretrain_list(scene: Scene, rng: np.random.Generator, name: str,
-                   fmt: Callable[[list[str], list[str]], str], articles: bool) -> Caption:
+def _pretrain_list(
+    scene: Scene,
+    rng: np.random.Generator,
+    name: str,
+    fmt: Callable[[list[str], list[str]], str],
+    articles: bool,
+) -> Caption:
     """Every entity's shape, then (in most templates) the colours present in an independent order: what is in
     the image, never which colour belongs to which shape (the binding is left for the target captions)."""
     n = len(scene.entities)
     order = [int(k) for k in rng.permutation(n)]
-    phrases = [f"{article([scene.entities[k].shape], False)} {scene.entities[k].shape}" if articles
-               else scene.entities[k].shape for k in order]
+    phrases = [
+        f"{article([scene.entities[k].shape], False)} {scene.entities[k].shape}"
+        if articles
+        else scene.entities[k].shape
+        for k in order
+    ]
     colours = list(dict.fromkeys(scene.entities[int(k)].colour for k in rng.permutation(n)))
     return Caption(fmt(phrases, colours), name, list(zip(phrases, order)), [["count", n]], [])
 
 
 # Two of the five name the shapes alone: with the colours in every caption, the contrastive task can be solved
 # from colour alone, and a backbone trained that way does not learn to recognise shapes.
-PRETRAIN_TEMPLATES: dict[str, Template] = {"p_photo": p_photo, "p_image": p_image, "p_bare": p_bare,
-                                           "p_picture": p_picture, "p_shapes": p_shapes}
+PRETRAIN_TEMPLATES: dict[str, Template] = {
+    "p_photo": p_photo,
+    "p_image": p_image,
+    "p_bare": p_bare,
+    "p_picture": p_picture,
+    "p_shapes": p_shapes,
+}
 
 
-def make_captions(scene: Scene, rng: np.random.Generator, n: int, templates: dict[str, Template]) -> list[Caption]:
+def make_captions(
+    scene: Scene, rng: np.random.Generator, n: int, templates: dict[str, Template]
+) -> list[Caption]:
     """n distinct captions, spreading over the applicable templates before reusing one."""
     names = list(templates)
     out: list[Caption] = []
@@ -345,7 +467,9 @@ def make_captions(scene: Scene, rng: np.random.Generator, n: int, templates: dic
     return out
 
 
-def target_captions(scene: Scene, rng: np.random.Generator, n: int = CAPTIONS_PER_TEST_IMAGE) -> list[Caption]:
+def target_captions(
+    scene: Scene, rng: np.random.Generator, n: int = CAPTIONS_PER_TEST_IMAGE
+) -> list[Caption]:
     """Captions in the target (fine-tuning/test) style: sizes, relations, regions, counts, comparisons."""
     return make_captions(scene, rng, n, TARGET_TEMPLATES)
 
@@ -374,8 +498,9 @@ def grounding_labels(scene: Scene, rng: np.random.Generator) -> list[str]:
     return out
 
 
-def preds_for(scene: Scene, caption: Caption, rng: np.random.Generator,
-              labels: list[str]) -> tuple[list[dict], list[tuple[str, int]]]:
+def preds_for(
+    scene: Scene, caption: Caption, rng: np.random.Generator, labels: list[str]
+) -> tuple[list[dict], list[tuple[str, int]]]:
     """GLIP-like `preds` (label -> score, with misses and "object" entries) and the entity each label grounds."""
     grounded: list[tuple[str, int]] = []
     if rng.random() >= PRED_EMPTY_PROB:

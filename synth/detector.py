@@ -1,4 +1,5 @@
 """A simulated open-vocabulary detector: the boxes a GLIP-like model would report for a synthetic scene."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,8 +11,8 @@ from synth.captions import grounding_labels
 from synth.render import mask_box
 from synth.world import Scene
 
-THRESHOLD = 0.5          # prepare_data.py's default --box-threshold
-MISS_PROB = 0.1          # share of entities the detector scores below the threshold
+THRESHOLD = 0.5  # prepare_data.py's default --box-threshold
+MISS_PROB = 0.1  # share of entities the detector scores below the threshold
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,12 @@ class Detection:
 
     def to_json(self) -> dict:
         """JSON-ready description (metadata files)."""
-        return {"label": self.label, "entity": self.entity, "box": list(self.box), "score": self.score}
+        return {
+            "label": self.label,
+            "entity": self.entity,
+            "box": list(self.box),
+            "score": self.score,
+        }
 
 
 def detections_for(scene: Scene, rng: np.random.Generator) -> list[Detection]:

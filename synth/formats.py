@@ -4,6 +4,7 @@ Karpathy's split file entries, Flickr30k Entities sentence markup (tokenised, `[
 and VOC-style box files (1-based inclusive corners), a detector's boxes JSONL line, and Visual
 Genome's image_data.json / objects.json entries. See dataprep/ for the readers.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,11 +15,11 @@ import numpy as np
 from PIL import Image
 
 JPEG_QUALITY = 95
-ENTITY_TYPE = "other"             # Flickr30k Entities' type for anything that is not a person, animal, ...
-VG_URL = "https://cs.stanford.edu/people/rak248/VG_100K/{}.jpg"   # only its folder is read
+ENTITY_TYPE = "other"  # Flickr30k Entities' type for anything that is not a person, animal, ...
+VG_URL = "https://cs.stanford.edu/people/rak248/VG_100K/{}.jpg"  # only its folder is read
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
-Box = tuple[int, int, int, int]   # 0-based pixel corners, end exclusive
+Box = tuple[int, int, int, int]  # 0-based pixel corners, end exclusive
 
 
 def jpeg_bytes(image: np.ndarray) -> bytes:
@@ -39,12 +40,27 @@ def tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-def karpathy_image(filename: str, imgid: int, split: str, captions: Sequence[str], first_sentid: int) -> dict:
+def karpathy_image(
+    filename: str, imgid: int, split: str, captions: Sequence[str], first_sentid: int
+) -> dict:
     """One `images[]` entry of dataset_flickr30k.json."""
     sentids = list(range(first_sentid, first_sentid + len(captions)))
-    sentences = [{"tokens": [t.lower() for t in tokens(c) if t[0].isalnum()], "raw": c, "imgid": imgid,
-                  "sentid": s} for c, s in zip(captions, sentids)]
-    return {"filename": filename, "imgid": imgid, "split": split, "sentids": sentids, "sentences": sentences}
+    sentences = [
+        {
+            "tokens": [t.lower() for t in tokens(c) if t[0].isalnum()],
+            "raw": c,
+            "imgid": imgid,
+            "sentid": s,
+        }
+        for c, s in zip(captions, sentids)
+    ]
+    return {
+        "filename": filename,
+        "imgid": imgid,
+        "split": split,
+        "sentids": sentids,
+        "sentences": sentences,
+    }
 
 
 def entities_sentence(caption: str, phrases: Sequence[tuple[str, int]]) -> str:
@@ -61,13 +77,19 @@ def entities_sentence(caption: str, phrases: Sequence[tuple[str, int]]) -> str:
     return " ".join(out)
 
 
-def entities_annotation(filename: str, width: int, height: int, boxes: Sequence[tuple[int, Box]]) -> str:
+def entities_annotation(
+    filename: str, width: int, height: int, boxes: Sequence[tuple[int, Box]]
+) -> str:
     """Annotations/<id>.xml: one <object> per (chain id, box), corners 1-based and inclusive."""
     objects = "".join(
         f"<object><name>{chain}</name><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax>"
-        f"<ymax>{y1}</ymax></bndbox></object>" for chain, (x0, y0, x1, y1) in boxes)
-    return (f"<annotation><filename>{filename}</filename><size><width>{width}</width><height>{height}</height>"
-            f"<depth>3</depth></size>{objects}</annotation>\n")
+        f"<ymax>{y1}</ymax></bndbox></object>"
+        for chain, (x0, y0, x1, y1) in boxes
+    )
+    return (
+        f"<annotation><filename>{filename}</filename><size><width>{width}</width><height>{height}</height>"
+        f"<depth>3</depth></size>{objects}</annotation>\n"
+    )
 
 
 def detector_box(filename: str, label: str, box: Box, score: float) -> dict:
@@ -77,12 +99,30 @@ def detector_box(filename: str, label: str, box: Box, score: float) -> dict:
 
 def vg_image_data(image_id: int, width: int, height: int) -> dict:
     """One entry of Visual Genome's image_data.json (not a Flickr30k or COCO image)."""
-    return {"image_id": image_id, "url": VG_URL.format(image_id), "width": width, "height": height,
-            "coco_id": None, "flickr_id": None}
+    return {
+        "image_id": image_id,
+        "url": VG_URL.format(image_id),
+        "width": width,
+        "height": height,
+        "coco_id": None,
+        "flickr_id": None,
+    }
 
 
 def vg_objects(image_id: int, objects: Sequence[tuple[int, Optional[str], Box]]) -> dict:
     """One entry of objects.json from (object id, name or None for a nameless object, box)."""
-    return {"image_id": image_id, "objects": [
-        {"object_id": oid, "x": x0, "y": y0, "w": x1 - x0, "h": y1 - y0, "names": [name] if name else [],
-         "synsets": []} for oid, name, (x0, y0, x1, y1) in objects]}
+    return {
+        "image_id": image_id,
+        "objects": [
+            {
+                "object_id": oid,
+                "x": x0,
+                "y": y0,
+                "w": x1 - x0,
+                "h": y1 - y0,
+                "names": [name] if name else [],
+                "synsets": [],
+            }
+            for oid, name, (x0, y0, x1, y1) in objects
+        ],
+    }

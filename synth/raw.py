@@ -10,6 +10,7 @@
 Karpathy's `imgid` of training image i is i (the layout's train image_id); val and test images are
 keyed by their file stem. The scene metadata of each split is written beside (one JSONL line per image).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from synth.render import mask_box, render_scene
 from synth.world import SHAPES, iter_split_scenes, sample_single
 
 SPLIT_CODES = {"train": 1, "val": 2, "test": 3, "pretrain": 4, "vg": 5}
-UNUSABLE_VG_SHAPE = "crescent"  # every VG object of this word is nameless, so the word is never usable
-VG_EMPTY_PROB = 0.1             # other words: this share of VG objects is nameless too
+UNUSABLE_VG_SHAPE = (
+    "crescent"  # every VG object of this word is nameless, so the word is never usable
+)
+VG_EMPTY_PROB = 0.1  # other words: this share of VG objects is nameless too
 SPLIT_FILE = "dataset_flickr30k.json"
 IMAGES = "flickr30k-images"
 BOXES = "detector_boxes.jsonl"
@@ -54,7 +57,9 @@ def stem_for(seed: int, split: str, index: int) -> int:
     """Flickr-like numeric file stem, distinct across all splits (10 digits, split-coded first digit)."""
     code = SPLIT_CODES[split]
     offset = (seed * 2654435761 + code * 40503) % 10**9
-    return code * 10**9 + (index * 982451653 + offset) % 10**9  # 982451653 is prime: a bijection mod 1e9
+    return (
+        code * 10**9 + (index * 982451653 + offset) % 10**9
+    )  # 982451653 is prime: a bijection mod 1e9
 
 
 def vg_id_for(seed: int, k: int) -> int:
@@ -72,23 +77,31 @@ class _FlickrWriter:
         for d in (self.images, self.sentences, self.annotations):
             d.mkdir(parents=True, exist_ok=True)
         self.split_file, self.boxes_file = split_file, boxes_file
-        self.split_file.write(b'{"images": [')    # streamed: memory does not grow with the number of images
+        self.split_file.write(
+            b'{"images": ['
+        )  # streamed: memory does not grow with the number of images
         self.count = self.sentid = 0
 
-    def add(self, split: str, stem: int, imgid: int, image: np.ndarray, caps: list[C.Caption], dets) -> None:
+    def add(
+        self, split: str, stem: int, imgid: int, image: np.ndarray, caps: list[C.Caption], dets
+    ) -> None:
         """One image of `split` with its captions and detections."""
         name = f"{stem}.jpg"
         (self.images / name).write_bytes(F.jpeg_bytes(image))
         texts = [c.text for c in caps]
-        self.split_file.write((b", " if self.count else b"") + dumps(F.karpathy_image(name, imgid, split, texts,
-                                                                                     self.sentid)))
+        self.split_file.write(
+            (b", " if self.count else b"")
+            + dumps(F.karpathy_image(name, imgid, split, texts, self.sentid))
+        )
         self.count += 1
         self.sentid += len(caps)
         lines = [F.entities_sentence(c.text, [(p, k + 1) for p, k in c.mentions]) for c in caps]
         (self.sentences / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         h, w = image.shape[:2]
         boxes = [(d.entity + 1, d.box) for d in dets]
-        (self.annotations / f"{stem}.xml").write_text(F.entities_annotation(name, w, h, boxes), encoding="utf-8")
+        (self.annotations / f"{stem}.xml").write_text(
+            F.entities_annotation(name, w, h, boxes), encoding="utf-8"
+        )
         for d in dets:
             self.boxes_file.write(dumps(F.detector_box(name, d.label, d.box, d.score)) + b"\n")
 
@@ -97,8 +110,15 @@ class _FlickrWriter:
         self.split_file.write(b'], "dataset": "flickr30k"}')
 
 
-def write_flickr(seed: int, sizes: dict[str, int], train_captions: int, resolution: int, paths: RawPaths,
-                 meta: dict[str, Sink], progress: Progress) -> dict:
+def write_flickr(
+    seed: int,
+    sizes: dict[str, int],
+    train_captions: int,
+    resolution: int,
+    paths: RawPaths,
+    meta: dict[str, Sink],
+    progress: Progress,
+) -> dict:
     """Train, val and test as Flickr30k raw files; one metadata line per image into meta[split]."""
     paths.raw.mkdir(parents=True, exist_ok=True)
     imgid = 0
@@ -113,8 +133,13 @@ def write_flickr(seed: int, sizes: dict[str, int], train_captions: int, resoluti
                 caps = C.target_captions(scene, rng, n_caps)
                 dets = detections_for(scene, rng)
                 out.add(split, stem, imgid, image, caps, dets)
-                rec = {"index": i, "stem": str(stem), "scene": scene.to_json(),
-                       "captions": [c.to_json() for c in caps], "detections": [d.to_json() for d in dets]}
+                rec = {
+                    "index": i,
+                    "stem": str(stem),
+                    "scene": scene.to_json(),
+                    "captions": [c.to_json() for c in caps],
+                    "detections": [d.to_json() for d in dets],
+                }
                 if split == "train":
                     rec["image_id"] = imgid
                 elif split == "test":
@@ -125,7 +150,9 @@ def write_flickr(seed: int, sizes: dict[str, int], train_captions: int, resoluti
     return {"raw_images": imgid, "raw_captions": out.sentid}
 
 
-def write_vg(seed: int, per_object: int, resolution: int, paths: RawPaths, meta: Sink, progress: Progress) -> dict:
+def write_vg(
+    seed: int, per_object: int, resolution: int, paths: RawPaths, meta: Sink, progress: Progress
+) -> dict:
     """Visual Genome stand-in: `per_object` single-entity images per shape word, one (maybe nameless) object each."""
     folder = paths.vg_raw / VG_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,8 +168,15 @@ def write_vg(seed: int, per_object: int, resolution: int, paths: RawPaths, meta:
         (folder / f"{vg_id}.jpg").write_bytes(F.jpeg_bytes(image))
         image_data.append(F.vg_image_data(vg_id, resolution, resolution))
         objects.append(F.vg_objects(vg_id, [(1000 * vg_id, shape if usable else None, box)]))
-        meta({"vg_id": vg_id, "vocab": shape, "object": shape if usable else "", "scene": scene.to_json(),
-              "mask_box": list(box) if usable else None})
+        meta(
+            {
+                "vg_id": vg_id,
+                "vocab": shape,
+                "object": shape if usable else "",
+                "scene": scene.to_json(),
+                "mask_box": list(box) if usable else None,
+            }
+        )
     (paths.vg_raw / "image_data.json").write_bytes(dumps(image_data))
     (paths.vg_raw / "objects.json").write_bytes(dumps(objects))
     return {"vg_raw_images": len(image_data)}

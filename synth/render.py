@@ -1,4 +1,5 @@
 """Numpy rasteriser for synthetic scenes, box masking, and the two on-disk image formats."""
+
 from __future__ import annotations
 
 import functools
@@ -12,13 +13,20 @@ from synth.world import Entity, Scene
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # raw-uint8 fill of masked boxes: CLIP's mean colour, i.e. ~0 once normalised
-MASK_FILL_RAW: tuple[int, int, int] = tuple(int(round(m * 255)) for m in CLIP_MEAN)  # (123, 117, 104)
+MASK_FILL_RAW: tuple[int, int, int] = tuple(
+    int(round(m * 255)) for m in CLIP_MEAN
+)  # (123, 117, 104)
 MASK_FILL_PREPROCESSED = 0.0
 SUPERSAMPLE = 3
 COVER_MIN_PIXELS = 4  # overlap needed before "a in front of b" is claimed
 
-_STAR = [(math.cos(-math.pi / 2 + k * math.pi / 5) * (1.0 if k % 2 == 0 else 0.42),
-          math.sin(-math.pi / 2 + k * math.pi / 5) * (1.0 if k % 2 == 0 else 0.42)) for k in range(10)]
+_STAR = [
+    (
+        math.cos(-math.pi / 2 + k * math.pi / 5) * (1.0 if k % 2 == 0 else 0.42),
+        math.sin(-math.pi / 2 + k * math.pi / 5) * (1.0 if k % 2 == 0 else 0.42),
+    )
+    for k in range(10)
+]
 _TRIANGLE = [(0.0, -1.0), (0.97, 0.72), (-0.97, 0.72)]
 
 
@@ -62,8 +70,14 @@ def shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _alpha_window(e: Entity, resolution: int, supersample: int) -> tuple[np.ndarray, int, int]:
     """Coverage on the window around the entity: (alpha (h, w), x0, y0)."""
     reach = 1.3 * e.half + 1.0
-    x0, x1 = max(0, int(math.floor(e.cx - reach))), min(resolution, int(math.ceil(e.cx + reach)) + 1)
-    y0, y1 = max(0, int(math.floor(e.cy - reach))), min(resolution, int(math.ceil(e.cy + reach)) + 1)
+    x0, x1 = (
+        max(0, int(math.floor(e.cx - reach))),
+        min(resolution, int(math.ceil(e.cx + reach)) + 1),
+    )
+    y0, y1 = (
+        max(0, int(math.floor(e.cy - reach))),
+        min(resolution, int(math.ceil(e.cy + reach)) + 1),
+    )
     if x0 >= x1 or y0 >= y1:
         return np.zeros((0, 0), np.float32), 0, 0
     offs = (np.arange(supersample, dtype=np.float32) + 0.5) / supersample
@@ -82,7 +96,7 @@ def entity_alpha(e: Entity, resolution: int, supersample: int = SUPERSAMPLE) -> 
     """Coverage in [0, 1] of every pixel by the entity (anti-aliased by supersampling), shape (R, R)."""
     alpha = np.zeros((resolution, resolution), dtype=np.float32)
     win, x0, y0 = _alpha_window(e, resolution, supersample)
-    alpha[y0:y0 + win.shape[0], x0:x0 + win.shape[1]] = win
+    alpha[y0 : y0 + win.shape[0], x0 : x0 + win.shape[1]] = win
     return alpha
 
 
@@ -118,11 +132,15 @@ def render_background(scene: Scene) -> np.ndarray:
         if bg.kind == "flat":
             field = np.zeros((r, r), np.float32)
         elif bg.kind == "linear":
-            field = ((xx - 0.5) * math.cos(bg.theta) + (yy - 0.5) * math.sin(bg.theta)) * np.float32(1.4)
+            field = (
+                (xx - 0.5) * math.cos(bg.theta) + (yy - 0.5) * math.sin(bg.theta)
+            ) * np.float32(1.4)
         else:  # radial
             cx, cy = 0.5 + 0.3 * math.cos(bg.theta), 0.5 + 0.3 * math.sin(bg.theta)
             field = np.hypot(xx - np.float32(cx), yy - np.float32(cy)) - np.float32(0.5)
-        direction = np.array([1.0, 0.9 + 0.2 * math.sin(bg.theta), 0.9 + 0.2 * math.cos(bg.theta)], np.float32)
+        direction = np.array(
+            [1.0, 0.9 + 0.2 * math.sin(bg.theta), 0.9 + 0.2 * math.cos(bg.theta)], np.float32
+        )
         img = base + (np.float32(bg.amp) * direction)[:, None, None] * field[None]
     img += rng.standard_normal((3, r, r), dtype=np.float32) * np.float32(bg.noise)
     np.clip(img, 0.0, 255.0, out=img)
@@ -145,12 +163,17 @@ def render_scene(scene: Scene) -> Rendered:
     for e in scene.entities:
         win, x0, y0 = _alpha_window(e, r, SUPERSAMPLE)
         ys, xs = np.nonzero(win > 0)
-        e.bbox = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+        e.bbox = (
+            x0 + int(xs.min()),
+            y0 + int(ys.min()),
+            x0 + int(xs.max()) + 1,
+            y0 + int(ys.max()) + 1,
+        )
         h, w = win.shape
-        sub = img[:, y0:y0 + h, x0:x0 + w]
+        sub = img[:, y0 : y0 + h, x0 : x0 + w]
         sub += (np.array(e.rgb, dtype=np.float32)[:, None, None] - sub) * win[None]
         full = np.zeros((r, r), np.float32)
-        full[y0:y0 + h, x0:x0 + w] = win
+        full[y0 : y0 + h, x0 : x0 + w] = win
         alphas.append(full)
     scene.covers = []
     for i, ei in enumerate(scene.entities):
@@ -168,7 +191,12 @@ def mask_box(e: Entity, resolution: int, pad: int = 1) -> tuple[int, int, int, i
     """The box a grounding model would report for the entity: its bbox grown by `pad`, clipped."""
     assert e.bbox is not None, "render the scene first"
     x0, y0, x1, y1 = e.bbox
-    return (max(0, x0 - pad), max(0, y0 - pad), min(resolution, x1 + pad), min(resolution, y1 + pad))
+    return (
+        max(0, x0 - pad),
+        max(0, y0 - pad),
+        min(resolution, x1 + pad),
+        min(resolution, y1 + pad),
+    )
 
 
 def to_storage(image: np.ndarray, preprocessed: bool) -> np.ndarray:

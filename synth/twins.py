@@ -6,6 +6,7 @@ changes colour). Caption a is true of A and false of B, caption b the reverse, a
 use the same words as far as the difference allows (Winoground's construction):
 "a large red circle and a small blue star." / "a large blue circle and a small red star."
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,17 @@ from agree.io import atomic_path, atomic_write, dumps
 from agree.npz import NpzWriter
 from synth.captions import join_phrases
 from synth.render import render_scene, to_storage
-from synth.world import (Entity, Scene, binding_partner, mirror_partner, recolour_partner, size_partner, pick,
-                         relations, sample_scene)
+from synth.world import (
+    Entity,
+    Scene,
+    binding_partner,
+    mirror_partner,
+    pick,
+    recolour_partner,
+    relations,
+    sample_scene,
+    size_partner,
+)
 
 TWIN_KINDS: tuple[str, ...] = ("binding", "size", "mirror", "recolour")
 TWIN_SPLIT_CODE = 6  # random streams apart from the other splits (synth.writer.SPLIT_CODES)
@@ -65,18 +75,26 @@ def _match(a: list[Entity], b: list[Entity]) -> list[Entity]:
     left = list(b)
     out = []
     for e in a:
-        best = max(left, key=lambda x: (x.shape == e.shape, (x.colour == e.colour) + (x.size == e.size)))
+        best = max(
+            left, key=lambda x: (x.shape == e.shape, (x.colour == e.colour) + (x.size == e.size))
+        )
         left.remove(best)
         out.append(best)
     return out
 
 
-def twin_captions(kind: str, a: Scene, b: Scene, rng: np.random.Generator) -> Optional[tuple[str, str]]:
+def twin_captions(
+    kind: str, a: Scene, b: Scene, rng: np.random.Generator
+) -> Optional[tuple[str, str]]:
     """Caption a (true of A, false of B) and caption b (the reverse), or None when the kind has no such pair."""
     if kind == "mirror":
         r = a.resolution
-        pairs = [(i, j) for i in range(len(a.entities)) for j in range(len(a.entities))
-                 if i != j and "left" in relations(a.entities[i], a.entities[j], r)]
+        pairs = [
+            (i, j)
+            for i in range(len(a.entities))
+            for j in range(len(a.entities))
+            if i != j and "left" in relations(a.entities[i], a.entities[j], r)
+        ]
         if not pairs:
             return None
         i, j = pick(rng, pairs)
@@ -105,7 +123,9 @@ def make_twin(kind: str, seed: int, index: int, resolution: int) -> tuple[Scene,
         caps = twin_captions(kind, a, b, rng)
         if caps is not None:
             return a, b, caps[0], caps[1]
-    raise RuntimeError(f"no {kind} twin found for index {index}")  # pragma: no cover - needs 1000 bad draws
+    raise RuntimeError(
+        f"no {kind} twin found for index {index}"
+    )  # pragma: no cover - needs 1000 bad draws
 
 
 def write_twins(root: Path, seed: int, per_kind: int, resolution: int) -> dict[str, int]:
@@ -126,7 +146,10 @@ def write_twins(root: Path, seed: int, per_kind: int, resolution: int) -> dict[s
                 images.add(str(ib), to_storage(render_scene(b).image, False))
                 texts.write(dumps({"query_id": ia, "query_text": text_a}) + b"\n")
                 texts.write(dumps({"query_id": ib, "query_text": text_b}) + b"\n")
-                pairs.write(dumps({"kind": kind, "image_a": ia, "image_b": ib, "text_a": ia, "text_b": ib}) + b"\n")
+                pairs.write(
+                    dumps({"kind": kind, "image_a": ia, "image_b": ib, "text_a": ia, "text_b": ib})
+                    + b"\n"
+                )
                 n += 1
             counts[kind] = per_kind
     return counts

@@ -1,4 +1,5 @@
 """The synthetic world: entity vocabulary, scene sampling, hard-negative partners, relations."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,16 @@ from typing import Optional
 
 import numpy as np
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "crescent")
+SHAPES: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "diamond",
+    "crescent",
+)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (35, 160, 60),
@@ -31,9 +41,9 @@ PAIR_PROB = 0.3
 MIN_SEPARATION = 0.85
 
 # relation thresholds (fractions of the image side)
-AXIS_MIN = 0.2        # "left of"/"above": centre offset along the axis at least this
+AXIS_MIN = 0.2  # "left of"/"above": centre offset along the axis at least this
 AXIS_DOMINANCE = 0.7  # ... and at least this fraction of the offset along the other axis
-NEAR_FACTOR = 1.6     # "next to": centre distance at most this times the sum of half-extents
+NEAR_FACTOR = 1.6  # "next to": centre distance at most this times the sum of half-extents
 BETWEEN_MARGIN = 0.12
 BETWEEN_VERTICAL = 0.3
 REGION_LOW, REGION_HIGH = 0.36, 0.64
@@ -52,14 +62,20 @@ class Entity:
     half: float
     angle: float
     rgb: tuple[int, int, int]
-    bbox: Optional[tuple[int, int, int, int]] = None  # (x0, y0, x1, y1), end exclusive; set by render
+    bbox: Optional[tuple[int, int, int, int]] = (
+        None  # (x0, y0, x1, y1), end exclusive; set by render
+    )
 
     def to_json(self) -> dict:
         """JSON-ready description (metadata files)."""
         return {
-            "shape": self.shape, "colour": self.colour, "size": self.size,
-            "center": [round(self.cx, 3), round(self.cy, 3)], "half": round(self.half, 3),
-            "angle": round(self.angle, 4), "rgb": list(self.rgb),
+            "shape": self.shape,
+            "colour": self.colour,
+            "size": self.size,
+            "center": [round(self.cx, 3), round(self.cy, 3)],
+            "half": round(self.half, 3),
+            "angle": round(self.angle, 4),
+            "rgb": list(self.rgb),
             "bbox": list(self.bbox) if self.bbox is not None else None,
         }
 
@@ -77,8 +93,14 @@ class Background:
 
     def to_json(self) -> dict:
         """JSON-ready description (metadata files)."""
-        return {"kind": self.kind, "base": [round(c, 2) for c in self.base], "amp": round(self.amp, 2),
-                "theta": round(self.theta, 4), "noise": round(self.noise, 2), "seed": self.seed}
+        return {
+            "kind": self.kind,
+            "base": [round(c, 2) for c in self.base],
+            "amp": round(self.amp, 2),
+            "theta": round(self.theta, 4),
+            "noise": round(self.noise, 2),
+            "seed": self.seed,
+        }
 
 
 @dataclass
@@ -88,8 +110,12 @@ class Scene:
     resolution: int
     entities: list[Entity]
     background: Background
-    partner: Optional[dict] = None  # {"of": index of the scene it is a hard negative of, "kind": ...}
-    covers: list[tuple[int, int]] = field(default_factory=list)  # (front, back) pairs; set by render
+    partner: Optional[dict] = (
+        None  # {"of": index of the scene it is a hard negative of, "kind": ...}
+    )
+    covers: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # (front, back) pairs; set by render
 
     def shape_count(self, shape: str) -> int:
         """Number of entities with this shape."""
@@ -101,9 +127,13 @@ class Scene:
 
     def to_json(self) -> dict:
         """JSON-ready description (metadata files)."""
-        return {"resolution": self.resolution, "entities": [e.to_json() for e in self.entities],
-                "background": self.background.to_json(), "partner": self.partner,
-                "covers": [list(c) for c in self.covers]}
+        return {
+            "resolution": self.resolution,
+            "entities": [e.to_json() for e in self.entities],
+            "background": self.background.to_json(),
+            "partner": self.partner,
+            "covers": [list(c) for c in self.covers],
+        }
 
 
 def pick(rng: np.random.Generator, seq):
@@ -133,9 +163,14 @@ def sample_background(rng: np.random.Generator) -> Background:
     level = rng.uniform(80.0, 165.0)
     tint = rng.normal(0.0, 10.0, size=3)
     base = tuple(float(np.clip(level + t, 60.0, 185.0)) for t in tint)
-    return Background(kind=pick(rng, BACKGROUND_KINDS), base=base, amp=float(rng.uniform(15.0, 45.0)),
-                      theta=float(rng.uniform(0.0, 2 * math.pi)), noise=float(rng.uniform(2.0, 8.0)),
-                      seed=int(rng.integers(0, 2**31 - 1)))
+    return Background(
+        kind=pick(rng, BACKGROUND_KINDS),
+        base=base,
+        amp=float(rng.uniform(15.0, 45.0)),
+        theta=float(rng.uniform(0.0, 2 * math.pi)),
+        noise=float(rng.uniform(2.0, 8.0)),
+        seed=int(rng.integers(0, 2**31 - 1)),
+    )
 
 
 def sample_specs(rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
@@ -151,8 +186,12 @@ def sample_specs(rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]
     return specs
 
 
-def layout(rng: np.random.Generator, specs: list[tuple[str, str, str]], resolution: int,
-           rgbs: Optional[list[tuple[int, int, int]]] = None) -> list[Entity]:
+def layout(
+    rng: np.random.Generator,
+    specs: list[tuple[str, str, str]],
+    resolution: int,
+    rgbs: Optional[list[tuple[int, int, int]]] = None,
+) -> list[Entity]:
     """Place entities (large ones first, so drawn behind) with limited overlap; drop what does not fit."""
     order = sorted(range(len(specs)), key=lambda k: specs[k][2] != "large")
     placed: list[Entity] = []
@@ -163,12 +202,16 @@ def layout(rng: np.random.Generator, specs: list[tuple[str, str, str]], resoluti
         margin = 1.15 * half + 1.0
         for _ in range(80):
             cx, cy = (float(v) for v in rng.uniform(margin, resolution - margin, size=2))
-            if all(math.hypot(cx - e.cx, cy - e.cy) >= MIN_SEPARATION * (half + e.half) for e in placed):
+            if all(
+                math.hypot(cx - e.cx, cy - e.cy) >= MIN_SEPARATION * (half + e.half) for e in placed
+            ):
                 break
         else:
             continue
         rgb = rgbs[k] if rgbs is not None else _jitter_rgb(rng, colour)
-        placed.append(Entity(shape, colour, size, cx, cy, half, float(rng.uniform(-0.25, 0.25)), rgb))
+        placed.append(
+            Entity(shape, colour, size, cx, cy, half, float(rng.uniform(-0.25, 0.25)), rgb)
+        )
     return placed
 
 
@@ -204,8 +247,10 @@ def binding_partner(rng: np.random.Generator, scene: Scene) -> Optional[Scene]:
     else:
         return None
     if rng.random() < 0.6:  # same layout: only the colour-to-shape binding changes
-        ents = [Entity(s, c, z, e.cx, e.cy, e.half, e.angle, _jitter_rgb(rng, c))
-                for (s, c, z), e in zip(new, scene.entities)]
+        ents = [
+            Entity(s, c, z, e.cx, e.cy, e.half, e.angle, _jitter_rgb(rng, c))
+            for (s, c, z), e in zip(new, scene.entities)
+        ]
         return Scene(scene.resolution, ents, scene.background)
     ents = layout(rng, new, scene.resolution)
     return Scene(scene.resolution, ents, sample_background(rng)) if len(ents) == len(new) else None
@@ -228,9 +273,14 @@ def size_partner(rng: np.random.Generator, scene: Scene) -> Optional[Scene]:
 
 def mirror_partner(scene: Scene) -> Optional[Scene]:
     r = scene.resolution
-    if not any("left" in relations(a, b, r) for a in scene.entities for b in scene.entities if a is not b):
+    if not any(
+        "left" in relations(a, b, r) for a in scene.entities for b in scene.entities if a is not b
+    ):
         return None
-    ents = [Entity(e.shape, e.colour, e.size, r - e.cx, e.cy, e.half, -e.angle, e.rgb) for e in scene.entities]
+    ents = [
+        Entity(e.shape, e.colour, e.size, r - e.cx, e.cy, e.half, -e.angle, e.rgb)
+        for e in scene.entities
+    ]
     return Scene(r, ents, scene.background)
 
 
@@ -240,8 +290,16 @@ def recolour_partner(rng: np.random.Generator, scene: Scene) -> Scene:
     target = scene.entities[k]
     colour = pick(rng, [c for c in COLOUR_NAMES if (target.shape, c) not in used])
     ents = list(scene.entities)
-    ents[k] = Entity(target.shape, colour, target.size, target.cx, target.cy, target.half, target.angle,
-                     _jitter_rgb(rng, colour))
+    ents[k] = Entity(
+        target.shape,
+        colour,
+        target.size,
+        target.cx,
+        target.cy,
+        target.half,
+        target.angle,
+        _jitter_rgb(rng, colour),
+    )
     return Scene(scene.resolution, ents, scene.background)
 
 

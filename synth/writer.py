@@ -5,6 +5,7 @@ Under --out: raw/ and VG_raw/ (synth.raw), datasets/flickr30k_images/ and VG/ (d
 and the synthetic-only pretrain/ and synthetic/ (scene metadata, world.json). Everything is built in a
 staging folder inside --out and renamed into place at the end, synthetic/ (holding world.json) last.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -98,7 +99,10 @@ def image_path(split: str, stem: int) -> str:
 
 def _progress(enabled: bool):
     def bar(it, total: int, desc: str):
-        return tqdm(it, total=total, desc=f"{desc:>8}", unit="img", disable=not enabled, leave=False)
+        return tqdm(
+            it, total=total, desc=f"{desc:>8}", unit="img", disable=not enabled, leave=False
+        )
+
     return bar
 
 
@@ -118,28 +122,62 @@ def _write_pretrain(cfg: SynthConfig, lay: SynthLayout, meta: _Sink, progress: b
             labels = C.grounding_labels(scene, rng)
             for cap in caps:
                 preds, _ = C.preds_for(scene, cap, rng, labels)
-                pre_jsonl({"image": image_path("pretrain", stem), "caption": cap.text, "image_id": i,
-                           "segs": C.segs_for(cap, rng), "preds": preds})
-            meta({"index": i, "image_id": i, "stem": str(stem), "scene": scene.to_json(),
-                  "captions": [c.to_json() for c in caps]})
+                pre_jsonl(
+                    {
+                        "image": image_path("pretrain", stem),
+                        "caption": cap.text,
+                        "image_id": i,
+                        "segs": C.segs_for(cap, rng),
+                        "preds": preds,
+                    }
+                )
+            meta(
+                {
+                    "index": i,
+                    "image_id": i,
+                    "stem": str(stem),
+                    "scene": scene.to_json(),
+                    "captions": [c.to_json() for c in caps],
+                }
+            )
     return {"pretrain_images": len(pre_npz), "pretrain_captions": pre_jsonl.count}
 
 
 def _prepare(cfg: SynthConfig, root: Path, raw: RawPaths, progress: bool) -> dict:
     """Build datasets/flickr30k_images and VG/ under `root` from the raw files, as scripts/prepare_data.py does."""
     from synth.detector import THRESHOLD
-    report = prepare(PrepareConfig(
-        dataset=DATASET, raw=raw.raw, vg_raw=raw.vg_raw, out=root, boxes=raw.boxes, resolution=cfg.resolution,
-        storage="float32" if cfg.preprocessed else "uint8", box_threshold=THRESHOLD, vg_per_word=cfg.vg_per_object,
-        workers=0, progress=progress, log=lambda line: None))
+
+    report = prepare(
+        PrepareConfig(
+            dataset=DATASET,
+            raw=raw.raw,
+            vg_raw=raw.vg_raw,
+            out=root,
+            boxes=raw.boxes,
+            resolution=cfg.resolution,
+            storage="float32" if cfg.preprocessed else "uint8",
+            box_threshold=THRESHOLD,
+            vg_per_word=cfg.vg_per_object,
+            workers=0,
+            progress=progress,
+            log=lambda line: None,
+        )
+    )
     odd = {k: v for k, v in report.odd.items() if v}
     if odd:  # the generator's own files must prepare cleanly: anything skipped or noted is a generator bug
         raise RuntimeError(f"prepare_data found odd input in the synthetic raw files: {odd}")
     c = report.counts
-    return {"train_images": c["train_images"], "train_captions": c["train_captions"],
-            "grounding_images": c["grounding_images"], "val_images": c["val_images"],
-            "test_images": c["test_images"], "test_queries": c["test_captions"], "vg_images": c["vg_images"],
-            "vg_masked_images": c["vg_masked_images"], "vg_words": c["vg_words"]}
+    return {
+        "train_images": c["train_images"],
+        "train_captions": c["train_captions"],
+        "grounding_images": c["grounding_images"],
+        "val_images": c["val_images"],
+        "test_images": c["test_images"],
+        "test_queries": c["test_captions"],
+        "vg_images": c["vg_images"],
+        "vg_masked_images": c["vg_masked_images"],
+        "vg_words": c["vg_words"],
+    }
 
 
 def _commit(stage: Path, out: Path, parts: list[str], drop: list[str]) -> None:
@@ -156,7 +194,14 @@ def _commit(stage: Path, out: Path, parts: list[str], drop: list[str]) -> None:
 
 
 def _check(cfg: SynthConfig) -> None:
-    for name in ("train_images", "val_images", "test_images", "train_captions", "pretrain_captions", "vg_per_object"):
+    for name in (
+        "train_images",
+        "val_images",
+        "test_images",
+        "train_captions",
+        "pretrain_captions",
+        "vg_per_object",
+    ):
         if getattr(cfg, name) < 1:
             raise ValueError(f"SynthConfig.{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.pretrain_images < 0:
@@ -174,27 +219,48 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
     with staging_area(out, prefix=".synth.") as stage:
         lay = SynthLayout.under(stage)
         with contextlib.ExitStack() as stack:
-            meta = {s: _Sink(stack.enter_context(open(p, "wb"))) for s, p in _meta_files(lay, cfg).items()}
+            meta = {
+                s: _Sink(stack.enter_context(open(p, "wb")))
+                for s, p in _meta_files(lay, cfg).items()
+            }
             sizes = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
             bar = _progress(progress)
-            counts.update(write_flickr(cfg.seed, sizes, cfg.train_captions, cfg.resolution, lay.raw, meta, bar))
-            counts.update(write_vg(cfg.seed, cfg.vg_per_object, cfg.resolution, lay.raw, meta["vg"], bar))
+            counts.update(
+                write_flickr(
+                    cfg.seed, sizes, cfg.train_captions, cfg.resolution, lay.raw, meta, bar
+                )
+            )
+            counts.update(
+                write_vg(cfg.seed, cfg.vg_per_object, cfg.resolution, lay.raw, meta["vg"], bar)
+            )
             counts.update(_prepare(cfg, stage, lay.raw, progress))
             if cfg.pretrain_images:
                 counts.update(_write_pretrain(cfg, lay, meta["pretrain"], progress))
+
         def rel(p: Path) -> str:
             return p.relative_to(stage).as_posix()
 
-        world = {"format_version": FORMAT_VERSION, "config": {**asdict(cfg), "out": None},
-                 "shapes": list(SHAPES), "colours": list(COLOUR_NAMES),
-                 "target_templates": list(C.TARGET_TEMPLATES), "pretrain_templates": list(C.PRETRAIN_TEMPLATES),
-                 "unusable_vg_word": UNUSABLE_VG_SHAPE,
-                 "raw": {"raw": rel(lay.raw.raw), "vg_raw": rel(lay.raw.vg_raw), "boxes": rel(lay.raw.boxes)},
-                 "counts": counts}
+        world = {
+            "format_version": FORMAT_VERSION,
+            "config": {**asdict(cfg), "out": None},
+            "shapes": list(SHAPES),
+            "colours": list(COLOUR_NAMES),
+            "target_templates": list(C.TARGET_TEMPLATES),
+            "pretrain_templates": list(C.PRETRAIN_TEMPLATES),
+            "unusable_vg_word": UNUSABLE_VG_SHAPE,
+            "raw": {
+                "raw": rel(lay.raw.raw),
+                "vg_raw": rel(lay.raw.vg_raw),
+                "boxes": rel(lay.raw.boxes),
+            },
+            "counts": counts,
+        }
         lay.world.write_bytes(dumps(world))
         pretrain = [rel(lay.pretrain_jsonl.parent)]
         parts = [rel(lay.raw.raw), rel(lay.raw.vg_raw), rel(lay.data_dir), rel(lay.vg_dir)]
-        parts += (pretrain if cfg.pretrain_images else []) + [rel(lay.world.parent)]   # world.json last
+        parts += (pretrain if cfg.pretrain_images else []) + [
+            rel(lay.world.parent)
+        ]  # world.json last
         _commit(stage, out, parts, [] if cfg.pretrain_images else pretrain)
     counts["seconds"] = round(time.perf_counter() - t0, 2)
     return counts

@@ -7,6 +7,7 @@ few flat coloured rectangles (the objects) on a smooth background, so a box can 
 pixels. `odd=True` adds the odd cases of issue 13 (grayscale, CMYK, PNG inside .jpg, EXIF-rotated,
 truncated, missing image, duplicate id, caption without entity, box outside the image).
 """
+
 from __future__ import annotations
 
 import io
@@ -18,8 +19,16 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-COLOURS = {"man": (200, 40, 40), "woman": (40, 200, 40), "dog": (40, 40, 200), "ball": (220, 220, 30),
-           "shirt": (200, 30, 200), "car": (30, 200, 200), "tree": (90, 160, 60), "hat": (250, 140, 20)}
+COLOURS = {
+    "man": (200, 40, 40),
+    "woman": (40, 200, 40),
+    "dog": (40, 40, 200),
+    "ball": (220, 220, 30),
+    "shirt": (200, 30, 200),
+    "car": (30, 200, 200),
+    "tree": (90, 160, 60),
+    "hat": (250, 140, 20),
+}
 PEOPLE = ["man", "woman"]
 THINGS = ["dog", "ball", "shirt", "car", "hat"]
 
@@ -52,7 +61,9 @@ def draw(size: tuple[int, int], objects: list[Obj], seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
     base = rng.integers(60, 160, size=3)
-    img = np.stack([(base[c] + 30 * np.sin(xx / (7 + c) + yy / 11)).clip(0, 255) for c in range(3)], -1)
+    img = np.stack(
+        [(base[c] + 30 * np.sin(xx / (7 + c) + yy / 11)).clip(0, 255) for c in range(3)], -1
+    )
     img = img.astype(np.uint8)
     for o in objects:
         x0, y0, x1, y1 = o.box
@@ -68,16 +79,20 @@ def jpeg_bytes(image: Image.Image, **kw) -> bytes:
 
 def captions_for(a: Obj, b: Obj, tree_chain: int) -> tuple[list[str], list[str]]:
     """Five captions in Karpathy's raw form and Flickr30k Entities' tokenised markup."""
-    raw = [f"A {a.word} plays with a {b.word}.",
-           f"The {a.word}'s {b.word} is near a tree.",
-           f"A young, smiling {a.word} stands.",
-           "Somebody looks at each other.",
-           f"Two {b.word}s and a {a.word} outside."]
-    marked = [f"[/EN#{a.chain}/people A {a.word}] plays with [/EN#{b.chain}/other a {b.word}] .",
-              f"[/EN#{b.chain}/other/people The {a.word} 's {b.word}] is near [/EN#{tree_chain}/scene a tree] .",
-              f"[/EN#{a.chain}/people A young , smiling {a.word}] stands .",
-              "Somebody looks at [/EN#0/notvisual each other] .",
-              f"[/EN#{b.chain}/other Two {b.word}s] and [/EN#{a.chain}/people a {a.word}] outside"]
+    raw = [
+        f"A {a.word} plays with a {b.word}.",
+        f"The {a.word}'s {b.word} is near a tree.",
+        f"A young, smiling {a.word} stands.",
+        "Somebody looks at each other.",
+        f"Two {b.word}s and a {a.word} outside.",
+    ]
+    marked = [
+        f"[/EN#{a.chain}/people A {a.word}] plays with [/EN#{b.chain}/other a {b.word}] .",
+        f"[/EN#{b.chain}/other/people The {a.word} 's {b.word}] is near [/EN#{tree_chain}/scene a tree] .",
+        f"[/EN#{a.chain}/people A young , smiling {a.word}] stands .",
+        "Somebody looks at [/EN#0/notvisual each other] .",
+        f"[/EN#{b.chain}/other Two {b.word}s] and [/EN#{a.chain}/people a {a.word}] outside",
+    ]
     return raw, marked
 
 
@@ -95,32 +110,52 @@ def _world(n: dict[str, int], seed: int, stem_of) -> list[RawImage]:
             im.captions, im.marked = captions_for(a, b, 10 * k + 3)
             out.append(im)
             k += 1
-    rng.shuffle(out)   # splits interleaved, as in the real split files
+    rng.shuffle(out)  # splits interleaved, as in the real split files
     return out
 
 
-def _entities_xml(im: RawImage, width_height: Optional[tuple[int, int]] = None, extra: str = "") -> str:
+def _entities_xml(
+    im: RawImage, width_height: Optional[tuple[int, int]] = None, extra: str = ""
+) -> str:
     w, h = width_height or im.size
     objs = []
     for o in im.objects:
         x0, y0, x1, y1 = o.box
-        names = f"<name>{o.chain}</name>" + (f"<name>{o.chain + 5}</name>" if o.word in PEOPLE else "")
-        objs.append(f"<object>{names}<bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax>"
-                    f"<ymax>{y1}</ymax></bndbox></object>")
+        names = f"<name>{o.chain}</name>" + (
+            f"<name>{o.chain + 5}</name>" if o.word in PEOPLE else ""
+        )
+        objs.append(
+            f"<object>{names}<bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax>"
+            f"<ymax>{y1}</ymax></bndbox></object>"
+        )
     tree = im.objects[0].chain + 2
     objs.append(f"<object><name>{tree}</name><nobndbox>1</nobndbox></object>")
     objs.append(f"<object><name>{tree + 100}</name><scene>1</scene><nobndbox>1</nobndbox></object>")
-    return (f"<annotation><filename>{im.stem}.jpg</filename><size><width>{w}</width><height>{h}</height>"
-            f"<depth>3</depth></size>{''.join(objs)}{extra}</annotation>")
+    return (
+        f"<annotation><filename>{im.stem}.jpg</filename><size><width>{w}</width><height>{h}</height>"
+        f"<depth>3</depth></size>{''.join(objs)}{extra}</annotation>"
+    )
 
 
-def make_flickr30k(raw: Path, n_train: int = 6, n_val: int = 2, n_test: int = 3, entities: bool = True,
-                   odd: bool = False, seed: int = 0) -> dict:
+def make_flickr30k(
+    raw: Path,
+    n_train: int = 6,
+    n_val: int = 2,
+    n_test: int = 3,
+    entities: bool = True,
+    odd: bool = False,
+    seed: int = 0,
+) -> dict:
     """Write RAW for --dataset flickr30k; return {'images': [RawImage], 'odd': {case: stem}}."""
-    images = _world({"train": n_train, "val": n_val, "test": n_test}, seed, lambda k: str(1000000 + 7919 * k))
+    images = _world(
+        {"train": n_train, "val": n_val, "test": n_test}, seed, lambda k: str(1000000 + 7919 * k)
+    )
     folder = raw / "flickr30k-images"
     folder.mkdir(parents=True, exist_ok=True)
-    sent_dir, ann_dir = raw / "flickr30k_entities" / "Sentences", raw / "flickr30k_entities" / "Annotations"
+    sent_dir, ann_dir = (
+        raw / "flickr30k_entities" / "Sentences",
+        raw / "flickr30k_entities" / "Annotations",
+    )
     if entities:
         sent_dir.mkdir(parents=True, exist_ok=True)
         ann_dir.mkdir(parents=True, exist_ok=True)
@@ -128,8 +163,14 @@ def make_flickr30k(raw: Path, n_train: int = 6, n_val: int = 2, n_test: int = 3,
     train = [im for im in images if im.split == "train"]
     if odd:
         assert n_train >= 8, "the odd cases need 8 training images"
-        odd_cases = {"grayscale": train[0].stem, "cmyk": train[1].stem, "png_as_jpg": train[2].stem,
-                     "exif": train[3].stem, "box_outside": train[4].stem, "truncated": train[5].stem}
+        odd_cases = {
+            "grayscale": train[0].stem,
+            "cmyk": train[1].stem,
+            "png_as_jpg": train[2].stem,
+            "exif": train[3].stem,
+            "box_outside": train[4].stem,
+            "truncated": train[5].stem,
+        }
     for k, im in enumerate(images):
         pic = draw(im.size, im.objects, seed + k)
         path = folder / f"{im.stem}.jpg"
@@ -140,7 +181,9 @@ def make_flickr30k(raw: Path, n_train: int = 6, n_val: int = 2, n_test: int = 3,
             path.write_bytes(jpeg_bytes(pic.convert("CMYK")))
         elif case == "png_as_jpg":
             pic.save(path, "PNG")
-        elif case == "exif":   # stored rotated; EXIF orientation 6 shows it upright (the boxes are upright)
+        elif (
+            case == "exif"
+        ):  # stored rotated; EXIF orientation 6 shows it upright (the boxes are upright)
             stored = pic.transpose(Image.Transpose.ROTATE_90)
             exif = Image.Exif()
             exif[274] = 6
@@ -154,17 +197,32 @@ def make_flickr30k(raw: Path, n_train: int = 6, n_val: int = 2, n_test: int = 3,
             (sent_dir / f"{im.stem}.txt").write_text("\n".join(im.marked) + "\n")
             extra = ""
             if case == "box_outside":
-                extra = "<object><name>999</name><bndbox><xmin>500</xmin><ymin>500</ymin><xmax>600</xmax>" \
-                        "<ymax>600</ymax></bndbox></object>"
+                extra = (
+                    "<object><name>999</name><bndbox><xmin>500</xmin><ymin>500</ymin><xmax>600</xmax>"
+                    "<ymax>600</ymax></bndbox></object>"
+                )
                 # chain 999 is the first phrase's chain of caption 0 for this image: its box lies outside
                 im.marked[0] = im.marked[0].replace(f"/EN#{im.objects[0].chain}/", "/EN#999/", 1)
                 (sent_dir / f"{im.stem}.txt").write_text("\n".join(im.marked) + "\n")
             (ann_dir / f"{im.stem}.xml").write_text(_entities_xml(im, extra=extra))
-    records = [{"filename": f"{im.stem}.jpg", "imgid": im.source_id, "split": im.split,
-                "sentids": list(range(5 * im.source_id, 5 * im.source_id + 5)),
-                "sentences": [{"raw": c, "tokens": c.lower().rstrip(".").split(), "imgid": im.source_id,
-                               "sentid": 5 * im.source_id + j} for j, c in enumerate(im.captions)]}
-               for im in images]
+    records = [
+        {
+            "filename": f"{im.stem}.jpg",
+            "imgid": im.source_id,
+            "split": im.split,
+            "sentids": list(range(5 * im.source_id, 5 * im.source_id + 5)),
+            "sentences": [
+                {
+                    "raw": c,
+                    "tokens": c.lower().rstrip(".").split(),
+                    "imgid": im.source_id,
+                    "sentid": 5 * im.source_id + j,
+                }
+                for j, c in enumerate(im.captions)
+            ],
+        }
+        for im in images
+    ]
     if odd:
         missing = train[-1]
         (folder / f"{missing.stem}.jpg").unlink()
@@ -172,7 +230,9 @@ def make_flickr30k(raw: Path, n_train: int = 6, n_val: int = 2, n_test: int = 3,
         dup = dict(records[0])
         records.append(dup)
         odd_cases["duplicate"] = records[0]["filename"]
-    (raw / "dataset_flickr30k.json").write_text(json.dumps({"images": records, "dataset": "flickr30k"}))
+    (raw / "dataset_flickr30k.json").write_text(
+        json.dumps({"images": records, "dataset": "flickr30k"})
+    )
     return {"images": images, "odd": odd_cases}
 
 
@@ -180,11 +240,13 @@ def coco_name(split_folder: str, cocoid: int) -> str:
     return f"COCO_{split_folder}_{cocoid:012d}.jpg"
 
 
-def make_coco(raw: Path, n_train: int = 5, n_restval: int = 2, n_val: int = 2, n_test: int = 3,
-              seed: int = 1) -> dict:
+def make_coco(
+    raw: Path, n_train: int = 5, n_restval: int = 2, n_val: int = 2, n_test: int = 3, seed: int = 1
+) -> dict:
     """Write RAW for --dataset coco (restval images train; some images have 6 or 7 captions)."""
-    images = _world({"train": n_train + n_restval, "val": n_val, "test": n_test}, seed,
-                    lambda k: str(k))
+    images = _world(
+        {"train": n_train + n_restval, "val": n_val, "test": n_test}, seed, lambda k: str(k)
+    )
     records = []
     restval = 0
     for k, im in enumerate(images):
@@ -198,13 +260,25 @@ def make_coco(raw: Path, n_train: int = 5, n_restval: int = 2, n_val: int = 2, n
         (raw / folder).mkdir(parents=True, exist_ok=True)
         (raw / folder / name).write_bytes(jpeg_bytes(draw(im.size, im.objects, seed + k)))
         caps = list(im.captions)
-        caps[3] = f"A {im.objects[1].word} in a picture. "        # trailing space, as some COCO raws
-        caps += [f"Extra caption {j} about a {im.objects[0].word}.\n" for j in range(k % 3)]   # 5, 6 or 7 captions
+        caps[3] = f"A {im.objects[1].word} in a picture. "  # trailing space, as some COCO raws
+        caps += [
+            f"Extra caption {j} about a {im.objects[0].word}.\n" for j in range(k % 3)
+        ]  # 5, 6 or 7 captions
         im.captions = caps
-        records.append({"filepath": folder, "filename": name, "imgid": k, "split": split, "cocoid": cocoid,
-                        "sentids": list(range(len(caps))),
-                        "sentences": [{"raw": c, "tokens": c.split(), "imgid": k, "sentid": j}
-                                      for j, c in enumerate(caps)]})
+        records.append(
+            {
+                "filepath": folder,
+                "filename": name,
+                "imgid": k,
+                "split": split,
+                "cocoid": cocoid,
+                "sentids": list(range(len(caps))),
+                "sentences": [
+                    {"raw": c, "tokens": c.split(), "imgid": k, "sentid": j}
+                    for j, c in enumerate(caps)
+                ],
+            }
+        )
     (raw / "dataset_coco.json").write_text(json.dumps({"images": records, "dataset": "coco"}))
     return {"images": images}
 
@@ -215,11 +289,29 @@ def write_boxes(path: Path, images: list[RawImage], outside: Optional[str] = Non
     for im in images:
         name = f"{im.stem}.jpg"
         for k, o in enumerate(im.objects):
-            lines.append({"image": name, "label": o.word, "box": list(map(float, o.box)), "score": 0.9 - 0.1 * k})
-        lines.append({"image": name, "label": "tree", "box": [0.0, 0.0, 5.0, 5.0], "score": 0.2})  # below 0.5
+            lines.append(
+                {
+                    "image": name,
+                    "label": o.word,
+                    "box": list(map(float, o.box)),
+                    "score": 0.9 - 0.1 * k,
+                }
+            )
+        lines.append(
+            {"image": name, "label": "tree", "box": [0.0, 0.0, 5.0, 5.0], "score": 0.2}
+        )  # below 0.5
         if outside == im.stem:
-            lines.append({"image": name, "label": "hat", "box": [900.0, 900.0, 950.0, 950.0], "score": 0.95})
-    lines.append({"image": "not_in_the_split.jpg", "label": "dog", "box": [1.0, 1.0, 9.0, 9.0], "score": 0.99})
+            lines.append(
+                {"image": name, "label": "hat", "box": [900.0, 900.0, 950.0, 950.0], "score": 0.95}
+            )
+    lines.append(
+        {
+            "image": "not_in_the_split.jpg",
+            "label": "dog",
+            "box": [1.0, 1.0, 9.0, 9.0],
+            "score": 0.99,
+        }
+    )
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     return lines
 
@@ -230,8 +322,9 @@ def make_vg(vg_raw: Path, heldout: dict[str, list[int]], n: int = 10, seed: int 
     rng = np.random.default_rng(seed)
     entries, objects = [], []
     words = PEOPLE + THINGS + ["tree"]
-    marks = [("flickr_id", v) for v in heldout.get("flickr_id", [])] + \
-            [("coco_id", v) for v in heldout.get("coco_id", [])]
+    marks = [("flickr_id", v) for v in heldout.get("flickr_id", [])] + [
+        ("coco_id", v) for v in heldout.get("coco_id", [])
+    ]
     for k in range(n):
         g = 1 + 3 * k
         w, h = (100, 75) if k % 3 else (75, 100)
@@ -241,15 +334,40 @@ def make_vg(vg_raw: Path, heldout: dict[str, list[int]], n: int = 10, seed: int 
             word = words[(k + 3 * j) % len(words)]
             x0, y0 = int(rng.integers(5, w // 2)), int(rng.integers(5, h // 2))
             objs.append(Obj(j, word, (x0, y0, x0 + w // 3, y0 + h // 3)))
-        entry = {"image_id": g, "url": f"https://example.invalid/{folder}/{g}.jpg", "width": w, "height": h,
-                 "coco_id": None, "flickr_id": None}
+        entry = {
+            "image_id": g,
+            "url": f"https://example.invalid/{folder}/{g}.jpg",
+            "width": w,
+            "height": h,
+            "coco_id": None,
+            "flickr_id": None,
+        }
         if k < len(marks):
             entry[marks[k][0]] = marks[k][1]
         entries.append(entry)
-        names = [{"object_id": 1000 * g + j, "x": o.box[0], "y": o.box[1], "w": o.box[2] - o.box[0],
-                  "h": o.box[3] - o.box[1], "names": [o.word.title() if j == 0 else o.word], "synsets": []}
-                 for j, o in enumerate(objs)]
-        names.append({"object_id": 1000 * g + 9, "x": 0, "y": 0, "w": 2, "h": 2, "names": ["speck"], "synsets": []})
+        names = [
+            {
+                "object_id": 1000 * g + j,
+                "x": o.box[0],
+                "y": o.box[1],
+                "w": o.box[2] - o.box[0],
+                "h": o.box[3] - o.box[1],
+                "names": [o.word.title() if j == 0 else o.word],
+                "synsets": [],
+            }
+            for j, o in enumerate(objs)
+        ]
+        names.append(
+            {
+                "object_id": 1000 * g + 9,
+                "x": 0,
+                "y": 0,
+                "w": 2,
+                "h": 2,
+                "names": ["speck"],
+                "synsets": [],
+            }
+        )
         objects.append({"image_id": g, "objects": names})
         (vg_raw / folder).mkdir(parents=True, exist_ok=True)
         (vg_raw / folder / f"{g}.jpg").write_bytes(jpeg_bytes(draw((w, h), objs, seed + k)))

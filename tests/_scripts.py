@@ -1,4 +1,5 @@
 """Import an entry script (whose file name may hold '+') as a module, for tests that call its main()."""
+
 import importlib.util
 from pathlib import Path
 from types import ModuleType

@@ -1,4 +1,5 @@
 """A caption's entity texts (prompts, masked captions, slots) and the grounding label, shared by all stages."""
+
 from agree.entities import EVAL_SLOTS, entity_slots, grounding_label, training_slots
 
 
@@ -11,13 +12,20 @@ def test_entity_texts_filters_long_segs_takes_five_and_pads():
     caption = "two men and a dog play with a ball while two men watch"
     segs = ["two men", "a b c d e f g h", "a dog", "a ball", "x", "y", "z"]
     prompts, masked = _texts(caption, segs)
-    assert prompts == ["a photo containing two men", "a photo containing a dog", "a photo containing a ball",
-                       "a photo containing x", "a photo containing y"]
+    assert prompts == [
+        "a photo containing two men",
+        "a photo containing a dog",
+        "a photo containing a ball",
+        "a photo containing x",
+        "a photo containing y",
+    ]
     # every occurrence is replaced
     assert masked[0] == "[MASK] and a dog play with a ball while [MASK] watch"
     assert masked[1] == "two men and [MASK] play with a ball while two men watch"
-    assert _texts("a cat", ["a cat"]) == (["a photo containing a cat", "", "", "", ""],
-                                          ["[MASK]", "", "", "", ""])
+    assert _texts("a cat", ["a cat"]) == (
+        ["a photo containing a cat", "", "", "", ""],
+        ["[MASK]", "", "", "", ""],
+    )
     # exactly seven words is kept, eight is not
     seven, eight = "a b c d e f g", "a b c d e f g h"
     assert _texts("c", [eight, seven])[0][0] == f"a photo containing {seven}"

@@ -1,4 +1,5 @@
 """The lazy npz image archive (agree.images)."""
+
 import pickle
 
 import numpy as np
@@ -40,4 +41,3 @@ def test_image_archive_errors(tmp_path):
     broken.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(InputError, match="broken.npz: not a readable .npz archive"):
         ImageArchive(broken)
-

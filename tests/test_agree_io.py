@@ -1,4 +1,5 @@
 """Shared I/O: located JSONL errors, atomic outputs, CLI error reporting."""
+
 import subprocess
 import sys
 
@@ -13,12 +14,15 @@ def test_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path):
     assert [(n, r["x"]) for n, r in iter_jsonl(path)] == [(1, 1), (4, 2)]
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"x": 1}\n{"x": \n', r"a.jsonl:2: malformed JSON"),
-    ('{"x": 1}\n[1, 2]\n', r"a.jsonl:2: expected a JSON object, got list"),
-    ('{"x": 1}\n{"y": 2}\n', r"a.jsonl:2: missing key 'x'"),
-    ("\n\n", r"a.jsonl: file is empty"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"x": 1}\n{"x": \n', r"a.jsonl:2: malformed JSON"),
+        ('{"x": 1}\n[1, 2]\n', r"a.jsonl:2: expected a JSON object, got list"),
+        ('{"x": 1}\n{"y": 2}\n', r"a.jsonl:2: missing key 'x'"),
+        ("\n\n", r"a.jsonl: file is empty"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "a.jsonl"
     path.write_text(content)
@@ -43,9 +47,11 @@ def test_atomic_write_leaves_old_file_and_no_temp_on_failure(tmp_path):
 
 
 def test_run_cli_reports_input_errors_without_traceback(tmp_path):
-    code = ("from agree.io import InputError, run_cli\n"
-            "def main():\n    raise InputError('data.jsonl:3: missing key \\'caption\\'')\n"
-            "run_cli(main)\n")
+    code = (
+        "from agree.io import InputError, run_cli\n"
+        "def main():\n    raise InputError('data.jsonl:3: missing key \\'caption\\'')\n"
+        "run_cli(main)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: data.jsonl:3: missing key 'caption'"

@@ -1,4 +1,5 @@
 """clip.load on every accepted checkpoint form and its errors; the project's checkpoint folders (agree.pretrained)."""
+
 import pickle
 import warnings
 
@@ -9,7 +10,14 @@ from PIL import Image
 
 from agree.io import InputError
 from agree.pretrained import load_pretrained, resolve_pretrained
-from clip.clip import LoadError, create_model, load, load_checkpoint_state_dict, resolve_checkpoint, tokenize
+from clip.clip import (
+    LoadError,
+    create_model,
+    load,
+    load_checkpoint_state_dict,
+    resolve_checkpoint,
+    tokenize,
+)
 from clip.transform import array_to_tensor
 
 
@@ -41,7 +49,9 @@ def test_torchscript_archive_round_trip(tmp_path, tiny, batch):
     with warnings.catch_warnings():  # torch >= 2.9 deprecates torch.jit
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(tiny, batch, check_trace=False), str(path))
-    model, train_tf, eval_tf = load(path, device="cpu")  # read without torch.jit.load (test_clip_archive.py)
+    model, train_tf, eval_tf = load(
+        path, device="cpu"
+    )  # read without torch.jit.load (test_clip_archive.py)
     _assert_same(_outputs(model, batch), _outputs(tiny, batch))
     assert not model.training
     assert eval_tf(Image.new("RGB", (80, 100))).shape == (3, 64, 64)
@@ -63,7 +73,15 @@ def test_plain_state_dict_and_training_checkpoint(tmp_path, tiny, batch):
 
     ckpt = tmp_path / "epoch_2.pt"
     wrapped = {f"module.{k}": v for k, v in tiny.state_dict().items()}
-    torch.save({"epoch": 2, "name": "run", "state_dict": wrapped, "optimizer": {"state": {}, "param_groups": []}}, ckpt)
+    torch.save(
+        {
+            "epoch": 2,
+            "name": "run",
+            "state_dict": wrapped,
+            "optimizer": {"state": {}, "param_groups": []},
+        },
+        ckpt,
+    )
     _assert_same(_outputs(load(ckpt, device="cpu")[0], batch), _outputs(tiny, batch))
     assert set(load_checkpoint_state_dict(ckpt)) == set(tiny.state_dict())
 
@@ -90,7 +108,10 @@ def test_project_names_resolve_to_pretrained_folder(tmp_path, tiny, monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tmp/pretrained_models").mkdir(parents=True)
     torch.save(tiny.state_dict(), tmp_path / "tmp/pretrained_models/tiny.pt")
-    assert resolve_pretrained("tiny").resolve() == (tmp_path / "tmp/pretrained_models/tiny.pt").resolve()
+    assert (
+        resolve_pretrained("tiny").resolve()
+        == (tmp_path / "tmp/pretrained_models/tiny.pt").resolve()
+    )
     load_pretrained("tiny", device="cpu")
 
 
@@ -111,7 +132,9 @@ def test_unknown_name_and_missing_path(tmp_path):
 def test_corrupt_and_truncated_files(tmp_path, tiny):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint at all")
-    with pytest.raises(LoadError, match="junk.pt: not a TorchScript archive or a PyTorch checkpoint"):
+    with pytest.raises(
+        LoadError, match="junk.pt: not a TorchScript archive or a PyTorch checkpoint"
+    ):
         load(junk, device="cpu")
     good = tmp_path / "good.pt"
     torch.save(tiny.state_dict(), good)

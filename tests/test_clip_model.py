@@ -1,4 +1,5 @@
 """Our CLIP against OpenCLIP's OpenAI-style towers, and the model's call semantics."""
+
 import copy
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
-from clip.clip import LoadError, create_model, model_config, model_from_state_dict, tokenize
-from clip.model import CLIP, QuickGELU, build_model, config_from_state_dict, convert_weights
+from clip.clip import LoadError, create_model, model_config, model_from_state_dict, tokenize  # noqa: E402
+from clip.model import CLIP, QuickGELU, build_model, config_from_state_dict, convert_weights  # noqa: E402
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
@@ -25,21 +26,36 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(p + torch.randn(p.shape, generator=g) * 0.02)
 
 
-@pytest.mark.parametrize("peer_name,ours_name,resolution", [
-    ("ViT-B-32-quickgelu", None, 224),     # architecture inferred from the weights, QuickGELU by default
-    ("RN50-quickgelu", None, 224),
-    ("ViT-B-32", "ViT-B-32-gelu", 224),    # OpenCLIP's GELU ViT-B/32 (e.g. its LAION-2B weights)
-])
+@pytest.mark.parametrize(
+    "peer_name,ours_name,resolution",
+    [
+        (
+            "ViT-B-32-quickgelu",
+            None,
+            224,
+        ),  # architecture inferred from the weights, QuickGELU by default
+        ("RN50-quickgelu", None, 224),
+        ("ViT-B-32", "ViT-B-32-gelu", 224),  # OpenCLIP's GELU ViT-B/32 (e.g. its LAION-2B weights)
+    ],
+)
 def test_parity_with_openclip(peer_name, ours_name, resolution):
     torch.manual_seed(0)
     peer = open_clip.create_model(peer_name, pretrained=None)
     _randomise(peer, seed=1)
     peer.eval()
     # strict=True inside; a named config brings its activation, which the weights cannot tell
-    ours = model_from_state_dict(peer.state_dict(), peer_name, ours_name) if ours_name else build_model(peer.state_dict())
+    ours = (
+        model_from_state_dict(peer.state_dict(), peer_name, ours_name)
+        if ours_name
+        else build_model(peer.state_dict())
+    )
     assert isinstance(ours, CLIP)
     images = torch.randn(3, 3, resolution, resolution, generator=torch.Generator().manual_seed(2))
-    texts = ["a photo of a dog", "", "two small red circles left of a blue star, on a grey background"]
+    texts = [
+        "a photo of a dog",
+        "",
+        "two small red circles left of a blue star, on a grey background",
+    ]
     tokens = tokenize(texts)
     assert torch.equal(tokens, open_clip.tokenize(texts))
     with torch.no_grad():
@@ -80,7 +96,7 @@ def test_text_features_do_not_depend_on_batch_length():
         alone = model.encode_text(short)
         beside = model.encode_text(torch.cat([short, long_]))[:1]
         noisy = short.clone()
-        noisy[0, int(short.argmax()) + 1:] = 1234  # garbage after the end token
+        noisy[0, int(short.argmax()) + 1 :] = 1234  # garbage after the end token
         with_noise = model.encode_text(torch.cat([noisy, long_]))[:1]
     torch.testing.assert_close(alone, beside, atol=1e-5, rtol=0)
     torch.testing.assert_close(alone, with_noise, atol=1e-5, rtol=0)
@@ -93,13 +109,21 @@ def test_build_model_infers_config(name):
     inferred = config_from_state_dict(model.state_dict())
     if isinstance(cfg["vision_layers"], list):
         inferred["vision_layers"] = list(inferred["vision_layers"])
-    assert inferred == {k: v for k, v in cfg.items() if k != "activation"}  # weights cannot tell the activation
+    assert inferred == {
+        k: v for k, v in cfg.items() if k != "activation"
+    }  # weights cannot tell the activation
     assert cfg["activation"] == "quick_gelu"
 
 
 # Our name -> OpenCLIP's name for the same model: OpenCLIP's plain names are GELU, its "-quickgelu" names OpenAI's.
-OPENCLIP_NAMES = {"ViT-B-32": "ViT-B-32-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu", "RN50": "RN50-quickgelu",
-                  "ViT-B-32-gelu": "ViT-B-32", "ViT-L-14-gelu": "ViT-L-14", "RN50-gelu": "RN50"}
+OPENCLIP_NAMES = {
+    "ViT-B-32": "ViT-B-32-quickgelu",
+    "ViT-L-14": "ViT-L-14-quickgelu",
+    "RN50": "RN50-quickgelu",
+    "ViT-B-32-gelu": "ViT-B-32",
+    "ViT-L-14-gelu": "ViT-L-14",
+    "RN50-gelu": "RN50",
+}
 
 
 @pytest.mark.parametrize("ours,theirs", sorted(OPENCLIP_NAMES.items()))
@@ -107,12 +131,26 @@ def test_configs_match_openclip_names(ours, theirs):
     cfg, peer = model_config(ours), open_clip.get_model_config(theirs)
     vision, text = peer["vision_cfg"], peer["text_cfg"]
     assert cfg["activation"] == ("quick_gelu" if peer.get("quick_gelu") else "gelu")
-    assert (cfg["embed_dim"], cfg["image_resolution"], cfg["vision_layers"], cfg["vision_width"],
-            cfg["vision_patch_size"]) == (peer["embed_dim"], vision["image_size"], vision["layers"],
-                                          vision["width"], vision["patch_size"])
-    assert (cfg["context_length"], cfg["vocab_size"], cfg["transformer_width"], cfg["transformer_heads"],
-            cfg["transformer_layers"]) == (text["context_length"], text["vocab_size"], text["width"],
-                                           text["heads"], text["layers"])
+    assert (
+        cfg["embed_dim"],
+        cfg["image_resolution"],
+        cfg["vision_layers"],
+        cfg["vision_width"],
+        cfg["vision_patch_size"],
+    ) == (
+        peer["embed_dim"],
+        vision["image_size"],
+        vision["layers"],
+        vision["width"],
+        vision["patch_size"],
+    )
+    assert (
+        cfg["context_length"],
+        cfg["vocab_size"],
+        cfg["transformer_width"],
+        cfg["transformer_heads"],
+        cfg["transformer_layers"],
+    ) == (text["context_length"], text["vocab_size"], text["width"], text["heads"], text["layers"])
 
 
 def test_activation_is_part_of_the_config():
@@ -127,10 +165,14 @@ def test_activation_is_part_of_the_config():
     with torch.no_grad():
         assert not torch.allclose(quick.encode_text(tokens), gelu.encode_text(tokens), atol=1e-4)
     sd = quick.state_dict()
-    assert isinstance(model_from_state_dict(sd, "x.pt").transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert isinstance(
+        model_from_state_dict(sd, "x.pt").transformer.resblocks[0].mlp.gelu, QuickGELU
+    )
     named = model_from_state_dict(sd, "x.pt", "tiny-gelu")  # a config name chooses the activation
     assert isinstance(named.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
-    with pytest.raises(LoadError, match=r"x.pt: weights are not a ViT-L-14-gelu model \(embed_dim 128 != 768"):
+    with pytest.raises(
+        LoadError, match=r"x.pt: weights are not a ViT-L-14-gelu model \(embed_dim 128 != 768"
+    ):
         model_from_state_dict(sd, "x.pt", "ViT-L/14-gelu")
     with pytest.raises(ValueError, match="unknown activation 'relu6'"):
         CLIP(**{**model_config("tiny"), "activation": "relu6"})

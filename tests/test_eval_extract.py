@@ -1,19 +1,17 @@
 """Feature extraction scripts with a tiny random CLIP: outputs, entity slots, bad input."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _scripts import load_script
 
 from agree.io import InputError
 from clip.clip import create_model, tokenize
 from clip.transform import array_to_tensor
 from eval.feature_io import read_features
-from _scripts import load_script
-
-
-
 
 FT = load_script("eval/extract_features.py")
 ZS = load_script("eval/extract_features_zs_mask+prompt.py")
@@ -32,15 +30,28 @@ def env(tmp_path_factory):
     model = create_model("tiny").eval()
     sd = model.state_dict()
     torch.save(sd, d / "tiny_openai.pt")
-    torch.save({"epoch": 2, "name": "t", "state_dict": {"module." + k: v for k, v in sd.items()}}, d / "epoch_2.pt")
+    torch.save(
+        {"epoch": 2, "name": "t", "state_dict": {"module." + k: v for k, v in sd.items()}},
+        d / "epoch_2.pt",
+    )
     rng = np.random.default_rng(0)
     images = {str(9000 + i): rng.standard_normal((3, 64, 64)).astype(np.float32) for i in range(5)}
-    images["77"] = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # raw RGB: normalised on the fly
+    images["77"] = rng.integers(
+        0, 256, (64, 64, 3), dtype=np.uint8
+    )  # raw RGB: normalised on the fly
     np.savez(d / "images.npz", **images)
-    (d / "texts.jsonl").write_text("".join(
-        json.dumps({"query_id": q, "query_text": caption(q), "item_ids": [9000]}) + "\n" for q in range(7)))
-    (d / "segs.jsonl").write_text("".join(
-        json.dumps({"query_id": q, "query_text": caption(q), "items": ITEMS[q % 4]}) + "\n" for q in range(7)))
+    (d / "texts.jsonl").write_text(
+        "".join(
+            json.dumps({"query_id": q, "query_text": caption(q), "item_ids": [9000]}) + "\n"
+            for q in range(7)
+        )
+    )
+    (d / "segs.jsonl").write_text(
+        "".join(
+            json.dumps({"query_id": q, "query_text": caption(q), "items": ITEMS[q % 4]}) + "\n"
+            for q in range(7)
+        )
+    )
     return {"dir": d, "model": model, "images": images}
 
 
@@ -51,11 +62,21 @@ def encode_text(model, texts):
 
 
 def ft_args(d, out, **over):
-    args = {"image-data": d / "images.npz", "text-data": d / "texts.jsonl", "img-batch-size": 4, "text-batch-size": 3,
-            "resume": d / "epoch_2.pt", "image-feat-output-path": out / "img.jsonl",
-            "text-feat-output-path": out / "txt.jsonl", "model": "tiny", "device": "cpu"}
+    args = {
+        "image-data": d / "images.npz",
+        "text-data": d / "texts.jsonl",
+        "img-batch-size": 4,
+        "text-batch-size": 3,
+        "resume": d / "epoch_2.pt",
+        "image-feat-output-path": out / "img.jsonl",
+        "text-feat-output-path": out / "txt.jsonl",
+        "model": "tiny",
+        "device": "cpu",
+    }
     args.update(over)
-    return ["--extract-image-feats", "--extract-text-feats"] + [f"--{k}={v}" for k, v in args.items()]
+    return ["--extract-image-feats", "--extract-text-feats"] + [
+        f"--{k}={v}" for k, v in args.items()
+    ]
 
 
 def test_finetuned_extraction_matches_direct_encoding(env, tmp_path):
@@ -69,18 +90,32 @@ def test_finetuned_extraction_matches_direct_encoding(env, tmp_path):
             np.testing.assert_allclose(row, (f / f.norm()).numpy(), atol=2e-5)
     txt = read_features(tmp_path / "txt.jsonl", "query_id")
     assert txt.ids == list(range(7))
-    np.testing.assert_allclose(txt.data, encode_text(model, [caption(q) for q in range(7)]), atol=2e-5)
+    np.testing.assert_allclose(
+        txt.data, encode_text(model, [caption(q) for q in range(7)]), atol=2e-5
+    )
 
 
 def test_zero_shot_slots_follow_the_spec(env, tmp_path):
     d, model = env["dir"], env["model"]
-    assert ZS.main([
-        "--extract-text-feats", "--extract-mask-feats", "--extract-prompt-feats",
-        f"--text-data={d / 'texts.jsonl'}", f"--prompt-data={d / 'segs.jsonl'}", "--text-batch-size=3",
-        f"--resume={d / 'tiny_openai.pt'}", "--model=tiny", "--device=cpu",
-        f"--text-feat-output-path={tmp_path / 'txt.jsonl'}", f"--mask-feat-output-path={tmp_path / 'mask.jsonl'}",
-        f"--prompt-feat-output-path={tmp_path / 'prompt.npy'}",
-    ]) == 0
+    assert (
+        ZS.main(
+            [
+                "--extract-text-feats",
+                "--extract-mask-feats",
+                "--extract-prompt-feats",
+                f"--text-data={d / 'texts.jsonl'}",
+                f"--prompt-data={d / 'segs.jsonl'}",
+                "--text-batch-size=3",
+                f"--resume={d / 'tiny_openai.pt'}",
+                "--model=tiny",
+                "--device=cpu",
+                f"--text-feat-output-path={tmp_path / 'txt.jsonl'}",
+                f"--mask-feat-output-path={tmp_path / 'mask.jsonl'}",
+                f"--prompt-feat-output-path={tmp_path / 'prompt.npy'}",
+            ]
+        )
+        == 0
+    )
     prompt = read_features(tmp_path / "prompt.npy", "query_id", slots=True)
     mask = read_features(tmp_path / "mask.jsonl", "query_id", slots=True)
     for f in (prompt, mask):
@@ -97,28 +132,63 @@ def test_zero_shot_slots_follow_the_spec(env, tmp_path):
 
 def test_extracted_features_run_through_real_slot_egr(env, tmp_path):
     d = env["dir"]
-    assert ZS.main([
-        "--extract-image-feats", "--extract-text-feats", "--extract-mask-feats", "--extract-prompt-feats",
-        f"--image-data={d / 'images.npz'}", f"--text-data={d / 'texts.jsonl'}", f"--prompt-data={d / 'segs.jsonl'}",
-        f"--resume={d / 'tiny_openai.pt'}", "--device=cpu",
-        *(f"--{n}-feat-output-path={tmp_path / n}.jsonl" for n in ("image", "text", "mask", "prompt")),
-    ]) == 0
+    assert (
+        ZS.main(
+            [
+                "--extract-image-feats",
+                "--extract-text-feats",
+                "--extract-mask-feats",
+                "--extract-prompt-feats",
+                f"--image-data={d / 'images.npz'}",
+                f"--text-data={d / 'texts.jsonl'}",
+                f"--prompt-data={d / 'segs.jsonl'}",
+                f"--resume={d / 'tiny_openai.pt'}",
+                "--device=cpu",
+                *(
+                    f"--{n}-feat-output-path={tmp_path / n}.jsonl"
+                    for n in ("image", "text", "mask", "prompt")
+                ),
+            ]
+        )
+        == 0
+    )
     egr = load_script("eval/make_topk_predictions_mask+prompt.py")
     out = tmp_path / "pred"
-    assert egr.main([f"--image-feats={tmp_path / 'image.jsonl'}", f"--text-feats={tmp_path / 'text.jsonl'}",
-                     f"--mask-feats={tmp_path / 'mask.jsonl'}", f"--prompt-feats={tmp_path / 'prompt.jsonl'}",
-                     "--top-k=4", "--real-slots-only", "--device=cpu",
-                     f"--output-images={out / 'i.jsonl'}", f"--output-texts={out / 't.jsonl'}"]) == 0
+    assert (
+        egr.main(
+            [
+                f"--image-feats={tmp_path / 'image.jsonl'}",
+                f"--text-feats={tmp_path / 'text.jsonl'}",
+                f"--mask-feats={tmp_path / 'mask.jsonl'}",
+                f"--prompt-feats={tmp_path / 'prompt.jsonl'}",
+                "--top-k=4",
+                "--real-slots-only",
+                "--device=cpu",
+                f"--output-images={out / 'i.jsonl'}",
+                f"--output-texts={out / 't.jsonl'}",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in (out / "t.jsonl").read_text().splitlines()]
     assert [r["query_id"] for r in rows] == list(range(7))
-    assert all(len(r["item_ids"]) == 4 and all(e[0] in env["images"] for e in r["item_ids"]) for r in rows)
+    assert all(
+        len(r["item_ids"]) == 4 and all(e[0] in env["images"] for e in r["item_ids"]) for r in rows
+    )
 
 
 def test_wrong_model_name_for_the_weights(env, tmp_path):
     with pytest.raises(InputError, match="ViT-B-32"):
-        ZS.main(["--extract-text-feats", f"--text-data={env['dir'] / 'texts.jsonl'}", "--device=cpu",
-                 f"--resume={env['dir'] / 'tiny_openai.pt'}", "--model=ViT-B/32",
-                 f"--text-feat-output-path={tmp_path / 't.jsonl'}"])
+        ZS.main(
+            [
+                "--extract-text-feats",
+                f"--text-data={env['dir'] / 'texts.jsonl'}",
+                "--device=cpu",
+                f"--resume={env['dir'] / 'tiny_openai.pt'}",
+                "--model=ViT-B/32",
+                f"--text-feat-output-path={tmp_path / 't.jsonl'}",
+            ]
+        )
     with pytest.raises(InputError, match="epoch_2.pt"):
         FT.main(ft_args(env["dir"], tmp_path, model="ViT-B-32"))
     assert list(tmp_path.iterdir()) == []
@@ -141,11 +211,25 @@ def test_bad_caption_files_name_file_and_line(env, tmp_path):
     segs = tmp_path / "segs.jsonl"
     segs.write_text('{"query_id": 0, "query_text": "x", "items": "a dog"}\n')
     with pytest.raises(InputError, match=r"segs\.jsonl:1: 'items' must be a list"):
-        ZS.main(["--extract-prompt-feats", f"--prompt-data={segs}", f"--resume={env['dir'] / 'tiny_openai.pt'}",
-                 f"--prompt-feat-output-path={tmp_path / 'o' / 'p.jsonl'}", "--device=cpu"])
+        ZS.main(
+            [
+                "--extract-prompt-feats",
+                f"--prompt-data={segs}",
+                f"--resume={env['dir'] / 'tiny_openai.pt'}",
+                f"--prompt-feat-output-path={tmp_path / 'o' / 'p.jsonl'}",
+                "--device=cpu",
+            ]
+        )
     with pytest.raises(InputError, match="--text-feat-output-path"):
-        FT.main(["--extract-text-feats", f"--text-data={env['dir'] / 'texts.jsonl'}", "--model=tiny",
-                 f"--resume={env['dir'] / 'epoch_2.pt'}", "--device=cpu"])
+        FT.main(
+            [
+                "--extract-text-feats",
+                f"--text-data={env['dir'] / 'texts.jsonl'}",
+                "--model=tiny",
+                f"--resume={env['dir'] / 'epoch_2.pt'}",
+                "--device=cpu",
+            ]
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -167,8 +251,14 @@ def _launch(script: str, argv: list[str], nproc: int) -> str:
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--"]
-    proc = subprocess.run([sys.executable, *launcher, str(root / script), *argv], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, *launcher, str(root / script), *argv],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -176,36 +266,77 @@ def _launch(script: str, argv: list[str], nproc: int) -> str:
 def test_torchrun_extraction_writes_the_single_process_files(env, tmp_path):
     """2 gloo processes shard the inputs by whole batches; rank 0 writes one file per set, in input order."""
     d = env["dir"]
-    ft = ["--extract-image-feats", "--extract-text-feats", f"--image-data={d / 'images.npz'}",
-          f"--text-data={d / 'texts.jsonl'}", "--img-batch-size=4", "--text-batch-size=3", f"--resume={d / 'epoch_2.pt'}",
-          "--model=tiny", "--device=cpu"]
-    zs = ["--extract-text-feats", "--extract-mask-feats", "--extract-prompt-feats", f"--text-data={d / 'texts.jsonl'}",
-          f"--prompt-data={d / 'segs.jsonl'}", "--text-batch-size=2", f"--resume={d / 'tiny_openai.pt'}", "--device=cpu",
-          "--extract-image-feats", f"--image-data={d / 'images.npz'}", "--img-batch-size=32"]  # 1 image batch: a rank idle
+    ft = [
+        "--extract-image-feats",
+        "--extract-text-feats",
+        f"--image-data={d / 'images.npz'}",
+        f"--text-data={d / 'texts.jsonl'}",
+        "--img-batch-size=4",
+        "--text-batch-size=3",
+        f"--resume={d / 'epoch_2.pt'}",
+        "--model=tiny",
+        "--device=cpu",
+    ]
+    zs = [
+        "--extract-text-feats",
+        "--extract-mask-feats",
+        "--extract-prompt-feats",
+        f"--text-data={d / 'texts.jsonl'}",
+        f"--prompt-data={d / 'segs.jsonl'}",
+        "--text-batch-size=2",
+        f"--resume={d / 'tiny_openai.pt'}",
+        "--device=cpu",
+        "--extract-image-feats",
+        f"--image-data={d / 'images.npz'}",
+        "--img-batch-size=32",
+    ]  # 1 image batch: a rank idle
     logs = []
     for nproc in (0, 2):
         out = tmp_path / f"n{nproc}"
-        logs.append(_launch("eval/extract_features.py", ft + [f"--image-feat-output-path={out / 'img.jsonl'}",
-                                                              f"--text-feat-output-path={out / 'txt.npy'}"], nproc))
-        logs.append(_launch("eval/extract_features_zs_mask+prompt.py",
-                            zs + [f"--{n}-feat-output-path={out / 'zs'}_{n}.{'npy' if n == 'prompt' else 'jsonl'}"
-                                  for n in ("image", "text", "mask", "prompt")], nproc))
+        logs.append(
+            _launch(
+                "eval/extract_features.py",
+                ft
+                + [
+                    f"--image-feat-output-path={out / 'img.jsonl'}",
+                    f"--text-feat-output-path={out / 'txt.npy'}",
+                ],
+                nproc,
+            )
+        )
+        logs.append(
+            _launch(
+                "eval/extract_features_zs_mask+prompt.py",
+                zs
+                + [
+                    f"--{n}-feat-output-path={out / 'zs'}_{n}.{'npy' if n == 'prompt' else 'jsonl'}"
+                    for n in ("image", "text", "mask", "prompt")
+                ],
+                nproc,
+            )
+        )
     # 6 images in batches of 4, 7 captions in batches of 3 (2), each rank its run of whole batches
     assert "rank 1 of 2 encodes images [4, 6), captions [3, 7)" in logs[2]
-    assert "rank 0 of 2 encodes images [0, 0), captions [0, 4), entity slots [0, 4)" in logs[3]  # 1 image batch
+    assert (
+        "rank 0 of 2 encodes images [0, 0), captions [0, 4), entity slots [0, 4)" in logs[3]
+    )  # 1 image batch
     one, two = tmp_path / "n0", tmp_path / "n2"
     names = sorted(p.name for p in one.iterdir())
     assert names == sorted(p.name for p in two.iterdir())
     assert len(names) == 8  # img, txt (+ ids), zs image, text, mask, prompt (+ ids)
     for name in names:
-        assert (two / name).read_bytes() == (one / name).read_bytes(), name  # bit for bit, ids in input order
+        assert (two / name).read_bytes() == (one / name).read_bytes(), (
+            name
+        )  # bit for bit, ids in input order
     assert read_features(two / "img.jsonl", "image_id").ids == list(env["images"])
 
 
 def test_extraction_defaults_to_fp32_and_fp16_runs_half_weights_on_the_cpu(env, tmp_path):
     from eval.extraction import resolve_extraction_precision
 
-    assert resolve_extraction_precision(None, torch.device("cuda", 0)) == "fp32"  # the release's precision
+    assert (
+        resolve_extraction_precision(None, torch.device("cuda", 0)) == "fp32"
+    )  # the release's precision
     assert resolve_extraction_precision(None, torch.device("cpu")) == "fp32"
     assert resolve_extraction_precision("fp16", torch.device("cpu")) == "fp16"
     assert FT.main(ft_args(env["dir"], tmp_path / "half", precision="fp16")) == 0

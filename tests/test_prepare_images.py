@@ -1,13 +1,14 @@
 """dataprep's image pipeline: equal to clip's eval transform, boxes follow the resize + crop, EXIF, bad files."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from clip.transform import array_to_tensor, image_transform
-from dataprep.geometry import Geometry, MIN_VISIBLE, exif_box, from_one_based, pixel_span
+from dataprep.geometry import MIN_VISIBLE, Geometry, exif_box, from_one_based, pixel_span
 from dataprep.images import ImageReadError, Storage, decode, masked, to_model_input
-from tests._raw_data import draw, jpeg_bytes, Obj
+from tests._raw_data import Obj, draw, jpeg_bytes
 
 SIZES = [(500, 375), (375, 500), (333, 500), (64, 64), (40, 30), (1000, 207), (224, 300)]
 
@@ -22,12 +23,14 @@ def _picture(size, seed=0):
 @pytest.mark.parametrize("resolution", [224, 64])
 def test_stored_uint8_and_float_equal_clips_eval_transform(size, mode, resolution):
     image = _picture(size).convert(mode)
-    expected = image_transform(resolution)(image)           # clip's eval transform on the raw image
+    expected = image_transform(resolution)(image)  # clip's eval transform on the raw image
     arr = to_model_input(image, resolution)
     assert arr.dtype == np.uint8 and arr.shape == (resolution, resolution, 3)
     # what training's and evaluation's readers compute from each stored form (spec section 1)
     assert torch.equal(array_to_tensor(arr, resolution, is_train=False), expected)
-    stored = Storage.from_clip("float32").encode(arr)      # numpy in the workers: the same bits as torch
+    stored = Storage.from_clip("float32").encode(
+        arr
+    )  # numpy in the workers: the same bits as torch
     assert stored.dtype == np.float32 and stored.shape == (3, resolution, resolution)
     assert torch.equal(torch.from_numpy(stored), expected)
     assert torch.equal(array_to_tensor(stored, resolution, is_train=False), expected)
@@ -61,12 +64,12 @@ def test_a_box_lands_where_its_pixels_land(size):
 
 
 def test_crop_rule_clips_or_drops():
-    g = Geometry(400, 200, 100)        # resized 200x100, crop x in [50, 150) of the resized image
+    g = Geometry(400, 200, 100)  # resized 200x100, crop x in [50, 150) of the resized image
     assert g.resized == (200, 100) and g.offset == (50, 0)
-    assert g.crop_box((100, 0, 300, 200)) == (0.0, 0.0, 100.0, 100.0)    # centre: kept whole
-    assert g.crop_box((0, 0, 90, 200)) is None                            # 0..45 resized: left of the crop
+    assert g.crop_box((100, 0, 300, 200)) == (0.0, 0.0, 100.0, 100.0)  # centre: kept whole
+    assert g.crop_box((0, 0, 90, 200)) is None  # 0..45 resized: left of the crop
     # half inside: clipped; a quarter of it inside is the limit
-    kept = g.crop_box((60, 0, 140, 200))                                   # 30..70 resized -> -20..20
+    kept = g.crop_box((60, 0, 140, 200))  # 30..70 resized -> -20..20
     assert kept == (0.0, 0.0, 20.0, 100.0)
     # 40 resized pixels wide, 12 (30%) inside the crop: kept; 8 (20%) inside: dropped
     assert MIN_VISIBLE == 0.25
@@ -75,7 +78,7 @@ def test_crop_rule_clips_or_drops():
 
 
 def test_one_based_corners_and_pixel_spans():
-    assert from_one_based(1, 1, 10, 20) == (0.0, 0.0, 10.0, 20.0)    # pixels 1..10 -> [0, 10)
+    assert from_one_based(1, 1, 10, 20) == (0.0, 0.0, 10.0, 20.0)  # pixels 1..10 -> [0, 10)
     assert pixel_span((2.2, 3.0, 7.5, 9.0)) == (2, 3, 8, 9)
     arr = np.zeros((10, 10, 3), np.uint8)
     m = masked(arr, [(2.2, 3.0, 7.5, 9.0)], (1, 2, 3))
@@ -86,7 +89,9 @@ def test_one_based_corners_and_pixel_spans():
 def test_storage_constants_are_clips_and_need_no_torch():
     import subprocess
     import sys
+
     from clip.transform import MEAN, STD
+
     s = Storage.from_clip("float32")
     assert s.mean == tuple(MEAN) and s.std == tuple(STD)
     code = "import sys, dataprep.pipeline as p; p.Storage.from_clip('uint8'); print('torch' in sys.modules)"
@@ -108,7 +113,9 @@ def test_exif_orientation_is_applied_and_boxes_follow(tmp_path, orientation):
     upright = np.asarray(d.image.convert("L")) > 127
     ys, xs = np.nonzero(upright)
     x0, y0, x1, y1 = exif_box(box, orientation, 60, 40)
-    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == pytest.approx((x0, y0, x1, y1), abs=1)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == pytest.approx(
+        (x0, y0, x1, y1), abs=1
+    )
     assert d.image.size == ((60, 40) if orientation < 5 else (40, 60))
 
 
@@ -125,7 +132,11 @@ def test_odd_files_decode_or_fail_with_the_file_name(tmp_path):
     data = jpeg_bytes(pic)
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.jpg").write_bytes(b"this is not an image")
-    for name, what in (("cut.jpg", "cannot decode"), ("junk.jpg", "not an image"), ("none.jpg", "not found")):
+    for name, what in (
+        ("cut.jpg", "cannot decode"),
+        ("junk.jpg", "not an image"),
+        ("none.jpg", "not found"),
+    ):
         with pytest.raises(ImageReadError, match=what) as e:
             decode(tmp_path / name)
         assert name in str(e.value)
@@ -138,6 +149,10 @@ def test_training_reads_uint8_through_its_augmentation_but_float_as_is():
     arr = to_model_input(_picture((300, 200), 3), 64)
     stored = Storage.from_clip("float32").encode(arr)
     torch.manual_seed(0)
-    assert torch.equal(array_to_tensor(stored, 64, is_train=True), array_to_tensor(stored, 64, is_train=False))
+    assert torch.equal(
+        array_to_tensor(stored, 64, is_train=True), array_to_tensor(stored, 64, is_train=False)
+    )
     torch.manual_seed(0)
-    assert not torch.equal(array_to_tensor(arr, 64, is_train=True), array_to_tensor(arr, 64, is_train=False))
+    assert not torch.equal(
+        array_to_tensor(arr, 64, is_train=True), array_to_tensor(arr, 64, is_train=False)
+    )

@@ -4,6 +4,7 @@ The layout is built from the generator's raw files by prepare_data's pipeline, s
 phrases (the captions' entity mentions), preds come from the simulated detector's boxes, images went
 through JPEG (colours are compared within JPEG_TOL), and objects and VG/ follow prepare_data's rules.
 """
+
 import re
 from pathlib import Path
 
@@ -11,16 +12,16 @@ import numpy as np
 import pytest
 
 from agree.io import read_json, read_jsonl
-from synth.render import MASK_FILL_RAW
 from synth.detector import THRESHOLD
-from synth.writer import SynthConfig, SynthLayout, UNUSABLE_VG_SHAPE, generate
+from synth.render import MASK_FILL_RAW
 from synth.world import COLOURS, SHAPES
+from synth.writer import UNUSABLE_VG_SHAPE, SynthConfig, SynthLayout, generate
 
 R = 64
 SIZES = dict(train_images=30, val_images=6, test_images=20, pretrain_images=16, vg_per_object=4)
 SIZE_CLASS = {"small": "small", "little": "small", "large": "large", "big": "large"}
 STEM = re.compile(r"^[1-9][0-9]{9}$")
-JPEG_TOL = 8   # largest per-channel difference from an entity's colour still counted as that colour
+JPEG_TOL = 8  # largest per-channel difference from an entity's colour still counted as that colour
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,15 @@ def test_every_spec_file_exists(ds):
 
 def test_all_image_arrays_are_raw_uint8(ds):
     lay, _, _ = ds
-    for path in (lay.train_npz, lay.val_npz, lay.test_npz, lay.grounding, lay.vg_images, lay.vg_masked,
-                 lay.pretrain_npz):
+    for path in (
+        lay.train_npz,
+        lay.val_npz,
+        lay.test_npz,
+        lay.grounding,
+        lay.vg_images,
+        lay.vg_masked,
+        lay.pretrain_npz,
+    ):
         arrays = _npz(path)
         assert arrays, path
         for k, a in arrays.items():
@@ -91,7 +99,7 @@ def test_train_records_and_image_keys(ds):
         assert all(isinstance(s, str) and s for s in rec["segs"])
         for p in rec["preds"]:
             assert isinstance(p, dict) and len(p) == 1
-            (label, score), = p.items()
+            ((label, score),) = p.items()
             assert isinstance(label, str) and isinstance(score, float) and 0 < score < 1
     assert set(images) == {str(i) for i in stems}
     assert len(set(stems.values())) == len(stems)
@@ -124,7 +132,11 @@ def test_val_json_and_keys(ds):
 
 def test_test_ground_truth_is_flickr_like(ds):
     lay, meta, _ = ds
-    texts, imgs, segs = read_jsonl(lay.test_texts), read_jsonl(lay.test_images), read_jsonl(lay.test_segs)
+    texts, imgs, segs = (
+        read_jsonl(lay.test_texts),
+        read_jsonl(lay.test_images),
+        read_jsonl(lay.test_segs),
+    )
     images = _npz(lay.test_npz)
     n = SIZES["test_images"]
     assert len(imgs) == n and len(texts) == len(segs) == 5 * n
@@ -138,11 +150,17 @@ def test_test_ground_truth_is_flickr_like(ds):
             assert texts[q]["item_ids"] == [rec["image_id"]]
     assert set(images) == {str(r["image_id"]) for r in imgs}
     for t, s in zip(texts, segs):
-        assert set(t) == {"query_id", "query_text", "item_ids"} and set(s) == {"query_id", "query_text", "items"}
+        assert set(t) == {"query_id", "query_text", "item_ids"} and set(s) == {
+            "query_id",
+            "query_text",
+            "items",
+        }
         assert s["query_id"] == t["query_id"] and s["query_text"] == t["query_text"]
         assert s["items"] and all(item in t["query_text"] for item in s["items"])
     for k, m in enumerate(meta["test"]):
-        assert [c["text"] for c in m["captions"]] == [texts[5 * k + c]["query_text"] for c in range(5)]
+        assert [c["text"] for c in m["captions"]] == [
+            texts[5 * k + c]["query_text"] for c in range(5)
+        ]
 
 
 def _detected(m):
@@ -175,13 +193,26 @@ def test_vg_vocabulary_images_and_masked_keys(ds):
     lay, meta, _ = ds
     vocab = read_jsonl(lay.vg_vocab)
     vg, vgm = _npz(lay.vg_images), _npz(lay.vg_masked)
-    used = {w for split in ("train", "val", "test") for r in read_jsonl(lay.objects(split)) for w in r["image_objects"]}
-    assert [v["vocab"] for v in vocab] == sorted(used) and UNUSABLE_VG_SHAPE not in used and len(used) >= 5
+    used = {
+        w
+        for split in ("train", "val", "test")
+        for r in read_jsonl(lay.objects(split))
+        for w in r["image_objects"]
+    }
+    assert (
+        [v["vocab"] for v in vocab] == sorted(used)
+        and UNUSABLE_VG_SHAPE not in used
+        and len(used) >= 5
+    )
     usable = {}
-    for m in meta["vg"]:  # single-entity images of the vocabulary word; nameless objects are never usable
+    for m in meta[
+        "vg"
+    ]:  # single-entity images of the vocabulary word; nameless objects are never usable
         assert [e["shape"] for e in m["scene"]["entities"]] == [m["vocab"]]
         assert (m["object"] == "") == (m["mask_box"] is None)
-        assert m["object"] in ("", m["vocab"]) and (m["vocab"] != UNUSABLE_VG_SHAPE or not m["object"])
+        assert m["object"] in ("", m["vocab"]) and (
+            m["vocab"] != UNUSABLE_VG_SHAPE or not m["object"]
+        )
         if m["object"]:
             usable.setdefault(m["vocab"], set()).add(m["vg_id"])
     listed = []
@@ -192,7 +223,7 @@ def test_vg_vocabulary_images_and_masked_keys(ds):
             listed.append(o["image_id"])
     assert len(set(listed)) == len(listed) and set(vg) == {str(g) for g in listed}
     assert set(vgm) == {f"{v['vocab']}_{o['image_id']}" for v in vocab for o in v["objects"]}
-    assert len(listed) < len(meta["vg"])   # the nameless ones are left out
+    assert len(listed) < len(meta["vg"])  # the nameless ones are left out
 
 
 def test_grounding_keys_cover_every_first_grounded_label(ds):
@@ -201,14 +232,16 @@ def test_grounding_keys_cover_every_first_grounded_label(ds):
     needed = set()
     fallback = 0
     for rec in read_jsonl(lay.train_jsonl):
-        labels = [l for p in rec["preds"] for l in p if l != "object"]
+        labels = [label for p in rec["preds"] for label in p if label != "object"]
         stem = Path(rec["image"]).stem
         if labels:
             needed.add(f"{stem}_{labels[0]}")
         else:
             fallback += 1
     assert needed == set(grounding)
-    assert fallback > 0  # some captions ground nothing: training's masked-square fallback is exercised
+    assert (
+        fallback > 0
+    )  # some captions ground nothing: training's masked-square fallback is exercised
 
 
 def test_pretrain_split_uses_the_train_format(ds):
@@ -274,9 +307,11 @@ def test_mention_phrases_refer_to_exactly_their_entity(ds):
             found = cap["text"].find(phrase, pos + 1)
             assert found > pos, "mentions are listed in text order"
             pos = found
-            (colour, size, shape), = _parse_entities(phrase)
+            ((colour, size, shape),) = _parse_entities(phrase)
             assert _matches(ents[idx], colour, size, shape), (phrase, ents[idx])
-            others = [e for k, e in enumerate(ents) if k != idx and _matches(e, colour, size, shape)]
+            others = [
+                e for k, e in enumerate(ents) if k != idx and _matches(e, colour, size, shape)
+            ]
             # pre-training captions name shapes only ("a star"), so two stars share a phrase there
             assert not others or split == "pretrain", f"{phrase!r} is ambiguous in {cap['text']!r}"
 
@@ -284,7 +319,7 @@ def test_mention_phrases_refer_to_exactly_their_entity(ds):
 def test_spatial_size_and_count_claims_hold(ds):
     _, meta, _ = ds
     seen = set()
-    for split, scene, cap in _all_captions(meta):
+    for _split, scene, cap in _all_captions(meta):
         ents = scene["entities"]
         c = [np.array(e["center"]) for e in ents]
         for claim in cap["claims"]:
@@ -313,8 +348,13 @@ def test_spatial_size_and_count_claims_hold(ds):
                 _, i, region = claim
                 x, y = c[i] / R
                 for part in region.split():
-                    assert {"left": x < 0.4, "right": x > 0.6, "top": y < 0.4, "bottom": y > 0.6,
-                            "middle": abs(x - 0.5) < 0.15 and abs(y - 0.5) < 0.15}[part], (claim, x, y)
+                    assert {
+                        "left": x < 0.4,
+                        "right": x > 0.6,
+                        "top": y < 0.4,
+                        "bottom": y > 0.6,
+                        "middle": abs(x - 0.5) < 0.15 and abs(y - 0.5) < 0.15,
+                    }[part], (claim, x, y)
             elif kind == "count":
                 assert claim[1] == len(ents)
                 assert len(cap["mentions"]) == len(ents)
@@ -343,14 +383,18 @@ def test_pretraining_captions_are_simpler_than_target_captions(ds):
     _, meta, _ = ds
     target_words, pretrain_words = set(), set()
     target_templates, pretrain_templates = set(), set()
-    shapes_only = 0  # pre-training captions that name no colour: shapes must be recognised, not just colours
+    shapes_only = (
+        0  # pre-training captions that name no colour: shapes must be recognised, not just colours
+    )
     for split, scene, cap in _all_captions(meta):
         words = set(re.sub(r"[,.:;]", " ", cap["text"]).split())
         if split == "pretrain":
             tokens = re.sub(r"[,.:;]", " ", cap["text"]).split()
             # colours, sizes and shapes are named apart: no colour or size word qualifies a shape word
-            assert not any((a in COLOURS or a in SIZE_CLASS) and b in SHAPES
-                           for a, b in zip(tokens, tokens[1:])), cap["text"]
+            assert not any(
+                (a in COLOURS or a in SIZE_CLASS) and b in SHAPES
+                for a, b in zip(tokens, tokens[1:])
+            ), cap["text"]
             pretrain_words |= words
             pretrain_templates.add(cap["template"])
             shapes_only += not words & set(COLOURS)
@@ -360,17 +404,38 @@ def test_pretraining_captions_are_simpler_than_target_captions(ds):
             target_templates.add(cap["template"])
     assert not target_templates & pretrain_templates
     assert shapes_only > 0
-    allowed = set(SHAPES) | set(COLOURS) | {"small", "large"} | {"a", "an", "of", "and", "in", "photo", "image",
-                                                               "picture", "colours", "sizes", "shapes"}
+    allowed = (
+        set(SHAPES)
+        | set(COLOURS)
+        | {"small", "large"}
+        | {"a", "an", "of", "and", "in", "photo", "image", "picture", "colours", "sizes", "shapes"}
+    )
     assert pretrain_words <= allowed, pretrain_words - allowed
-    relational = {"left", "right", "above", "below", "next", "between", "bigger", "smaller", "top", "bottom"}
+    relational = {
+        "left",
+        "right",
+        "above",
+        "below",
+        "next",
+        "between",
+        "bigger",
+        "smaller",
+        "top",
+        "bottom",
+    }
     assert relational & target_words and not relational & pretrain_words
 
 
 def _expected_preds(m, text):
     """prepare_data's detector rule: labels >= threshold occurring in the caption as words, highest score first."""
-    found = [d for d in _detected(m) if re.search(r"(?<!\w)" + re.escape(d["label"]) + r"(?!\w)", text, re.I)]
-    return [{d["label"]: d["score"]} for d in sorted(found, key=lambda d: (-d["score"], d["label"]))]
+    found = [
+        d
+        for d in _detected(m)
+        if re.search(r"(?<!\w)" + re.escape(d["label"]) + r"(?!\w)", text, re.I)
+    ]
+    return [
+        {d["label"]: d["score"]} for d in sorted(found, key=lambda d: (-d["score"], d["label"]))
+    ]
 
 
 def test_preds_ground_entities_that_the_caption_mentions(ds):
@@ -385,10 +450,10 @@ def test_preds_ground_entities_that_the_caption_mentions(ds):
             assert rec["preds"] == _expected_preds(m, cap["text"])
             mentioned = {idx for _, idx in cap["mentions"]}
             for p in rec["preds"]:
-                (label, _), = p.items()
+                ((label, _),) = p.items()
                 idx = entity_of[label]
                 assert idx in mentioned
-                (colour, size, shape), = _parse_entities(label)
+                ((colour, size, shape),) = _parse_entities(label)
                 assert _matches(ents[idx], colour, size, shape)
                 assert sum(_matches(e, colour, size, shape) for e in ents) == 1, label
                 grounded += 1
@@ -432,11 +497,16 @@ def test_grounding_images_mask_the_grounded_entity(ds):
             preds = next(recs)["preds"]
             if not preds:
                 continue
-            (label, _), = preds[0].items()
+            ((label, _),) = preds[0].items()
             d = by_label[label]
             key = f"{m['stem']}_{label}"
             keys.add(key)
-            _check_masked(train[str(m["image_id"])], grounding[key], d["box"], m["scene"]["entities"][d["entity"]])
+            _check_masked(
+                train[str(m["image_id"])],
+                grounding[key],
+                d["box"],
+                m["scene"]["entities"][d["entity"]],
+            )
     assert keys == set(grounding) and keys
 
 
@@ -448,8 +518,12 @@ def test_vg_masked_images_differ_exactly_where_the_object_is(ds):
     for m in meta["vg"]:
         if not m["object"] or m["vocab"] not in words:
             continue
-        _check_masked(vg[str(m["vg_id"])], vgm[f"{m['vocab']}_{m['vg_id']}"], m["mask_box"],
-                      m["scene"]["entities"][0])
+        _check_masked(
+            vg[str(m["vg_id"])],
+            vgm[f"{m['vocab']}_{m['vg_id']}"],
+            m["mask_box"],
+            m["scene"]["entities"][0],
+        )
         n += 1
     assert n == len(vgm)
 
@@ -485,7 +559,9 @@ def test_hard_negative_partners_share_objects_not_bindings(ds):
                 assert sorted(e["colour"] for e in a) == sorted(e["colour"] for e in b)
                 assert sorted(e["size"] for e in a) == sorted(e["size"] for e in b)
             elif p["kind"] == "size":
-                assert sorted((e["shape"], e["colour"]) for e in a) == sorted((e["shape"], e["colour"]) for e in b)
+                assert sorted((e["shape"], e["colour"]) for e in a) == sorted(
+                    (e["shape"], e["colour"]) for e in b
+                )
             elif p["kind"] == "mirror":
                 for ea, eb in zip(a, b):
                     assert ea["center"][0] == pytest.approx(R - eb["center"][0], abs=1e-2)

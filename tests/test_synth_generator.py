@@ -1,4 +1,5 @@
 """Generator behaviour: deterministic per seed, split-stable, all-or-nothing output, command-line flags."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ TINY = dict(train_images=8, val_images=3, test_images=4, pretrain_images=5, vg_p
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _gen(root: Path, **kw) -> SynthLayout:
@@ -83,8 +86,10 @@ def test_failure_does_not_clobber_a_previous_dataset(tmp_path, monkeypatch):
     assert _files(lay.root) == before
 
 
-@pytest.mark.parametrize("field,value", [("val_images", 0), ("train_captions", 0), ("resolution", 16),
-                                         ("pretrain_images", -1)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("val_images", 0), ("train_captions", 0), ("resolution", 16), ("pretrain_images", -1)],
+)
 def test_bad_config_is_a_clear_error_before_any_file(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"SynthConfig.{field} must be"):
         generate(SynthConfig(out=tmp_path / "x", **{**TINY, field: value}), progress=False)
@@ -109,10 +114,14 @@ def test_preprocessed_arrays_are_the_normalised_raw_arrays(tmp_path):
         for k in zr.files:
             a, b = zr[k], zp[k]
             assert b.dtype == np.float32 and b.shape == (3, 64, 64)
-            assert np.array_equal(b, storage.encode(a))  # prepare_data's float32 storage of the same pixels
+            assert np.array_equal(
+                b, storage.encode(a)
+            )  # prepare_data's float32 storage of the same pixels
             assert np.allclose(b, to_storage(a, preprocessed=True), atol=1e-6)
             if path in ("grounding", "vg_masked"):
-                assert np.all(b == fill[:, None, None], axis=0).any()  # the masked box: CLIP's mean colour, ~0
+                assert np.all(
+                    b == fill[:, None, None], axis=0
+                ).any()  # the masked box: CLIP's mean colour, ~0
     assert np.abs(fill).max() < 0.02
     assert raw.train_jsonl.read_bytes() == pre.train_jsonl.read_bytes()
 
@@ -124,14 +133,32 @@ def test_other_resolutions_scale_the_scene(tmp_path):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd="/",
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd="/", timeout=120
+    )
 
 
 def test_cli_writes_dataset_and_prints_summary(tmp_path):
     out = tmp_path / "cli"
-    res = _run("--out", str(out), "--seed", "2", "--train-images", "4", "--val-images", "2", "--test-images", "3",
-               "--pretrain-images", "2", "--vg-per-object", "1", "--train-captions", "2", "--quiet")
+    res = _run(
+        "--out",
+        str(out),
+        "--seed",
+        "2",
+        "--train-images",
+        "4",
+        "--val-images",
+        "2",
+        "--test-images",
+        "3",
+        "--pretrain-images",
+        "2",
+        "--vg-per-object",
+        "1",
+        "--train-captions",
+        "2",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     assert "synthetic dataset written" in res.stdout
     assert "3 images, 15 queries" in res.stdout and "4 images, 8 captions" in res.stdout
@@ -141,8 +168,16 @@ def test_cli_writes_dataset_and_prints_summary(tmp_path):
     assert lay.world.is_file()
 
 
-@pytest.mark.parametrize("flag,value", [("--train-images", "0"), ("--resolution", "16"), ("--seed", "-1"),
-                                        ("--train-captions", "6"), ("--test-images", "many")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--train-images", "0"),
+        ("--resolution", "16"),
+        ("--seed", "-1"),
+        ("--train-captions", "6"),
+        ("--test-images", "many"),
+    ],
+)
 def test_cli_rejects_bad_flags_by_name(tmp_path, flag, value):
     res = _run("--out", str(tmp_path / "x"), flag, value)
     assert res.returncode == 2

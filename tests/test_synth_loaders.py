@@ -1,4 +1,5 @@
 """The synthetic dataset passes the project's own loaders: fine-tuning data (spec 3.1) and the eval readers."""
+
 import json
 import logging
 
@@ -22,8 +23,18 @@ ALL_TERMS = flags_of(AGREE_TERMS)
 @pytest.fixture(scope="module")
 def lay(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth_loaders")
-    generate(SynthConfig(out=root, seed=6, train_images=24, val_images=4, test_images=6, pretrain_images=6,
-                         vg_per_object=3), progress=False)
+    generate(
+        SynthConfig(
+            out=root,
+            seed=6,
+            train_images=24,
+            val_images=4,
+            test_images=6,
+            pretrain_images=6,
+            vg_per_object=3,
+        ),
+        progress=False,
+    )
     return SynthLayout.under(root)
 
 
@@ -39,7 +50,9 @@ def _args(train, *flags):
 def test_fine_tuning_reads_every_file_from_the_default_layout(lay, caplog):
     args = _args(lay.train_jsonl, "--val-data", str(lay.val_json), *ALL_TERMS)
     paths = D.resolve_paths(args)
-    D.check_files(args, enabled_terms(args), paths)  # every default path resolves to a generated file
+    D.check_files(
+        args, enabled_terms(args), paths
+    )  # every default path resolves to a generated file
     assert paths.grounding_images == lay.grounding and paths.vg_vocab == lay.vg_vocab
     with caplog.at_level(logging.WARNING):
         dset = DS.build_train_dataset(args, paths, enabled_terms(args), R)
@@ -86,7 +99,7 @@ def test_eval_reads_the_ground_truth_and_scores_a_perfect_ranking(lay, tmp_path,
     images = predictions.read_ranked_lists(lay.test_images, "image_id", "ground truth")
     assert len(texts) == 30 and len(images) == 6
     archive = ImageArchive(lay.test_npz)
-    for qid, items in zip(texts.ids, texts.items):
+    for items in texts.items:
         assert str(items[0]) in archive
     assert archive.load_tensor(str(images.ids[0]), R).shape == (3, R, R)
     for gt, key in ((lay.test_texts, "query_id"), (lay.test_images, "image_id")):

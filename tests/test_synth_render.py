@@ -1,11 +1,19 @@
 """Rasteriser of the synthetic world: shapes are distinct, coverage is where the entity is, masks are boxes."""
+
 import itertools
 
 import numpy as np
 import pytest
 
-from synth.render import (MASK_FILL_RAW, entity_alpha, mask_box, masked_copy, render_scene, shape_inside,
-                          to_storage)
+from synth.render import (
+    MASK_FILL_RAW,
+    entity_alpha,
+    mask_box,
+    masked_copy,
+    render_scene,
+    shape_inside,
+    to_storage,
+)
 from synth.world import SHAPES, Background, Entity, Scene
 
 R = 64

@@ -1,4 +1,5 @@
 """The twin split: caption a is true of image A and false of image B (and the reverse), files are deterministic."""
+
 import json
 import re
 

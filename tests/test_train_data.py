@@ -1,4 +1,5 @@
 """Spec 3.1 example construction, per-flag file loading and input errors of the training data."""
+
 import json
 import logging
 import subprocess
@@ -8,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _train_data import make_dataset, one_torch_thread  # noqa: F401 (autouse fixture)
+
 from agree.entities import training_slots
 from agree.io import InputError
 from clip.clip import tokenize
@@ -50,7 +51,11 @@ def _dataset(paths, *flags, augment=False):
 @pytest.mark.parametrize("layout", ["hwc_uint8", "chw_float"])
 def test_zero_square_is_32x32_in_the_stored_space_and_clipped(layout):
     rng = np.random.default_rng(0)
-    arr = np.full((64, 64, 3), 200, np.uint8) if layout == "hwc_uint8" else np.ones((3, 64, 64), np.float32)
+    arr = (
+        np.full((64, 64, 3), 200, np.uint8)
+        if layout == "hwc_uint8"
+        else np.ones((3, 64, 64), np.float32)
+    )
     sizes = set()
     for _ in range(50):
         out = DS.zero_square(arr, rng)
@@ -58,9 +63,11 @@ def test_zero_square_is_32x32_in_the_stored_space_and_clipped(layout):
         ys, xs = np.nonzero(zero)
         h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
         assert zero.sum() == h * w and h <= 32 and w <= 32
-        assert (h == 32 or ys.max() == 63) and (w == 32 or xs.max() == 63)   # only the border clips it
+        assert (h == 32 or ys.max() == 63) and (
+            w == 32 or xs.max() == 63
+        )  # only the border clips it
         sizes.add((h, w))
-    assert (arr != 0).all()          # the input is untouched
+    assert (arr != 0).all()  # the input is untouched
     assert (32, 32) in sizes and len(sizes) > 1
 
 
@@ -70,7 +77,13 @@ def test_example_has_only_what_the_enabled_terms_need(ds):
     assert plain["image"].shape == (3, 64, 64) and plain["text"].shape == (77,)
     assert set(_dataset(ds, "--is-prompt")[0]) == {"image", "text", "prompts", "masked"}
     assert set(_dataset(ds, "--is-da-loss")[0]) == {"image", "text", "vg_image", "vg_text"}
-    assert set(_dataset(ds, "--is-da-mask")[0]) == {"image", "text", "vg_image", "vg_image_masked", "vg_text"}
+    assert set(_dataset(ds, "--is-da-mask")[0]) == {
+        "image",
+        "text",
+        "vg_image",
+        "vg_image_masked",
+        "vg_text",
+    }
     assert set(_dataset(ds, "--is-vg")[0]) == {"image", "text", "grounding_masked"}
 
 
@@ -83,7 +96,7 @@ def test_example_contents_follow_spec_3_1(ds):
     assert torch.equal(ex["image"], image)
     assert torch.equal(ex["text"], tokenize([rec["caption"]])[0])
     prompts, masked = _texts(rec["caption"], rec["segs"])
-    assert prompts[2:] == ["", "", ""]    # the third seg is too long: two entities, three pads
+    assert prompts[2:] == ["", "", ""]  # the third seg is too long: two entities, three pads
     assert torch.equal(ex["prompts"], tokenize(prompts))
     assert torch.equal(ex["masked"], tokenize(masked))
     # VG pair: the first image lists 'shirt' (usable) and 'unicorn' (only an empty region)
@@ -103,8 +116,8 @@ def test_example_contents_follow_spec_3_1(ds):
 
 def test_fallbacks_when_no_vg_object_and_no_grounding_label(ds, tmp_path):
     dset = _dataset(ds, "--is-da-loss", "--is-da-mask", "--is-vg")
-    last = len(dset) - 1            # its only object, 'unicorn', has no usable VG region
-    dset.records[last].grounding_key = None    # as if preds held only 'object'
+    last = len(dset) - 1  # its only object, 'unicorn', has no usable VG region
+    dset.records[last].grounding_key = None  # as if preds held only 'object'
     ex = dset[last]
     assert torch.equal(ex["vg_image"], ex["image"])
     assert torch.equal(ex["vg_text"], ex["text"])
@@ -125,7 +138,9 @@ def test_randomness_is_seeded_by_seed_epoch_index(ds):
     for e in range(1, 6):
         dset.set_epoch(e)
         other_epochs.append(dset[1])
-    assert any(not torch.equal(a["image"], b["image"]) for b in other_epochs)   # crops change with the epoch
+    assert any(
+        not torch.equal(a["image"], b["image"]) for b in other_epochs
+    )  # crops change with the epoch
     assert any(not torch.equal(a["vg_image"], b["vg_image"]) for b in other_epochs)
     # the global torch RNG is left alone by augmentation
     torch.manual_seed(5)
@@ -139,13 +154,26 @@ def test_each_flag_loads_only_its_files(ds, tmp_path):
     # --is-vg alone needs no Visual Genome file; --is-da-loss needs no masked VG archive
     args = _args(ds, "--is-vg", "--vg-root", str(tmp_path / "nowhere"))
     D.check_files(args, enabled_terms(args), D.resolve_paths(args))
-    args = _args(ds, "--is-da-loss", "--vg-mask-images", str(tmp_path / "absent.npz"),
-                 "--grounding-images", str(tmp_path / "absent.npz"))
+    args = _args(
+        ds,
+        "--is-da-loss",
+        "--vg-mask-images",
+        str(tmp_path / "absent.npz"),
+        "--grounding-images",
+        str(tmp_path / "absent.npz"),
+    )
     D.check_files(args, enabled_terms(args), D.resolve_paths(args))
-    assert "vg_image" in DS.build_train_dataset(args, D.resolve_paths(args), enabled_terms(args), 64)[0]
+    assert (
+        "vg_image"
+        in DS.build_train_dataset(args, D.resolve_paths(args), enabled_terms(args), 64)[0]
+    )
     # the files a flag needs are required, and the error names the flag and the path
-    for flag, override in (("--is-da-mask", "--vg-mask-images"), ("--is-vg", "--grounding-images"),
-                           ("--is-da-loss", "--vg-vocab"), ("--is-da-mask", "--train-objects")):
+    for flag, override in (
+        ("--is-da-mask", "--vg-mask-images"),
+        ("--is-vg", "--grounding-images"),
+        ("--is-da-loss", "--vg-vocab"),
+        ("--is-da-mask", "--train-objects"),
+    ):
         missing = tmp_path / f"missing_{override[2:]}"
         args = _args(ds, flag, override, str(missing))
         with pytest.raises(InputError, match=f"{flag}.*{missing}"):
@@ -157,7 +185,11 @@ def test_default_paths_follow_the_release_layout(ds):
     p = D.resolve_paths(args)
     assert p.train_images == ds["train_images"] and p.grounding_images == ds["grounding"]
     assert p.vg_images == ds["vg_images"] and p.vg_vocab == ds["vg_vocab"]
-    assert p.train_objects == (ds["objects"], ds["objects_test"], ds["objects_val"])    # the release's order
+    assert p.train_objects == (
+        ds["objects"],
+        ds["objects_test"],
+        ds["objects_val"],
+    )  # the release's order
     assert p.val_images == ds["val_images"]
 
 
@@ -196,8 +228,21 @@ def test_val_data_keys_images_by_index(ds):
 
 def test_cli_reports_bad_input_without_traceback(ds, tmp_path):
     missing = tmp_path / "no_grounding.npz"
-    cmd = [PY, str(ROOT / "training" / "main_all.py"), "--train-data", str(ds["train"]), "--model", "tiny",
-           "--is-vg", "--grounding-images", str(missing), "--logs", str(tmp_path / "logs"), "--device", "cpu"]
+    cmd = [
+        PY,
+        str(ROOT / "training" / "main_all.py"),
+        "--train-data",
+        str(ds["train"]),
+        "--model",
+        "tiny",
+        "--is-vg",
+        "--grounding-images",
+        str(missing),
+        "--logs",
+        str(tmp_path / "logs"),
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--is-vg" in proc.stderr and str(missing) in proc.stderr
@@ -227,7 +272,9 @@ def test_complete_data_passes_the_check_and_reports_the_spec_fallbacks(ds):
     # shirt, ball, tree: two usable entries each ('unicorn' has only an empty one, 'thing' no vocabulary line)
     assert "Visual Genome image: 0 of 6 usable VG entries" in report
     assert "Visual Genome masked image: 0 of 6" in report
-    assert "1 of 4 captions' images list no object with a usable VG entry" in report   # the spec's own fallback
+    assert (
+        "1 of 4 captions' images list no object with a usable VG entry" in report
+    )  # the spec's own fallback
     assert "0 of 4 captions have no grounded label" in report
 
 
@@ -240,7 +287,10 @@ def test_caption_without_grounded_label_is_the_spec_fallback_not_a_miss(ds, tmp_
     args.train_data = str(train)
     inputs = DS.load_train_inputs(args, D.resolve_paths(args), enabled_terms(args))
     report = "\n".join(m for _, m in inputs.report)
-    assert "0 of 3 captions with a grounded label missing" in report and "1 of 4 captions have no grounded" in report
+    assert (
+        "0 of 3 captions with a grounded label missing" in report
+        and "1 of 4 captions have no grounded" in report
+    )
 
 
 def test_missing_grounding_image_stops_before_training_naming_file_and_key(ds, tmp_path):
@@ -248,18 +298,29 @@ def test_missing_grounding_image_stops_before_training_naming_file_and_key(ds, t
     with pytest.raises(InputError) as err:
         _inputs(ds, "--is-vg", "--grounding-images", str(npz))
     msg = str(err.value)
-    assert msg.startswith(f"--is-vg (--grounding-images): {npz} has no grounding image '1001_cat' "
-                          f"(needed by {ds['train']}:2)")
-    assert "1 of 4 captions with a grounded label (25.00%)" in msg and "--max-missing-fraction 0.25" in msg
+    assert msg.startswith(
+        f"--is-vg (--grounding-images): {npz} has no grounding image '1001_cat' "
+        f"(needed by {ds['train']}:2)"
+    )
+    assert (
+        "1 of 4 captions with a grounded label (25.00%)" in msg
+        and "--max-missing-fraction 0.25" in msg
+    )
     with pytest.raises(InputError, match="above --max-missing-fraction 0.2"):
         _inputs(ds, "--is-vg", "--grounding-images", str(npz), "--max-missing-fraction", "0.2")
 
 
 def test_allowed_missing_grounding_image_takes_the_masked_square(ds, tmp_path):
     npz = _without(ds["grounding"], tmp_path / "grounding.npz", {"1001_cat"})
-    inputs = _inputs(ds, "--is-vg", "--grounding-images", str(npz), "--max-missing-fraction", "0.25")
+    inputs = _inputs(
+        ds, "--is-vg", "--grounding-images", str(npz), "--max-missing-fraction", "0.25"
+    )
     warnings = [m for level, m in inputs.report if level == logging.WARNING]
-    assert len(warnings) == 1 and "'1001_cat'" in warnings[0] and "masked-square substitute" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "'1001_cat'" in warnings[0]
+        and "masked-square substitute" in warnings[0]
+    )
     dset = inputs.dataset(64)
     dset.augment = False
     ex = dset[1]
@@ -272,26 +333,36 @@ def test_allowed_missing_grounding_image_takes_the_masked_square(ds, tmp_path):
 def test_train_image_without_objects_line_is_a_miss(ds, tmp_path):
     objects = tmp_path / "objects.jsonl"
     lines = ds["objects"].read_text().splitlines()
-    objects.write_text("\n".join(lines[:2] + lines[3:]) + "\n")          # no line for image 1002
+    objects.write_text("\n".join(lines[:2] + lines[3:]) + "\n")  # no line for image 1002
     with pytest.raises(InputError) as err:
         _inputs(ds, "--is-da-loss", "--train-objects", str(objects))
     msg = str(err.value)
-    assert msg.startswith(f"--is-da-loss (--train-objects): {objects} has no objects line '1002' "
-                          f"(needed by {ds['train']}:3)")
+    assert msg.startswith(
+        f"--is-da-loss (--train-objects): {objects} has no objects line '1002' "
+        f"(needed by {ds['train']}:3)"
+    )
     assert "1 of 4 train images" in msg
-    inputs = _inputs(ds, "--is-da-loss", "--train-objects", str(objects), "--max-missing-fraction", "0.3")
+    inputs = _inputs(
+        ds, "--is-da-loss", "--train-objects", str(objects), "--max-missing-fraction", "0.3"
+    )
     assert "2 of 4 captions' images list no object" in "\n".join(m for _, m in inputs.report)
 
 
 def test_objects_are_read_from_every_file_in_order(tmp_path):
     a, b = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
-    a.write_text('{"image_id": "1", "image_objects": ["dog"]}\n{"image_id": "2", "image_objects": ["cat"]}\n')
-    b.write_text('{"image_id": "2", "image_objects": ["hat"]}\n{"image_id": "3", "image_objects": []}\n')
+    a.write_text(
+        '{"image_id": "1", "image_objects": ["dog"]}\n{"image_id": "2", "image_objects": ["cat"]}\n'
+    )
+    b.write_text(
+        '{"image_id": "2", "image_objects": ["hat"]}\n{"image_id": "3", "image_objects": []}\n'
+    )
     assert D.load_objects([a, b]) == {"1": ["dog"], "2": ["hat"], "3": []}
 
 
-@pytest.mark.parametrize("archive,flag,key", [("vg_images", "--vg-images", "2010"),
-                                              ("vg_mask_images", "--vg-mask-images", "ball_2011")])
+@pytest.mark.parametrize(
+    "archive,flag,key",
+    [("vg_images", "--vg-images", "2010"), ("vg_mask_images", "--vg-mask-images", "ball_2011")],
+)
 def test_missing_visual_genome_image_is_a_miss(ds, tmp_path, archive, flag, key):
     npz = _without(ds[archive], tmp_path / "vg.npz", {key})
     with pytest.raises(InputError) as err:
@@ -300,13 +371,28 @@ def test_missing_visual_genome_image_is_a_miss(ds, tmp_path, archive, flag, key)
     assert msg.startswith(f"--is-da-mask ({flag}): {npz} has no Visual Genome ")
     assert f"'{key}' (needed by {ds['vg_vocab']}:2)" in msg and "1 of 6 usable VG entries" in msg
     inputs = _inputs(ds, "--is-da-mask", flag, str(npz), "--max-missing-fraction", "0.2")
-    assert inputs.vg_vocab["ball"] == ["2011" if key.endswith("2010") else "2010"]     # the other entry only
+    assert inputs.vg_vocab["ball"] == [
+        "2011" if key.endswith("2010") else "2010"
+    ]  # the other entry only
 
 
 def test_missing_data_leaves_no_run_directory(ds, tmp_path):
     npz = _without(ds["grounding"], tmp_path / "grounding.npz", {"1003_bird"})
-    argv = ["--train-data", str(ds["train"]), "--model", "tiny", "--is-vg", "--grounding-images", str(npz),
-            "--logs", str(tmp_path / "logs"), "--name", "run", "--device", "cpu"]
+    argv = [
+        "--train-data",
+        str(ds["train"]),
+        "--model",
+        "tiny",
+        "--is-vg",
+        "--grounding-images",
+        str(npz),
+        "--logs",
+        str(tmp_path / "logs"),
+        "--name",
+        "run",
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(InputError, match="'1003_bird'"):
         run(parse_args(argv), DistEnv())
     assert not (tmp_path / "logs").exists()
@@ -315,18 +401,32 @@ def test_missing_data_leaves_no_run_directory(ds, tmp_path):
 def test_max_missing_fraction_flag_is_checked():
     with pytest.raises(InputError, match="--max-missing-fraction must be between 0 and 1"):
         parse_args(["--train-data", "x.jsonl", "--max-missing-fraction", "1.5"])
-    proc = subprocess.run([PY, str(ROOT / "training" / "main_all.py"), "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [PY, str(ROOT / "training" / "main_all.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "--max-missing-fraction" in proc.stdout
 
 
 def test_dataset_defaults_to_the_one_the_training_file_is_named_for(tmp_path):
-    coco = parse_args(["--train-data", str(tmp_path / "annotation" / "coco_train_pred.jsonl"), "--model", "tiny"])
+    coco = parse_args(
+        ["--train-data", str(tmp_path / "annotation" / "coco_train_pred.jsonl"), "--model", "tiny"]
+    )
     assert coco.dataset == "coco"
     assert D.resolve_paths(coco).train_images == tmp_path / "annotation" / "coco_train_images.npz"
     assert D.resolve_paths(coco).grounding_images == tmp_path / "coco_visual_grounding.224.npz"
     other = parse_args(["--train-data", str(tmp_path / "captions.jsonl"), "--model", "tiny"])
     assert other.dataset == "flickr30k"
-    forced = parse_args(["--train-data", str(tmp_path / "coco_train_pred.jsonl"), "--dataset", "flickr30k",
-                         "--model", "tiny"])
+    forced = parse_args(
+        [
+            "--train-data",
+            str(tmp_path / "coco_train_pred.jsonl"),
+            "--dataset",
+            "flickr30k",
+            "--model",
+            "tiny",
+        ]
+    )
     assert forced.dataset == "flickr30k"

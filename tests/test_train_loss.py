@@ -1,4 +1,5 @@
 """Each AGREE loss term against a value computed independently with plain Python loops."""
+
 import math
 
 import pytest
@@ -13,7 +14,9 @@ D = 6
 
 def _feats(n, *extra, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(*( (n,) + extra + (D,) ), generator=g, dtype=torch.float64), dim=-1)
+    return F.normalize(
+        torch.randn(*((n,) + extra + (D,)), generator=g, dtype=torch.float64), dim=-1
+    )
 
 
 def _dot(a, b):
@@ -51,14 +54,19 @@ def test_global_contrastive_matches_hand_value():
     got = L.global_loss({"image": i, "text": t}, TAU).item()
     assert got == pytest.approx(_hand_contrastive(i, t, tau), rel=1e-9)
     # a perfectly aligned batch with a large scale has ~0 loss; a shuffled one does not
-    assert L.global_loss({"image": i, "text": i}, torch.tensor(100.0, dtype=torch.float64)).item() < 1e-3
+    assert (
+        L.global_loss({"image": i, "text": i}, torch.tensor(100.0, dtype=torch.float64)).item()
+        < 1e-3
+    )
     assert L.global_loss({"image": i, "text": i.flip(0)}, TAU).item() > 1.0
 
 
 def test_prompt_term_is_mean_over_slots_of_contrastive():
     i, p = _feats(4, seed=3), _feats(4, 5, seed=4)
     expected = sum(_hand_contrastive(i, p[:, j], tau) for j in range(5)) / 5
-    assert L.prompt_loss({"image": i, "prompts": p}, TAU).item() == pytest.approx(expected, rel=1e-9)
+    assert L.prompt_loss({"image": i, "prompts": p}, TAU).item() == pytest.approx(
+        expected, rel=1e-9
+    )
 
 
 def test_text_mask_term_sums_hinges_over_slots_and_batch():
@@ -83,7 +91,9 @@ def test_text_mask_term_is_zero_when_every_caption_beats_its_masks():
 
 def test_vg_contrastive_term():
     d, dt = _feats(6, seed=9), _feats(6, seed=10)
-    assert L.vg_contrastive_loss({"vg_image": d, "vg_text": dt}, TAU).item() == pytest.approx(_hand_contrastive(d, dt, tau), rel=1e-9)
+    assert L.vg_contrastive_loss({"vg_image": d, "vg_text": dt}, TAU).item() == pytest.approx(
+        _hand_contrastive(d, dt, tau), rel=1e-9
+    )
 
 
 def test_vg_mask_term():
@@ -93,7 +103,9 @@ def test_vg_mask_term():
     neg = [tau * _dot(dml[k], dtl[k]) for k in range(6)]
     expected = _hand_rank(pos, neg) / tau
     assert expected > 0
-    assert L.vg_mask_loss({"vg_image": d, "vg_image_masked": dm, "vg_text": dt}, TAU).item() == pytest.approx(expected, rel=1e-9)
+    assert L.vg_mask_loss(
+        {"vg_image": d, "vg_image_masked": dm, "vg_text": dt}, TAU
+    ).item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_grounding_mask_term():
@@ -103,13 +115,22 @@ def test_grounding_mask_term():
     neg = [tau * _dot(vl[k], tl[k]) for k in range(6)]
     expected = _hand_rank(pos, neg) / tau
     assert expected > 0
-    assert L.grounding_mask_loss({"image": i, "grounding_masked": v, "text": t}, TAU).item() == pytest.approx(expected, rel=1e-9)
+    assert L.grounding_mask_loss(
+        {"image": i, "grounding_masked": v, "text": t}, TAU
+    ).item() == pytest.approx(expected, rel=1e-9)
 
 
 def _all_feats(requires_grad=False):
-    f = {"image": _feats(4, seed=20), "text": _feats(4, seed=21), "prompts": _feats(4, 5, seed=22),
-         "masked": _feats(4, 5, seed=23), "vg_image": _feats(4, seed=24), "vg_image_masked": _feats(4, seed=25),
-         "vg_text": _feats(4, seed=26), "grounding_masked": _feats(4, seed=27)}
+    f = {
+        "image": _feats(4, seed=20),
+        "text": _feats(4, seed=21),
+        "prompts": _feats(4, 5, seed=22),
+        "masked": _feats(4, 5, seed=23),
+        "vg_image": _feats(4, seed=24),
+        "vg_image_masked": _feats(4, seed=25),
+        "vg_text": _feats(4, seed=26),
+        "grounding_masked": _feats(4, seed=27),
+    }
     if requires_grad:
         for v in f.values():
             v.requires_grad_(True)
@@ -129,22 +150,34 @@ def test_weighted_total_uses_spec_weights_and_only_enabled_terms():
     }
     for k, v in hand.items():
         assert values[k].item() == pytest.approx(v, rel=1e-9)
-    expected = (0.90 * hand["global"] + 0.03 * hand["prompt"] + 0.10 * values["text_mask"].item()
-                + 0.03 * hand["vg_contrastive"] + 0.15 * values["vg_mask"].item()
-                + 0.10 * values["grounding_mask"].item())
+    expected = (
+        0.90 * hand["global"]
+        + 0.03 * hand["prompt"]
+        + 0.10 * values["text_mask"].item()
+        + 0.03 * hand["vg_contrastive"]
+        + 0.15 * values["vg_mask"].item()
+        + 0.10 * values["grounding_mask"].item()
+    )
     assert T.total_loss(values).item() == pytest.approx(expected, rel=1e-9)
     # one flag: only global + that term, and the total is their weighted sum
     only = T.loss_terms(f, TAU, ("vg_mask",))
     assert set(only) == {"global", "vg_mask"}
-    assert T.total_loss(only).item() == pytest.approx(0.9 * hand["global"] + 0.15 * only["vg_mask"].item(),
-                                                      rel=1e-9)
+    assert T.total_loss(only).item() == pytest.approx(
+        0.9 * hand["global"] + 0.15 * only["vg_mask"].item(), rel=1e-9
+    )
     # the needed features only: a term's inputs may be absent when it is off
     minimal = {k: f[k] for k in ("image", "text", "grounding_masked")}
     assert set(T.loss_terms(minimal, TAU, ("grounding_mask",))) == {"global", "grounding_mask"}
 
 
-@pytest.mark.parametrize("term,inputs", [("text_mask", ("masked",)), ("vg_mask", ("vg_image_masked",)),
-                                         ("grounding_mask", ("grounding_masked",))])
+@pytest.mark.parametrize(
+    "term,inputs",
+    [
+        ("text_mask", ("masked",)),
+        ("vg_mask", ("vg_image_masked",)),
+        ("grounding_mask", ("grounding_masked",)),
+    ],
+)
 def test_ranking_terms_have_gradient_by_default_and_only_to_tau_with_legacy_flag(term, inputs):
     f = _all_feats(requires_grad=True)
     scale = TAU.clone().requires_grad_(True)
@@ -169,9 +202,13 @@ def test_ranking_terms_have_gradient_by_default_and_only_to_tau_with_legacy_flag
 
 def test_registry_matches_the_spec_table():
     assert [(t.name, t.flag, t.weight) for t in T.TERMS] == [
-        ("global", None, 0.90), ("prompt", "--is-prompt", 0.03), ("text_mask", "--is-mask", 0.10),
-        ("vg_contrastive", "--is-da-loss", 0.03), ("vg_mask", "--is-da-mask", 0.15),
-        ("grounding_mask", "--is-vg", 0.10)]
+        ("global", None, 0.90),
+        ("prompt", "--is-prompt", 0.03),
+        ("text_mask", "--is-mask", 0.10),
+        ("vg_contrastive", "--is-da-loss", 0.03),
+        ("vg_mask", "--is-da-mask", 0.15),
+        ("grounding_mask", "--is-vg", 0.10),
+    ]
     assert {t.name for t in T.TERMS if t.ranking} == {"text_mask", "vg_mask", "grounding_mask"}
 
 

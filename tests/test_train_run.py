@@ -1,4 +1,5 @@
 """Fine-tuning end to end on the tiny model: each flag alone, the README recipe, overfitting, resume, checkpoints."""
+
 import math
 import os
 import re
@@ -10,19 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _train_data import make_dataset, one_torch_thread, train_argv  # noqa: F401 (autouse fixture)
+
 from agree.io import InputError
+from agree.precision import resolve_precision
 from clip.clip import create_model, load
 from training import checkpoint as C
 from training.data import resolve_paths
 from training.dataset import build_train_dataset
 from training.distributed import DistEnv
-from agree.precision import resolve_precision
 from training.engine import build_optimizer, run
 from training.params import parse_args
-from training.terms import enabled_terms
 from training.scheduler import lr_at
+from training.terms import enabled_terms
 from training.train import StepConfig, compute_loss, train_step
 from training.validation import retrieval_metrics
 
@@ -34,7 +35,9 @@ STEP_RE = re.compile(r"step (\d+) loss ([0-9.]+) \(([^)]*)\)")
 
 def log_losses(log: Path) -> dict[int, str]:
     """Global step -> 'loss ... (terms)' text of every logged step."""
-    return {int(m.group(1)): f"{m.group(2)} {m.group(3)}" for m in STEP_RE.finditer(log.read_text())}
+    return {
+        int(m.group(1)): f"{m.group(2)} {m.group(3)}" for m in STEP_RE.finditer(log.read_text())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +50,16 @@ def medium(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("medium"), n_images=4, caps_per_image=2, n_val=2)
 
 
-@pytest.mark.parametrize("flag,term,weight", [("--is-prompt", "prompt", 0.03), ("--is-mask", "text_mask", 0.10),
-                                              ("--is-da-loss", "vg_contrastive", 0.03),
-                                              ("--is-da-mask", "vg_mask", 0.15), ("--is-vg", "grounding_mask", 0.10)])
+@pytest.mark.parametrize(
+    "flag,term,weight",
+    [
+        ("--is-prompt", "prompt", 0.03),
+        ("--is-mask", "text_mask", 0.10),
+        ("--is-da-loss", "vg_contrastive", 0.03),
+        ("--is-da-mask", "vg_mask", 0.15),
+        ("--is-vg", "grounding_mask", 0.10),
+    ],
+)
 def test_each_flag_alone_trains(small, tmp_path, flag, term, weight):
     args = parse_args(train_argv(small, tmp_path, "run", flag, batch_size=2, epochs=2))
     res = run(args, DistEnv(), keep_history=True)
@@ -57,8 +67,14 @@ def test_each_flag_alone_trains(small, tmp_path, flag, term, weight):
     for _, losses in res.history:
         assert set(losses) == {"loss", "global", term}
         assert all(math.isfinite(v) for v in losses.values())
-        assert losses["loss"] == pytest.approx(0.9 * losses["global"] + weight * losses[term], rel=1e-5)
-    assert len(res.val) == 2 and set(res.val[0][1]) >= {"val_loss", "image_to_text_R@1", "text_to_image_R@10"}
+        assert losses["loss"] == pytest.approx(
+            0.9 * losses["global"] + weight * losses[term], rel=1e-5
+        )
+    assert len(res.val) == 2 and set(res.val[0][1]) >= {
+        "val_loss",
+        "image_to_text_R@1",
+        "text_to_image_R@10",
+    }
     run_dir = tmp_path / "run"
     assert (run_dir / "params.txt").is_file() and (run_dir / "checkpoints" / "epoch_2.pt").is_file()
     assert "Eval Epoch: 2" in (run_dir / "out.log").read_text()
@@ -73,38 +89,79 @@ def test_readme_recipe_runs_verbatim_with_tiny_model(tmp_path):
     torch.save(create_model("tiny").state_dict(), pretrained)
     datapath = "./tmp/datasets/flickr30k_images"
     assert Path(tmp_path, datapath) == paths["data_root"]
-    cmd = [PY, "-u", str(MAIN), "--save-frequency", "2", "--report-to", "tensorboard",
-           f"--train-data={datapath}/annotation/flickr30k_train_pred.jsonl",
-           f"--val-data={datapath}/annotation/flickr30k_val.json",
-           "--img-key", "image", "--caption-key", "caption", "--dataset-type", "json",
-           "--is-mask", "--is-prompt", "--is-da-loss", "--is-da-mask", "--is-vg",
-           "--dist-url=tcp://127.0.0.1:13526", "--warmup", "10000", "--batch-size=8", "--lr=1e-5", "--wd=0.1",
-           "--epochs=50", "--workers=0", "--model", "tiny", "--openai-pretrained",
-           "--epochs=1"]  # the only change: one epoch instead of 50
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        PY,
+        "-u",
+        str(MAIN),
+        "--save-frequency",
+        "2",
+        "--report-to",
+        "tensorboard",
+        f"--train-data={datapath}/annotation/flickr30k_train_pred.jsonl",
+        f"--val-data={datapath}/annotation/flickr30k_val.json",
+        "--img-key",
+        "image",
+        "--caption-key",
+        "caption",
+        "--dataset-type",
+        "json",
+        "--is-mask",
+        "--is-prompt",
+        "--is-da-loss",
+        "--is-da-mask",
+        "--is-vg",
+        "--dist-url=tcp://127.0.0.1:13526",
+        "--warmup",
+        "10000",
+        "--batch-size=8",
+        "--lr=1e-5",
+        "--wd=0.1",
+        "--epochs=50",
+        "--workers=0",
+        "--model",
+        "tiny",
+        "--openai-pretrained",
+        "--epochs=1",
+    ]  # the only change: one epoch instead of 50
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "logs").iterdir())
     assert len(runs) == 1
-    assert re.fullmatch(r"lr=1e-05_wd=0\.1_agg=True_model=tiny_batchsize=8_workers=0_date="
-                        r"\d{4}-\d\d-\d\d-\d\d-\d\d-\d\d", runs[0].name)
+    assert re.fullmatch(
+        r"lr=1e-05_wd=0\.1_agg=True_model=tiny_batchsize=8_workers=0_date="
+        r"\d{4}-\d\d-\d\d-\d\d-\d\d-\d\d",
+        runs[0].name,
+    )
     run_dir = runs[0]
     assert (run_dir / "params.txt").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     log = (run_dir / "out.log").read_text()
     # no GPU here: the plain launch is one process (on N GPUs it would start N workers, see test_train_dist)
-    assert log.splitlines()[0].endswith("world size 1 (one process); batch size 8 per worker, global batch 8")
+    assert log.splitlines()[0].endswith(
+        "world size 1 (one process); batch size 8 per worker, global batch 8"
+    )
     assert "Train Epoch: 0 [1/1] step 1" in log and "Eval Epoch: 1" in log
     for term in ("global", "prompt", "text_mask", "vg_contrastive", "vg_mask", "grounding_mask"):
         assert f"{term} " in log
-    ckpt = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(
+        run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False
+    )
     assert {"epoch", "name", "state_dict", "optimizer", "scaler", "step", "rng"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 1 and ckpt["name"] == run_dir.name
     # started from the pretrained weights, and the checkpoint loads back as a CLIP model
     start = torch.load(pretrained, weights_only=True)
-    moved = max((ckpt["state_dict"][k].float() - v.float()).abs().max().item() for k, v in start.items())
-    assert 0 < moved < 1e-3    # one warm-up step at lr 1e-5/10000
-    torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=True)   # plain types only
+    moved = max(
+        (ckpt["state_dict"][k].float() - v.float()).abs().max().item() for k, v in start.items()
+    )
+    assert 0 < moved < 1e-3  # one warm-up step at lr 1e-5/10000
+    torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=True)  # plain types only
     model, _, _ = load(str(run_dir / "checkpoints" / "epoch_1.pt"))
     assert model.visual.input_resolution == 64
 
@@ -141,10 +198,16 @@ def test_ranking_terms_train_the_towers_unless_legacy(medium):
         grad = sum(p.grad.abs().sum().item() for p in model.parameters() if p.grad is not None)
         assert grad > 0, term
         model.zero_grad()
-        _, legacy = compute_loss(model, batch, StepConfig(terms=terms, env=DistEnv(), legacy_detached_rank=True))
+        _, legacy = compute_loss(
+            model, batch, StepConfig(terms=terms, env=DistEnv(), legacy_detached_rank=True)
+        )
         assert legacy[term].item() == pytest.approx(values[term].item(), rel=1e-5)
-        legacy[term].backward()      # as in the release: only the logit scale gets gradient from the term
-        moved = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        legacy[
+            term
+        ].backward()  # as in the release: only the logit scale gets gradient from the term
+        moved = {
+            n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+        }
         assert moved == {"logit_scale"}, term
 
 
@@ -171,20 +234,33 @@ def test_adamw_groups_and_default_hyperparameters():
     no_decay = {names[id(p)] for p in opt.param_groups[0]["params"]}
     decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
     assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.param_groups[1]["weight_decay"] == 0.3
-    assert {"logit_scale", "ln_final.weight", "ln_final.bias", "visual.ln_post.weight",
-            "transformer.resblocks.0.attn.in_proj_bias"} <= no_decay
-    assert {"visual.conv1.weight", "token_embedding.weight", "text_projection",
-            "transformer.resblocks.0.attn.in_proj_weight"} <= decay
+    assert {
+        "logit_scale",
+        "ln_final.weight",
+        "ln_final.bias",
+        "visual.ln_post.weight",
+        "transformer.resblocks.0.attn.in_proj_bias",
+    } <= no_decay
+    assert {
+        "visual.conv1.weight",
+        "token_embedding.weight",
+        "text_projection",
+        "transformer.resblocks.0.attn.in_proj_weight",
+    } <= decay
     assert no_decay.isdisjoint(decay) and no_decay | decay == set(names.values())
     assert all(any(k in n for k in ("bn", "ln", "bias", "logit_scale")) for n in no_decay)
 
 
 def test_warmup_then_cosine_schedule():
     base, warmup, total = 1e-3, 4, 14
-    assert [lr_at(s, base, warmup, total) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert [lr_at(s, base, warmup, total) for s in range(4)] == pytest.approx(
+        [2.5e-4, 5e-4, 7.5e-4, 1e-3]
+    )
     assert lr_at(4, base, warmup, total) == pytest.approx(1e-3)
-    assert lr_at(9, base, warmup, total) == pytest.approx(0.5e-3)          # half way through the decay
-    assert lr_at(6, base, warmup, total) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert lr_at(9, base, warmup, total) == pytest.approx(0.5e-3)  # half way through the decay
+    assert lr_at(6, base, warmup, total) == pytest.approx(
+        base * 0.5 * (1 + math.cos(math.pi * 0.2))
+    )
     assert lr_at(14, base, warmup, total) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -201,9 +277,12 @@ def test_retrieval_metrics_by_hand():
     # #1 (1.0): rank 1; image 2 scores the captions [0, 0, .1, .2, .3], its own #4 first: rank 0
     assert m["image_to_text_R@1"] == pytest.approx(200.0 / 3)
     assert m["image_to_text_R@5"] == pytest.approx(100.0)
+
     # loss: pairs (img0,cap0),(img1,cap2),(img2,cap4) then (img0,cap1),(img1,cap3)
     def ce(rows):
-        return sum(math.log(sum(math.exp(v) for v in r)) - r[i] for i, r in enumerate(rows)) / len(rows)
+        return sum(math.log(sum(math.exp(v) for v in r)) - r[i] for i, r in enumerate(rows)) / len(
+            rows
+        )
 
     def pair_loss(imgs, caps):
         a = [img[i].tolist() for i in imgs]
@@ -211,6 +290,7 @@ def test_retrieval_metrics_by_hand():
         ab = [[sum(x * y for x, y in zip(u, v)) for v in b] for u in a]
         ba = [list(col) for col in zip(*ab)]
         return (ce(ab) + ce(ba)) / 2
+
     expected = (pair_loss([0, 1, 2], [0, 2, 4]) * 3 + pair_loss([0, 1], [1, 3]) * 2) / 5
     assert m["val_loss"] == pytest.approx(expected, rel=1e-5)
 
@@ -249,7 +329,10 @@ def test_find_latest_and_resume_errors(tmp_path, small):
     wrong = tmp_path / "rn50.pt"
     torch.save({"epoch": 1, "state_dict": {"visual.conv1.weight": torch.zeros(3)}}, wrong)
     with pytest.raises(InputError, match="--resume: .*rn50.pt does not fit --model tiny"):
-        run(parse_args(train_argv(small, tmp_path, "wrong", "--resume", str(wrong), batch_size=2)), DistEnv())
+        run(
+            parse_args(train_argv(small, tmp_path, "wrong", "--resume", str(wrong), batch_size=2)),
+            DistEnv(),
+        )
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "out.log").write_text("")
     with pytest.raises(InputError, match="already exists"):
@@ -260,22 +343,29 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(medium, tmp_path):
     flags = ("--is-prompt", "--is-da-mask", "--is-vg")
     common = ["--save-frequency", "1", "--save-every-n-steps", "3"]
     # uninterrupted: 2 epochs x 4 steps
-    ref = run(parse_args(train_argv(medium, tmp_path, "ref", *flags, *common, batch_size=2, epochs=2)), DistEnv(),
-              keep_history=True)
+    ref = run(
+        parse_args(train_argv(medium, tmp_path, "ref", *flags, *common, batch_size=2, epochs=2)),
+        DistEnv(),
+        keep_history=True,
+    )
     ref_losses = log_losses(tmp_path / "ref" / "out.log")
     assert sorted(ref_losses) == list(range(1, 9)) and len(ref.history) == 8
 
     # the same run as a process, killed (SIGKILL) once it has written a mid-epoch checkpoint
     argv = train_argv(medium, tmp_path, "killed", *flags, *common, batch_size=2, epochs=2)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([PY, "-u", str(MAIN), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [PY, "-u", str(MAIN), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
     log = tmp_path / "killed" / "out.log"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if log.is_file() and "(step 3)" in log.read_text():
             break
         time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    assert proc.poll() is None, (
+        "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved = C.load_checkpoint(tmp_path / "killed" / "checkpoints" / "epoch_latest.pt")
@@ -283,15 +373,36 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(medium, tmp_path):
     killed_at = max(log_losses(log))
     assert killed_at < 8
 
-    res = run(parse_args(train_argv(medium, tmp_path, "killed", *flags, *common, "--resume", "latest",
-                                    batch_size=2, epochs=2)), DistEnv(), keep_history=True)
+    res = run(
+        parse_args(
+            train_argv(
+                medium,
+                tmp_path,
+                "killed",
+                *flags,
+                *common,
+                "--resume",
+                "latest",
+                batch_size=2,
+                epochs=2,
+            )
+        ),
+        DistEnv(),
+        keep_history=True,
+    )
     assert [s for s, _ in res.history] == list(range(saved["step"] + 1, 9))
-    resumed = log_losses(log)          # the log is appended to: steps before the kill, then the resumed ones
+    resumed = log_losses(
+        log
+    )  # the log is appended to: steps before the kill, then the resumed ones
     for step in range(1, 9):
         assert resumed[step] == ref_losses[step], step
     # and the final weights equal the uninterrupted run's
-    a = torch.load(tmp_path / "ref" / "checkpoints" / "epoch_2.pt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "killed" / "checkpoints" / "epoch_2.pt", weights_only=False)["state_dict"]
+    a = torch.load(tmp_path / "ref" / "checkpoints" / "epoch_2.pt", weights_only=False)[
+        "state_dict"
+    ]
+    b = torch.load(tmp_path / "killed" / "checkpoints" / "epoch_2.pt", weights_only=False)[
+        "state_dict"
+    ]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -316,16 +427,35 @@ def test_flag_value_errors(small, tmp_path):
 
 
 def test_stop_after_epoch_writes_the_checkpoint_of_the_full_schedule(small, tmp_path):
-    full = parse_args(train_argv(small, tmp_path, "full", "--save-frequency", "2", batch_size=2, epochs=3))
+    full = parse_args(
+        train_argv(small, tmp_path, "full", "--save-frequency", "2", batch_size=2, epochs=3)
+    )
     run(full, DistEnv())
-    stopped = parse_args(train_argv(small, tmp_path, "stopped", "--stop-after-epoch", "2", "--save-frequency", "5",
-                                    batch_size=2, epochs=3))
+    stopped = parse_args(
+        train_argv(
+            small,
+            tmp_path,
+            "stopped",
+            "--stop-after-epoch",
+            "2",
+            "--save-frequency",
+            "5",
+            batch_size=2,
+            epochs=3,
+        )
+    )
     res = run(stopped, DistEnv(), keep_history=True)
     assert [s for s, _ in res.history] == [1, 2] and res.final_step == 2
-    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["epoch_2.pt"]
-    a = torch.load(tmp_path / "full" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "stopped" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)      # the same learning rates as the 3-epoch run
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == [
+        "epoch_2.pt"
+    ]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "epoch_2.pt", weights_only=True)[
+        "state_dict"
+    ]
+    b = torch.load(tmp_path / "stopped" / "checkpoints" / "epoch_2.pt", weights_only=True)[
+        "state_dict"
+    ]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same learning rates as the 3-epoch run
     with pytest.raises(InputError, match="--stop-after-epoch must be between 1 and --epochs"):
         parse_args(train_argv(small, tmp_path, "x", "--stop-after-epoch", "4", epochs=3))
 

@@ -1,9 +1,10 @@
 """scripts/reproduce_tables.py: the epoch it evaluates, and the flags it passes to every fine-tuning run."""
+
 import json
 
 import pytest
-
 from _scripts import load_script
+
 from agree.io import InputError
 from agree.layout import Layout
 from experiments.tables import TableRunner, evaluated_epoch, fine_tune_flags
@@ -26,14 +27,39 @@ def test_flags_passed_to_every_fine_tuning_run():
     assert (args.epochs, args.epoch, args.nproc, args.legacy_detached_rank) == (50, 2, None, False)
     # stop after the evaluated epoch (same schedule), one worker per visible GPU unless --nproc is given
     assert fine_tune_flags(args) == ["--save-frequency=2", "--stop-after-epoch=2"]
-    args = tables.parse_args(["--epochs", "3", "--epoch", "3", "--nproc", "2", "--legacy-detached-rank",
-                              "--max-missing-fraction", "0.01", "--precision", "fp32"])
+    args = tables.parse_args(
+        [
+            "--epochs",
+            "3",
+            "--epoch",
+            "3",
+            "--nproc",
+            "2",
+            "--legacy-detached-rank",
+            "--max-missing-fraction",
+            "0.01",
+            "--precision",
+            "fp32",
+        ]
+    )
     flags = fine_tune_flags(args)
-    assert flags == ["--save-frequency=3", "--stop-after-epoch=3", "--nproc=2", "--legacy-detached-rank",
-                     "--max-missing-fraction=0.01", "--precision=fp32"]
-    parsed = train_args(["--train-data", "x.jsonl", "--epochs", "3", *flags])     # main_all.py accepts them
-    assert (parsed.stop_after_epoch, parsed.nproc, parsed.legacy_detached_rank, parsed.max_missing_fraction) == (
-        3, 2, True, 0.01)
+    assert flags == [
+        "--save-frequency=3",
+        "--stop-after-epoch=3",
+        "--nproc=2",
+        "--legacy-detached-rank",
+        "--max-missing-fraction=0.01",
+        "--precision=fp32",
+    ]
+    parsed = train_args(
+        ["--train-data", "x.jsonl", "--epochs", "3", *flags]
+    )  # main_all.py accepts them
+    assert (
+        parsed.stop_after_epoch,
+        parsed.nproc,
+        parsed.legacy_detached_rank,
+        parsed.max_missing_fraction,
+    ) == (3, 2, True, 0.01)
 
 
 def test_results_name_the_evaluated_epoch(tmp_path):
@@ -42,13 +68,30 @@ def test_results_name_the_evaluated_epoch(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
     (tmp_path / "model.pt").write_bytes(b"")
-    args = tables.parse_args(["--data-root", str(lay.data_dir), "--pretrained", str(tmp_path / "model.pt"),
-                              "--out", str(tmp_path / "out"), "--epochs", "5", "--legacy-detached-rank"])
+    args = tables.parse_args(
+        [
+            "--data-root",
+            str(lay.data_dir),
+            "--pretrained",
+            str(tmp_path / "model.pt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--epochs",
+            "5",
+            "--legacy-detached-rank",
+        ]
+    )
     runner = TableRunner(args)
-    runner.add_row("Fine-tuning", "AGREE", {d: {"r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0}
-                                            for d in ("t2i", "i2t")})
+    runner.add_row(
+        "Fine-tuning",
+        "AGREE",
+        {d: {"r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0} for d in ("t2i", "i2t")},
+    )
     runner.write_results()
     setup = json.loads((tmp_path / "out" / "results.json").read_text())["setup"]
     assert (setup["epoch"], setup["epochs"], setup["legacy_detached_rank"]) == (2, 5, True)
     header = (tmp_path / "out" / "results.md").read_text().splitlines()[2]
-    assert "checkpoint `epoch_2.pt` (epoch 2 of a 5-epoch schedule) with `--legacy-detached-rank`" in header
+    assert (
+        "checkpoint `epoch_2.pt` (epoch 2 of a 5-epoch schedule) with `--legacy-detached-rank`"
+        in header
+    )

@@ -1,4 +1,5 @@
 """Training checkpoints: atomic writes, RNG state, locating the newest one for --resume latest."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,17 @@ def rng_state() -> dict:
     """Python, NumPy, torch CPU and CUDA random states."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     # plain types and tensors only, so that torch.load(weights_only=True) reads the checkpoint
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -36,7 +46,9 @@ def set_rng_state(state: Optional[dict]) -> None:
         random.setstate(state["python"])
     if "numpy" in state:
         kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
+        np.random.set_state(
+            (kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss)
+        )
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -61,6 +73,7 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             os.link(src, tmp)
         except OSError:
             import shutil
+
             shutil.copyfile(src, tmp)
 
 
@@ -86,7 +99,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # corrupt or foreign file
-        raise InputError(f"--resume: cannot read checkpoint {p} ({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"--resume: cannot read checkpoint {p} ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise InputError(f"--resume: {p} is not a training checkpoint (no 'state_dict')")
     return ckpt
@@ -95,5 +110,5 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 def strip_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Drop a leading 'module.' (checkpoints written from a DDP-wrapped model)."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
     return state_dict

@@ -2,6 +2,7 @@
 
 Each loss flag loads only the files its term needs (see training.terms for the slots each term reads).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,14 @@ OBJECT_SPLITS = ("train", "test", "val")
 @dataclass
 class DataPaths:
     """Every file fine-tuning may read (which are read depends on the loss flags)."""
+
     train_data: Path
     train_images: Path
     val_data: Optional[Path]
     val_images: Path
-    train_objects: tuple[Path, ...]     # read in this order; a later file's line wins for the same image
+    train_objects: tuple[
+        Path, ...
+    ]  # read in this order; a later file's line wins for the same image
     grounding_images: Path
     vg_images: Path
     vg_mask_images: Path
@@ -58,8 +62,9 @@ def resolve_paths(args: argparse.Namespace) -> DataPaths:
         train_images=pick(args.train_images, lay.train_npz),
         val_data=Path(args.val_data) if args.val_data else None,
         val_images=pick(args.val_images, lay.val_npz),
-        train_objects=tuple(Path(p) for p in args.train_objects) if args.train_objects else
-        tuple(lay.objects(split) for split in OBJECT_SPLITS),
+        train_objects=tuple(Path(p) for p in args.train_objects)
+        if args.train_objects
+        else tuple(lay.objects(split) for split in OBJECT_SPLITS),
         grounding_images=pick(args.grounding_images, lay.grounding),
         vg_images=pick(args.vg_images, lay.vg_images),
         vg_mask_images=pick(args.vg_mask_images, lay.vg_masked),
@@ -76,22 +81,38 @@ def required_files(terms: Iterable[str], paths: DataPaths) -> list[tuple[str, st
     """(flag, description, path) of every file the enabled terms need."""
     terms = list(terms)
     slots = slots_of(terms)
-    req = [("--train-data", "training captions", paths.train_data),
-           ("--train-data", "train image archive (--train-images)", paths.train_images)]
+    req = [
+        ("--train-data", "training captions", paths.train_data),
+        ("--train-data", "train image archive (--train-images)", paths.train_images),
+    ]
     if paths.val_data is not None:
-        req += [("--val-data", "validation captions", paths.val_data),
-                ("--val-data", "val image archive (--val-images)", paths.val_images)]
+        req += [
+            ("--val-data", "validation captions", paths.val_data),
+            ("--val-data", "val image archive (--val-images)", paths.val_images),
+        ]
     if "vg_image" in slots:
         flag = slot_flag(terms, "vg_image")
         req += [(flag, "objects per image (--train-objects)", p) for p in paths.train_objects]
-        req += [(flag, "Visual Genome vocabulary (--vg-vocab)", paths.vg_vocab),
-                (flag, "Visual Genome images (--vg-images)", paths.vg_images)]
+        req += [
+            (flag, "Visual Genome vocabulary (--vg-vocab)", paths.vg_vocab),
+            (flag, "Visual Genome images (--vg-images)", paths.vg_images),
+        ]
     if "vg_image_masked" in slots:
-        req.append((slot_flag(terms, "vg_image_masked"), "Visual Genome masked images (--vg-mask-images)",
-                    paths.vg_mask_images))
+        req.append(
+            (
+                slot_flag(terms, "vg_image_masked"),
+                "Visual Genome masked images (--vg-mask-images)",
+                paths.vg_mask_images,
+            )
+        )
     if "grounding_masked" in slots:
-        req.append((slot_flag(terms, "grounding_masked"), "visual grounding images (--grounding-images)",
-                    paths.grounding_images))
+        req.append(
+            (
+                slot_flag(terms, "grounding_masked"),
+                "visual grounding images (--grounding-images)",
+                paths.grounding_images,
+            )
+        )
     return req
 
 
@@ -103,20 +124,23 @@ def check_files(args: argparse.Namespace, terms: Iterable[str], paths: DataPaths
     if args.dataset_type == "auto":
         for flag, path in (("--train-data", paths.train_data), ("--val-data", paths.val_data)):
             if path is not None and path.suffix not in (".jsonl", ".json"):
-                raise InputError(f"{flag}: cannot infer the format of {path} "
-                                 "(expected .jsonl/.json; pass --dataset-type json)")
+                raise InputError(
+                    f"{flag}: cannot infer the format of {path} "
+                    "(expected .jsonl/.json; pass --dataset-type json)"
+                )
 
 
 # --------------------------------------------------------------------------- annotation files
 @dataclass
 class TrainRecord:
     """What one training example needs from its jsonl line."""
+
     image_key: str
     stem: str
     caption: str
     segs: list[str] = field(default_factory=list)
     grounding_key: Optional[str] = None
-    where: str = ""                     # file:line of the record, for messages
+    where: str = ""  # file:line of the record, for messages
 
 
 def str_list(value: object, what: str, where: str) -> list[str]:
@@ -126,10 +150,15 @@ def str_list(value: object, what: str, where: str) -> list[str]:
     return value
 
 
-def load_train_records(path: Path, img_key: str, caption_key: str, need_segs: bool,
-                       need_preds: bool) -> list[TrainRecord]:
+def load_train_records(
+    path: Path, img_key: str, caption_key: str, need_segs: bool, need_preds: bool
+) -> list[TrainRecord]:
     """Parse <dataset>_train_pred.jsonl; errors name file:line and the key."""
-    required = [img_key, caption_key, "image_id"] + (["segs"] if need_segs else []) + (["preds"] if need_preds else [])
+    required = (
+        [img_key, caption_key, "image_id"]
+        + (["segs"] if need_segs else [])
+        + (["preds"] if need_preds else [])
+    )
     records = []
     for lineno, rec in iter_jsonl(path, required):
         where = f"{path}:{lineno}"
@@ -139,7 +168,9 @@ def load_train_records(path: Path, img_key: str, caption_key: str, need_segs: bo
         image = rec[img_key]
         if not isinstance(image, str):
             raise InputError(f"{where}: {img_key!r} must be an image path string (set --img-key)")
-        r = TrainRecord(image_key=str(rec["image_id"]), stem=Path(image).stem, caption=caption, where=where)
+        r = TrainRecord(
+            image_key=str(rec["image_id"]), stem=Path(image).stem, caption=caption, where=where
+        )
         if need_segs:
             r.segs = str_list(rec["segs"], "'segs'", where)
         if need_preds:
@@ -159,7 +190,9 @@ def load_objects(paths: Sequence[Path]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for path in paths:
         for lineno, rec in iter_jsonl(path, ("image_id", "image_objects")):
-            out[str(rec["image_id"])] = str_list(rec["image_objects"], "'image_objects'", f"{path}:{lineno}")
+            out[str(rec["image_id"])] = str_list(
+                rec["image_objects"], "'image_objects'", f"{path}:{lineno}"
+            )
     return out
 
 
@@ -167,11 +200,12 @@ def load_objects(paths: Sequence[Path]) -> dict[str, list[str]]:
 @dataclass
 class Misses:
     """Items of one kind of training input that were looked up at start-up, and those not found."""
-    kind: str            # what a miss lacks, e.g. "grounding image"
-    flag: str            # the flag of the file looked in
-    path: str            # that file (or files)
-    unit: str            # what was checked, plural ("grounded captions")
-    fallback: str        # what a miss turns into when allowed
+
+    kind: str  # what a miss lacks, e.g. "grounding image"
+    flag: str  # the flag of the file looked in
+    path: str  # that file (or files)
+    unit: str  # what was checked, plural ("grounded captions")
+    fallback: str  # what a miss turns into when allowed
     checked: int = 0
     missing: int = 0
     first_key: Optional[str] = None
@@ -193,8 +227,10 @@ class Misses:
 
     def summary(self) -> str:
         """One line for the log."""
-        return (f"{self.kind}: {self.missing} of {self.checked} {self.unit} missing ({100 * self.fraction:.2f}%) "
-                f"in {self.path}")
+        return (
+            f"{self.kind}: {self.missing} of {self.checked} {self.unit} missing ({100 * self.fraction:.2f}%) "
+            f"in {self.path}"
+        )
 
 
 def enforce_missing(misses: Iterable[Misses], max_fraction: float) -> list[tuple[int, str]]:
@@ -215,14 +251,26 @@ def enforce_missing(misses: Iterable[Misses], max_fraction: float) -> list[tuple
                 f"{m.flag}: {m.path} has no {m.kind} {m.first_key!r}{at}; {m.missing} of {m.checked} {m.unit} "
                 f"({100 * m.fraction:.2f}%) have none, above --max-missing-fraction {max_fraction:g}. Fix the data, "
                 f"or pass --max-missing-fraction {m.fraction:.4g} (or more) to train with {m.fallback} "
-                "in their place")
-        report.append((logging.WARNING, f"{m.summary()}; allowed by --max-missing-fraction {max_fraction:g}: "
-                                        f"{m.fallback} in their place (first: {m.first_key!r}{at})"))
+                "in their place"
+            )
+        report.append(
+            (
+                logging.WARNING,
+                f"{m.summary()}; allowed by --max-missing-fraction {max_fraction:g}: "
+                f"{m.fallback} in their place (first: {m.first_key!r}{at})",
+            )
+        )
     return report
 
 
-def load_vg_vocab(path: Path, words: set[str], vg_images: ImageArchive, vg_masked: Optional[ImageArchive],
-                  image_misses: Misses, masked_misses: Optional[Misses]) -> dict[str, list[str]]:
+def load_vg_vocab(
+    path: Path,
+    words: set[str],
+    vg_images: ImageArchive,
+    vg_masked: Optional[ImageArchive],
+    image_misses: Misses,
+    masked_misses: Optional[Misses],
+) -> dict[str, list[str]]:
     """Object word -> VG image ids of its usable entries (non-empty 'object') whose images are present.
 
     Every usable entry of a word in `words` is looked up in the VG archives; the look-ups are counted

@@ -1,5 +1,6 @@
 """Process layout (one process, workers spawned per GPU as the release does, or torchrun's world),
 torch.distributed set-up, and feature gathering (spec 3.3)."""
+
 from __future__ import annotations
 
 import logging
@@ -22,6 +23,7 @@ SINGLE, SPAWN, TORCHRUN = "single", "spawn", "torchrun"
 @dataclass
 class DistEnv:
     """Where this process sits: rank, world size, local rank, device, and who started the processes."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -38,10 +40,11 @@ class DistEnv:
 @dataclass(frozen=True)
 class LaunchPlan:
     """How a run is laid out over processes, decided once in the launching process."""
-    launcher: str                # SINGLE, SPAWN (main_all.py starts the workers) or TORCHRUN
+
+    launcher: str  # SINGLE, SPAWN (main_all.py starts the workers) or TORCHRUN
     world_size: int
     use_cuda: bool
-    backend: Optional[str]       # process-group backend when world_size > 1
+    backend: Optional[str]  # process-group backend when world_size > 1
 
     def describe(self) -> str:
         """For the log: who started how many processes, and the backend."""
@@ -56,8 +59,14 @@ def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
-def plan_launch(nproc: Optional[int], device: Optional[str], gpu: Optional[int], backend: Optional[str],
-                environ: Mapping[str, str] = os.environ, cuda_devices: Optional[int] = None) -> LaunchPlan:
+def plan_launch(
+    nproc: Optional[int],
+    device: Optional[str],
+    gpu: Optional[int],
+    backend: Optional[str],
+    environ: Mapping[str, str] = os.environ,
+    cuda_devices: Optional[int] = None,
+) -> LaunchPlan:
     """The process layout of a run.
 
     Under torchrun (WORLD_SIZE set) its world is used. Otherwise, as the release's mp.spawn, one worker
@@ -72,8 +81,10 @@ def plan_launch(nproc: Optional[int], device: Optional[str], gpu: Optional[int],
         use_cuda = False
     if "WORLD_SIZE" in environ:
         if nproc is not None:
-            raise InputError("--nproc: this process was started by torchrun (WORLD_SIZE is set), whose "
-                             "--nproc_per_node sets the number of processes; drop --nproc")
+            raise InputError(
+                "--nproc: this process was started by torchrun (WORLD_SIZE is set), whose "
+                "--nproc_per_node sets the number of processes; drop --nproc"
+            )
         launcher, world = TORCHRUN, _env_int(environ, "WORLD_SIZE", 1)
     else:
         fixed_device = gpu is not None or (device is not None and ":" in device)
@@ -82,9 +93,13 @@ def plan_launch(nproc: Optional[int], device: Optional[str], gpu: Optional[int],
         if nproc < 1:
             raise InputError(f"--nproc must be >= 1, got {nproc}")
         if nproc > 1 and use_cuda and fixed_device:
-            raise InputError(f"--nproc {nproc} puts worker k on GPU k; drop --gpu and the index of --device")
+            raise InputError(
+                f"--nproc {nproc} puts worker k on GPU k; drop --gpu and the index of --device"
+            )
         if use_cuda and nproc > cuda_devices:
-            raise InputError(f"--nproc {nproc}: one worker per GPU, but {cuda_devices} GPU(s) are visible")
+            raise InputError(
+                f"--nproc {nproc}: one worker per GPU, but {cuda_devices} GPU(s) are visible"
+            )
         launcher, world = (SPAWN if nproc > 1 else SINGLE), nproc
     if world > 1:
         if backend is None:
@@ -95,8 +110,14 @@ def plan_launch(nproc: Optional[int], device: Optional[str], gpu: Optional[int],
     return LaunchPlan(launcher, world, use_cuda, backend if world > 1 else None)
 
 
-def init_distributed(plan: LaunchPlan, local_rank: int, device: Optional[str], dist_url: str,
-                     gpu: Optional[int] = None, environ: Mapping[str, str] = os.environ) -> DistEnv:
+def init_distributed(
+    plan: LaunchPlan,
+    local_rank: int,
+    device: Optional[str],
+    dist_url: str,
+    gpu: Optional[int] = None,
+    environ: Mapping[str, str] = os.environ,
+) -> DistEnv:
     """Join the process group of `plan` as worker `local_rank` (torchrun: its RANK/LOCAL_RANK); pick the device.
 
     A torchrun worker rendezvouses at env:// (MASTER_ADDR) when set, a spawned one at `dist_url`.
@@ -120,7 +141,9 @@ def init_distributed(plan: LaunchPlan, local_rank: int, device: Optional[str], d
     if plan.world_size <= 1:
         return DistEnv(0, 1, 0, dev, False, plan.launcher)
     init_method = "env://" if plan.launcher == TORCHRUN and "MASTER_ADDR" in environ else dist_url
-    dist.init_process_group(backend=plan.backend, init_method=init_method, world_size=plan.world_size, rank=rank)
+    dist.init_process_group(
+        backend=plan.backend, init_method=init_method, world_size=plan.world_size, rank=rank
+    )
     return DistEnv(rank, plan.world_size, local_rank, dev, True, plan.launcher)
 
 
@@ -132,9 +155,11 @@ def spawn_workers(fn: Callable[..., None], nprocs: int, *args: Any) -> None:
     errors = mp.get_context("spawn").SimpleQueue()
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
-    spawn_log.setLevel(logging.ERROR)        # not "Terminating process ..." when a worker stops the run
+    spawn_log.setLevel(logging.ERROR)  # not "Terminating process ..." when a worker stops the run
     try:
-        mp.start_processes(_spawned, args=(fn, errors, *args), nprocs=nprocs, join=True, start_method="spawn")
+        mp.start_processes(
+            _spawned, args=(fn, errors, *args), nprocs=nprocs, join=True, start_method="spawn"
+        )
     except ProcessException:
         if not errors.empty():
             raise InputError(errors.get()) from None
@@ -193,7 +218,7 @@ def gather_features(x: Tensor, env: DistEnv, with_grad: bool = False) -> Tensor:
         parts = [torch.empty_like(x) for _ in range(env.world_size)]
         dist.all_gather(parts, x.detach().contiguous())
     parts[env.rank] = x if not with_grad else parts[env.rank]
-    return torch.cat([parts[env.rank]] + parts[:env.rank] + parts[env.rank + 1:])
+    return torch.cat([parts[env.rank]] + parts[: env.rank] + parts[env.rank + 1 :])
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,4 +1,5 @@
 """Putting a run together: run directory, model, optimiser, data, resume, the epoch loop, checkpoints."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,15 @@ from clip.model import convert_weights
 from training import checkpoint as ckpt_io
 from training.data import check_files, resolve_paths
 from training.dataset import load_train_inputs, make_train_loader
-from training.distributed import SPAWN, DistEnv, LaunchPlan, barrier, cleanup, init_distributed, unwrap
+from training.distributed import (
+    SPAWN,
+    DistEnv,
+    LaunchPlan,
+    barrier,
+    cleanup,
+    init_distributed,
+    unwrap,
+)
 from training.logger import close_logging, setup_logging
 from training.scheduler import constant_lr, cosine_lr
 from training.terms import enabled_terms
@@ -33,9 +42,12 @@ NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
 @dataclass
 class RunResult:
     """What a finished run leaves behind (for callers and tests)."""
+
     run_dir: Path
-    history: list = field(default_factory=list)      # (global step, {term: value}) of every step run here
-    val: list = field(default_factory=list)          # (epoch, metrics) after every epoch
+    history: list = field(
+        default_factory=list
+    )  # (global step, {term: value}) of every step run here
+    val: list = field(default_factory=list)  # (epoch, metrics) after every epoch
     final_step: int = 0
 
 
@@ -47,10 +59,18 @@ def build_model(args: argparse.Namespace, device: torch.device, precision: str) 
     if args.openai_pretrained:
         path = Path(args.pretrained_path or default_checkpoint(args.model))
         if not path.is_file():
-            raise InputError(f"--openai-pretrained: checkpoint not found: {path} (set --pretrained-path)")
+            raise InputError(
+                f"--openai-pretrained: checkpoint not found: {path} (set --pretrained-path)"
+            )
         try:
-            model, _, _ = load_pretrained(path, device=device, is_train=True, precision=weights, jit=args.jit,
-                                          model_name=args.model)
+            model, _, _ = load_pretrained(
+                path,
+                device=device,
+                is_train=True,
+                precision=weights,
+                jit=args.jit,
+                model_name=args.model,
+            )
         except InputError as e:
             raise InputError(f"--openai-pretrained: {e}") from None
     else:
@@ -71,13 +91,20 @@ def lock_towers(model: nn.Module, args: argparse.Namespace) -> None:
         unlocked = getattr(args, f"lock_{tower}_unlocked_groups")
         groups = model.layer_groups(tower)
         if unlocked >= len(groups):
-            raise InputError(f"--lock-{tower}-unlocked-groups {unlocked}: the {tower} tower of {args.model} has "
-                             f"{len(groups)} layer groups; leave at most {len(groups) - 1} unlocked "
-                             f"(or drop --lock-{tower})")
+            raise InputError(
+                f"--lock-{tower}-unlocked-groups {unlocked}: the {tower} tower of {args.model} has "
+                f"{len(groups)} layer groups; leave at most {len(groups) - 1} unlocked "
+                f"(or drop --lock-{tower})"
+            )
         (model.lock_image_tower if tower == "image" else model.lock_text_tower)(unlocked)
-        frozen = sum(p.numel() for g in groups[:len(groups) - unlocked] for p in g)
-        logging.info("--lock-%s: %d of %d layer groups frozen (%.1fM parameters)", tower, len(groups) - unlocked,
-                     len(groups), frozen / 1e6)
+        frozen = sum(p.numel() for g in groups[: len(groups) - unlocked] for p in g)
+        logging.info(
+            "--lock-%s: %d of %d layer groups frozen (%.1fM parameters)",
+            tower,
+            len(groups) - unlocked,
+            len(groups),
+            frozen / 1e6,
+        )
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
@@ -89,7 +116,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.A
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": args.wd}]
     on_cuda = all(p.is_cuda for p in decay + no_decay)
     fast = {"fused": True} if on_cuda else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, **fast)
+    return torch.optim.AdamW(
+        groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, **fast
+    )
 
 
 def write_params(args: argparse.Namespace, path: Path) -> None:
@@ -116,11 +145,19 @@ def _reporters(args: argparse.Namespace, run_dir: Path, env: DistEnv) -> tuple[A
         return None, None
     if "tensorboard" in args.report:
         from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     if "wandb" in args.report:
         import wandb as wandb_module
+
         wandb = wandb_module
-        wandb.init(project="agree", name=args.name, notes=args.wandb_notes, config=vars(args), dir=str(run_dir))
+        wandb.init(
+            project="agree",
+            name=args.name,
+            notes=args.wandb_notes,
+            config=vars(args),
+            dir=str(run_dir),
+        )
     return writer, wandb
 
 
@@ -132,36 +169,66 @@ def _restore(path: Path, args: argparse.Namespace, ctx: TrainContext) -> int:
         if "optimizer" in ckpt:
             ctx.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise InputError(f"--resume: {path} does not fit --model {args.model} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise InputError(
+            f"--resume: {path} does not fit --model {args.model} "
+            f"({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     if ctx.scaler is not None and ckpt.get("scaler"):
         ctx.scaler.load_state_dict(ckpt["scaler"])
     start_step = int(ckpt.get("step", ckpt.get("epoch", 0) * ctx.steps_per_epoch))
     if ckpt.get("steps_per_epoch", ctx.steps_per_epoch) != ctx.steps_per_epoch:
-        logging.warning("checkpoint was written with %s steps per epoch, this run has %d",
-                        ckpt.get("steps_per_epoch"), ctx.steps_per_epoch)
+        logging.warning(
+            "checkpoint was written with %s steps per epoch, this run has %d",
+            ckpt.get("steps_per_epoch"),
+            ctx.steps_per_epoch,
+        )
     ckpt_io.set_rng_state(ckpt.get("rng"))
-    logging.info("resumed from %s at step %d (epoch %d)", path, start_step, start_step // ctx.steps_per_epoch)
+    logging.info(
+        "resumed from %s at step %d (epoch %d)", path, start_step, start_step // ctx.steps_per_epoch
+    )
     return start_step
 
 
 def _checkpoint(args: argparse.Namespace, ctx: TrainContext, epochs_done: int, step: int) -> dict:
     """Everything a resumed run needs (loads with torch.load(weights_only=True))."""
-    return {"epoch": epochs_done, "step": step, "steps_per_epoch": ctx.steps_per_epoch, "name": args.name,
-            "model": args.model, "state_dict": unwrap(ctx.model).state_dict(),
-            "optimizer": ctx.optimizer.state_dict(),
-            "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
-            "rng": ckpt_io.rng_state(), "args": {k: v for k, v in vars(args).items() if k != "report"}}
+    return {
+        "epoch": epochs_done,
+        "step": step,
+        "steps_per_epoch": ctx.steps_per_epoch,
+        "name": args.name,
+        "model": args.model,
+        "state_dict": unwrap(ctx.model).state_dict(),
+        "optimizer": ctx.optimizer.state_dict(),
+        "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+        "rng": ckpt_io.rng_state(),
+        "args": {k: v for k, v in vars(args).items() if k != "report"},
+    }
 
 
-def _end_of_epoch(args: argparse.Namespace, ctx: TrainContext, val: Optional[ValData], ckpt_dir: Path,
-                  epochs_done: int, step: int, result: RunResult) -> None:
+def _end_of_epoch(
+    args: argparse.Namespace,
+    ctx: TrainContext,
+    val: Optional[ValData],
+    ckpt_dir: Path,
+    epochs_done: int,
+    step: int,
+    result: RunResult,
+) -> None:
     """Rank 0: validation, then epoch_N.pt / epoch_latest.pt as the save flags ask."""
     if val is not None:
-        metrics = evaluate(ctx.model, val, unwrap(ctx.model).visual.input_resolution, args.batch_size_eval,
-                           args.workers, ctx.cfg.env.device, ctx.cfg.precision)
+        metrics = evaluate(
+            ctx.model,
+            val,
+            unwrap(ctx.model).visual.input_resolution,
+            args.batch_size_eval,
+            args.workers,
+            ctx.cfg.env.device,
+            ctx.cfg.precision,
+        )
         result.val.append((epochs_done, metrics))
-        logging.info("Eval Epoch: %d %s", epochs_done, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        logging.info(
+            "Eval Epoch: %d %s", epochs_done, " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        )
         if ctx.writer is not None:
             for k, v in metrics.items():
                 ctx.writer.add_scalar(f"val/{k}", v, step)
@@ -170,13 +237,17 @@ def _end_of_epoch(args: argparse.Namespace, ctx: TrainContext, val: Optional[Val
     saved = None
     last = args.stop_after_epoch or args.epochs
     if args.save_frequency > 0 and (epochs_done % args.save_frequency == 0 or epochs_done == last):
-        saved = ckpt_io.save_checkpoint(_checkpoint(args, ctx, epochs_done, step), ckpt_dir / f"epoch_{epochs_done}.pt")
+        saved = ckpt_io.save_checkpoint(
+            _checkpoint(args, ctx, epochs_done, step), ckpt_dir / f"epoch_{epochs_done}.pt"
+        )
         logging.info("saved %s", saved)
     if args.save_most_recent or args.save_every_n_steps:
         if saved is not None:
             ckpt_io.link_or_copy(saved, ckpt_dir / ckpt_io.LATEST)
         else:
-            ckpt_io.save_checkpoint(_checkpoint(args, ctx, epochs_done, step), ckpt_dir / ckpt_io.LATEST)
+            ckpt_io.save_checkpoint(
+                _checkpoint(args, ctx, epochs_done, step), ckpt_dir / ckpt_io.LATEST
+            )
 
 
 def _prepare_run_dir(args: argparse.Namespace, env: DistEnv) -> tuple[Path, Path, Optional[Path]]:
@@ -184,8 +255,10 @@ def _prepare_run_dir(args: argparse.Namespace, env: DistEnv) -> tuple[Path, Path
     run_dir = Path(args.logs) / args.name
     ckpt_dir = run_dir / "checkpoints"
     if args.resume is None and (ckpt_dir.exists() or (run_dir / "out.log").exists()):
-        raise InputError(f"--name: run directory {run_dir} already exists; choose another --name "
-                         "or continue it with --resume latest")
+        raise InputError(
+            f"--name: run directory {run_dir} already exists; choose another --name "
+            "or continue it with --resume latest"
+        )
     resume_path = _resume_path(args, ckpt_dir)
     barrier(env)
     setup_logging(run_dir / "out.log", args.debug, env.is_master, env.rank)
@@ -204,28 +277,53 @@ def _wrap_distributed(model: nn.Module, args: argparse.Namespace, env: DistEnv) 
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
 
-def _context(args: argparse.Namespace, env: DistEnv, model: nn.Module, precision: str, terms: tuple[str, ...],
-             run_dir: Path, steps_per_epoch: int, keep_history: bool) -> TrainContext:
+def _context(
+    args: argparse.Namespace,
+    env: DistEnv,
+    model: nn.Module,
+    precision: str,
+    terms: tuple[str, ...],
+    run_dir: Path,
+    steps_per_epoch: int,
+    keep_history: bool,
+) -> TrainContext:
     """Optimiser, grad scaler, lr schedule, step config and reporters around the (wrapped) model."""
     total_steps = steps_per_epoch * args.epochs
     optimizer = build_optimizer(model, args)
     writer, wandb = _reporters(args, run_dir, env)
     return TrainContext(
-        model=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cuda") if precision == "amp" else None,
-        set_lr=constant_lr(optimizer, args.lr) if args.skip_scheduler else
-        cosine_lr(optimizer, args.lr, args.warmup, total_steps),
-        cfg=StepConfig(terms=terms, env=env, precision=precision, aggregate=args.aggregate,
-                       gather_with_grad=args.gather_with_grad, legacy_detached_rank=args.legacy_detached_rank,
-                       grad_clip_norm=args.grad_clip_norm),
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        global_batch=args.batch_size * args.accum_freq * env.world_size, accum_freq=args.accum_freq,
-        log_every=args.log_every_n_steps, writer=writer, wandb=wandb, history=[] if keep_history else None)
+        model=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda") if precision == "amp" else None,
+        set_lr=constant_lr(optimizer, args.lr)
+        if args.skip_scheduler
+        else cosine_lr(optimizer, args.lr, args.warmup, total_steps),
+        cfg=StepConfig(
+            terms=terms,
+            env=env,
+            precision=precision,
+            aggregate=args.aggregate,
+            gather_with_grad=args.gather_with_grad,
+            legacy_detached_rank=args.legacy_detached_rank,
+            grad_clip_norm=args.grad_clip_norm,
+        ),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        global_batch=args.batch_size * args.accum_freq * env.world_size,
+        accum_freq=args.accum_freq,
+        log_every=args.log_every_n_steps,
+        writer=writer,
+        wandb=wandb,
+        history=[] if keep_history else None,
+    )
 
 
 def train_worker(local_rank: int, plan: LaunchPlan, args: argparse.Namespace) -> None:
     """One process of a run laid out by `plan`: join the process group, train, leave."""
     if plan.launcher == SPAWN and not plan.use_cuda and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.world_size))   # CPU workers share the cores
+        torch.set_num_threads(
+            max(1, (os.cpu_count() or 1) // plan.world_size)
+        )  # CPU workers share the cores
     env = init_distributed(plan, local_rank, args.device, args.dist_url, args.gpu)
     try:
         run(args, env, describe=plan.describe())
@@ -233,7 +331,9 @@ def train_worker(local_rank: int, plan: LaunchPlan, args: argparse.Namespace) ->
         cleanup(env)
 
 
-def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False, describe: str = "") -> RunResult:
+def run(
+    args: argparse.Namespace, env: DistEnv, keep_history: bool = False, describe: str = ""
+) -> RunResult:
     """Train as the flags say; rank 0 writes the run directory. `keep_history`: record every step's losses.
 
     `describe`: how the processes were started, for the first log line."""
@@ -243,46 +343,91 @@ def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False, desc
     terms = enabled_terms(args)
     paths = resolve_paths(args)
     check_files(args, terms, paths)
-    inputs = load_train_inputs(args, paths, terms)      # every missing input is found here, before the run starts
+    inputs = load_train_inputs(
+        args, paths, terms
+    )  # every missing input is found here, before the run starts
     precision = resolve_precision(args.precision, env.device)
     ctx = None
     try:
         run_dir, ckpt_dir, resume_path = _prepare_run_dir(args, env)
         accum = f" x {args.accum_freq} micro-batches" if args.accum_freq > 1 else ""
-        logging.info("world size %d (%s); batch size %d per worker%s, global batch %d", env.world_size, describe,
-                     args.batch_size, accum, args.batch_size * args.accum_freq * env.world_size)
-        logging.info("run directory %s; device %s; precision %s; terms %s",
-                     run_dir, env.device, precision, ", ".join(("global",) + terms))
+        logging.info(
+            "world size %d (%s); batch size %d per worker%s, global batch %d",
+            env.world_size,
+            describe,
+            args.batch_size,
+            accum,
+            args.batch_size * args.accum_freq * env.world_size,
+        )
+        logging.info(
+            "run directory %s; device %s; precision %s; terms %s",
+            run_dir,
+            env.device,
+            precision,
+            ", ".join(("global",) + terms),
+        )
         for level, message in inputs.report:
             logging.log(level, message)
         torch.manual_seed(args.seed)
         model = build_model(args, env.device, precision)
         dataset = inputs.dataset(model.visual.input_resolution, args.seed)
-        val = load_val(paths.val_data, paths.val_images, args.caption_key) if paths.val_data else None
-        loader, sampler = make_train_loader(dataset, args.batch_size, args.workers, env.world_size, env.rank,
-                                            args.seed, pin_memory=env.device.type == "cuda")
-        per_step = args.batch_size * args.accum_freq      # examples per rank and optimiser step
+        val = (
+            load_val(paths.val_data, paths.val_images, args.caption_key) if paths.val_data else None
+        )
+        loader, sampler = make_train_loader(
+            dataset,
+            args.batch_size,
+            args.workers,
+            env.world_size,
+            env.rank,
+            args.seed,
+            pin_memory=env.device.type == "cuda",
+        )
+        per_step = args.batch_size * args.accum_freq  # examples per rank and optimiser step
         steps_per_epoch = len(sampler) // per_step
         if steps_per_epoch == 0:
-            raise InputError(f"--train-data: {paths.train_data} has {len(dataset)} examples, fewer than one "
-                             f"global batch ({args.batch_size} x {args.accum_freq} micro-batches x "
-                             f"{env.world_size} ranks); lower --batch-size or --accum-freq")
+            raise InputError(
+                f"--train-data: {paths.train_data} has {len(dataset)} examples, fewer than one "
+                f"global batch ({args.batch_size} x {args.accum_freq} micro-batches x "
+                f"{env.world_size} ranks); lower --batch-size or --accum-freq"
+            )
         total_steps = steps_per_epoch * args.epochs
-        logging.info("%d training examples, %d steps per epoch, %d steps in all", len(dataset),
-                     steps_per_epoch, total_steps)
-        ctx = _context(args, env, _wrap_distributed(model, args, env), precision, terms, run_dir, steps_per_epoch,
-                       keep_history)
+        logging.info(
+            "%d training examples, %d steps per epoch, %d steps in all",
+            len(dataset),
+            steps_per_epoch,
+            total_steps,
+        )
+        ctx = _context(
+            args,
+            env,
+            _wrap_distributed(model, args, env),
+            precision,
+            terms,
+            run_dir,
+            steps_per_epoch,
+            keep_history,
+        )
         start_step = _restore(resume_path, args, ctx) if resume_path is not None else 0
 
         def on_step_end(epoch: int, step: int) -> None:
-            if (env.is_master and args.save_every_n_steps and step % args.save_every_n_steps == 0
-                    and step % steps_per_epoch != 0):
-                ckpt_io.save_checkpoint(_checkpoint(args, ctx, epoch, step), ckpt_dir / ckpt_io.LATEST)
+            if (
+                env.is_master
+                and args.save_every_n_steps
+                and step % args.save_every_n_steps == 0
+                and step % steps_per_epoch != 0
+            ):
+                ckpt_io.save_checkpoint(
+                    _checkpoint(args, ctx, epoch, step), ckpt_dir / ckpt_io.LATEST
+                )
                 logging.info("saved %s (step %d)", ckpt_dir / ckpt_io.LATEST, step)
 
         ctx.on_step_end = on_step_end
-        result = RunResult(run_dir=run_dir, history=ctx.history if ctx.history is not None else [],
-                           final_step=start_step)
+        result = RunResult(
+            run_dir=run_dir,
+            history=ctx.history if ctx.history is not None else [],
+            final_step=start_step,
+        )
         step = start_step
         for epoch in range(start_step // steps_per_epoch, args.stop_after_epoch or args.epochs):
             first = max(step, epoch * steps_per_epoch)
@@ -296,7 +441,9 @@ def run(args: argparse.Namespace, env: DistEnv, keep_history: bool = False, desc
             barrier(env)
         result.final_step = max(step, start_step)
         if start_step >= total_steps:
-            logging.info("nothing to do: the checkpoint is already at step %d of %d", start_step, total_steps)
+            logging.info(
+                "nothing to do: the checkpoint is already at step %d of %d", start_step, total_steps
+            )
         return result
     finally:
         if ctx is not None and ctx.writer is not None:

@@ -1,4 +1,5 @@
 """Logging set-up: rank 0 logs to the console and to {run}/out.log, other ranks only warnings."""
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,9 @@ def setup_logging(log_file: Optional[Path], debug: bool, is_master: bool, rank: 
         h.close()
     level = logging.DEBUG if debug else logging.INFO
     root.setLevel(level if is_master else logging.WARNING)
-    fmt = logging.Formatter(FORMAT if is_master else f"[rank {rank}] {FORMAT}", datefmt="%Y-%m-%d,%H:%M:%S")
+    fmt = logging.Formatter(
+        FORMAT if is_master else f"[rank {rank}] {FORMAT}", datefmt="%Y-%m-%d,%H:%M:%S"
+    )
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     root.addHandler(console)

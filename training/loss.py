@@ -6,6 +6,7 @@ the diagonal; rank(a, b) = sum_i max(0, b_i - a_i): the unmasked score must beat
 A ranking term is its hinge sum S (over tau-scaled scores) divided by tau; the `*_hinge` functions
 return S alone, so that --legacy-detached-rank can detach S and still divide by tau (spec 5.1).
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -48,8 +49,8 @@ def prompt_loss(f: Feats, scale: Tensor) -> Tensor:
 def text_mask_hinge(f: Feats, scale: Tensor) -> Tensor:
     """sum_j rank(diag(tau I T^T), diag(tau I M_j^T)); masked [N, S, d]."""
     image = f["image"]
-    pos = scale * (image * f["text"]).sum(-1)                       # [N]
-    neg = scale * torch.einsum("nd,nsd->ns", image, f["masked"])    # [N, S]
+    pos = scale * (image * f["text"]).sum(-1)  # [N]
+    neg = scale * torch.einsum("nd,nsd->ns", image, f["masked"])  # [N, S]
     return rank(pos.unsqueeze(1), neg)
 
 

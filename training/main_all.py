@@ -1,5 +1,6 @@
 """AGREE fine-tuning entry point: `python3 -u training/main_all.py ...` (one worker per visible GPU, as the
 release; --nproc N to choose) or `torchrun --nproc_per_node=N -- training/main_all.py ...`."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

@@ -2,6 +2,7 @@
 
 Flags, loss, data loading, the table runner and the benchmarks all read this one table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,11 @@ TEXT_SLOTS = ("text", "prompts", "masked", "vg_text")
 class Term:
     """One loss term of spec 3.2."""
 
-    name: str                          # key of the term's value in logs and loss dicts
-    label: str                         # row label in the tables ("AGREE w/o <label>")
-    flag: Optional[str]                # the release's flag that enables it; None = always on
-    weight: float                      # weight in the total loss
-    slots: tuple[str, ...]             # batch slots its loss reads
+    name: str  # key of the term's value in logs and loss dicts
+    label: str  # row label in the tables ("AGREE w/o <label>")
+    flag: Optional[str]  # the release's flag that enables it; None = always on
+    weight: float  # weight in the total loss
+    slots: tuple[str, ...]  # batch slots its loss reads
     loss: Callable[[Mapping[str, Tensor], Tensor], Tensor]
     # ranking (mask) terms only: the hinge sum S of the loss S / tau (what --legacy-detached-rank detaches)
     hinge: Optional[Callable[[Mapping[str, Tensor], Tensor], Tensor]] = None
@@ -43,22 +44,67 @@ class Term:
 
 
 TERMS: tuple[Term, ...] = (
-    Term("global", "global", None, 0.90, ("image", "text"), L.global_loss,
-         help="Image vs caption contrastive term (always on)."),
-    Term("prompt", "prompt", "--is-prompt", 0.03, ("image", "prompts"), L.prompt_loss,
-         help="Image vs entity prompt 'a photo containing {entity}' contrastive term"),
-    Term("text_mask", "text mask", "--is-mask", 0.10, ("image", "text", "masked"), L.text_mask_loss,
-         L.text_mask_hinge, help="Caption vs entity-masked caption ranking term"),
-    Term("vg_contrastive", "VG contrastive", "--is-da-loss", 0.03, ("vg_image", "vg_text"), L.vg_contrastive_loss,
-         help="Visual Genome object image vs its prompt contrastive term"),
-    Term("vg_mask", "VG mask", "--is-da-mask", 0.15, ("vg_image", "vg_image_masked", "vg_text"), L.vg_mask_loss,
-         L.vg_mask_hinge, help="Visual Genome image vs object-masked VG image ranking term"),
-    Term("grounding_mask", "grounding mask", "--is-vg", 0.10, ("image", "text", "grounding_masked"),
-         L.grounding_mask_loss, L.grounding_mask_hinge, help="Image vs grounding-masked image ranking term"),
+    Term(
+        "global",
+        "global",
+        None,
+        0.90,
+        ("image", "text"),
+        L.global_loss,
+        help="Image vs caption contrastive term (always on).",
+    ),
+    Term(
+        "prompt",
+        "prompt",
+        "--is-prompt",
+        0.03,
+        ("image", "prompts"),
+        L.prompt_loss,
+        help="Image vs entity prompt 'a photo containing {entity}' contrastive term",
+    ),
+    Term(
+        "text_mask",
+        "text mask",
+        "--is-mask",
+        0.10,
+        ("image", "text", "masked"),
+        L.text_mask_loss,
+        L.text_mask_hinge,
+        help="Caption vs entity-masked caption ranking term",
+    ),
+    Term(
+        "vg_contrastive",
+        "VG contrastive",
+        "--is-da-loss",
+        0.03,
+        ("vg_image", "vg_text"),
+        L.vg_contrastive_loss,
+        help="Visual Genome object image vs its prompt contrastive term",
+    ),
+    Term(
+        "vg_mask",
+        "VG mask",
+        "--is-da-mask",
+        0.15,
+        ("vg_image", "vg_image_masked", "vg_text"),
+        L.vg_mask_loss,
+        L.vg_mask_hinge,
+        help="Visual Genome image vs object-masked VG image ranking term",
+    ),
+    Term(
+        "grounding_mask",
+        "grounding mask",
+        "--is-vg",
+        0.10,
+        ("image", "text", "grounding_masked"),
+        L.grounding_mask_loss,
+        L.grounding_mask_hinge,
+        help="Image vs grounding-masked image ranking term",
+    ),
 )
 BY_NAME: dict[str, Term] = {t.name: t for t in TERMS}
 GLOBAL = BY_NAME["global"]
-OPTIONAL: tuple[Term, ...] = tuple(t for t in TERMS if t.flag is not None)   # the five AGREE terms
+OPTIONAL: tuple[Term, ...] = tuple(t for t in TERMS if t.flag is not None)  # the five AGREE terms
 AGREE_TERMS: tuple[str, ...] = tuple(t.name for t in OPTIONAL)
 
 
@@ -83,8 +129,12 @@ def slots_of(names: Iterable[str]) -> set[str]:
     return {s for n in ("global", *names) for s in BY_NAME[n].slots}
 
 
-def loss_terms(feats: Mapping[str, Tensor], scale: Tensor, names: Iterable[str],
-               legacy_detached_rank: bool = False) -> dict[str, Tensor]:
+def loss_terms(
+    feats: Mapping[str, Tensor],
+    scale: Tensor,
+    names: Iterable[str],
+    legacy_detached_rank: bool = False,
+) -> dict[str, Tensor]:
     """Unweighted value of the global term and of each named term.
 
     With `legacy_detached_rank` a ranking term is computed as the released code computes it (spec 5.1):
@@ -103,6 +153,10 @@ def loss_terms(feats: Mapping[str, Tensor], scale: Tensor, names: Iterable[str],
     return out
 
 
-def total_loss(values: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None) -> Tensor:
+def total_loss(
+    values: Mapping[str, Tensor], weights: Optional[Mapping[str, float]] = None
+) -> Tensor:
     """Weighted sum of the computed terms (the registry's weights by default)."""
-    return sum((weights[k] if weights is not None else BY_NAME[k].weight) * v for k, v in values.items())
+    return sum(
+        (weights[k] if weights is not None else BY_NAME[k].weight) * v for k, v in values.items()
+    )

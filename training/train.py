@@ -3,6 +3,7 @@
 A step is one optimiser update over `accum_freq` micro-batches (--accum-freq): with more than one, the
 features of every micro-batch are cached first, so that each term sees the whole accumulated batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,12 @@ LOGIT_SCALE_MAX = math.log(100)
 
 
 # --------------------------------------------------------------------------- forward
-def encode_batch(model: nn.Module, batch: dict[str, Tensor], device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], Tensor]:
+def encode_batch(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, Tensor], Tensor]:
     """Encode every image and text slot present in `batch` with one model call.
 
     Images [B, K_img, 3, R, R] and texts [B, K_txt, L] are flattened to B*K rows; the returned
@@ -35,18 +40,24 @@ def encode_batch(model: nn.Module, batch: dict[str, Tensor], device: torch.devic
     txt_slots = [k for k in TEXT_SLOTS if k in batch]
     b = batch["image"].shape[0]
     # each slot goes to the device as collated (pinned), then is stacked there
-    images = torch.stack([batch[k].to(device=device, dtype=dtype, non_blocking=True) for k in img_slots], dim=1)
-    texts = torch.cat([batch[k] if batch[k].dim() == 3 else batch[k][:, None] for k in txt_slots], dim=1)
+    images = torch.stack(
+        [batch[k].to(device=device, dtype=dtype, non_blocking=True) for k in img_slots], dim=1
+    )
+    texts = torch.cat(
+        [batch[k] if batch[k].dim() == 3 else batch[k][:, None] for k in txt_slots], dim=1
+    )
     widths = [batch[k].shape[1] if batch[k].dim() == 3 else 1 for k in txt_slots]
     images = images.flatten(0, 1)
-    texts = texts.flatten(0, 1).to(device=device, non_blocking=True)  # the text tower cuts trailing padding
+    texts = texts.flatten(0, 1).to(
+        device=device, non_blocking=True
+    )  # the text tower cuts trailing padding
     img_f, txt_f, scale = model(images, texts)
     img_f = _loss_precision(img_f).view(b, len(img_slots), -1)
     txt_f = _loss_precision(txt_f).view(b, sum(widths), -1)
     feats = {k: img_f[:, i] for i, k in enumerate(img_slots)}
     start = 0
     for k, w in zip(txt_slots, widths):
-        feats[k] = txt_f[:, start] if batch[k].dim() == 2 else txt_f[:, start:start + w]
+        feats[k] = txt_f[:, start] if batch[k].dim() == 2 else txt_f[:, start : start + w]
         start += w
     return feats, _loss_precision(scale)
 
@@ -66,7 +77,7 @@ def gather_all(feats: dict[str, Tensor], env: DistEnv, with_grad: bool) -> dict[
     packed = gather_features(torch.cat(parts, dim=1), env, with_grad)
     out, start = {}, 0
     for k, w in zip(keys, widths):
-        out[k] = packed[:, start] if feats[k].dim() == 2 else packed[:, start:start + w]
+        out[k] = packed[:, start] if feats[k].dim() == 2 else packed[:, start : start + w]
         start += w
     return out
 
@@ -80,13 +91,14 @@ def clamp_logit_scale(model: nn.Module) -> None:
 @dataclass
 class StepConfig:
     """What a training step needs besides the model, optimiser and batch."""
+
     terms: Sequence[str]
     env: DistEnv
     precision: str = "fp32"
     aggregate: bool = True
     gather_with_grad: bool = False
     legacy_detached_rank: bool = False
-    grad_clip_norm: Optional[float] = None     # clip the gradient's global L2 norm before each update
+    grad_clip_norm: Optional[float] = None  # clip the gradient's global L2 norm before each update
 
 
 Batch = Mapping[str, Tensor]
@@ -97,7 +109,9 @@ def _encode(model: nn.Module, batch: Batch, cfg: StepConfig) -> tuple[dict[str, 
         return encode_batch(model, batch, cfg.env.device, weight_dtype(cfg.precision))
 
 
-def _terms(feats: dict[str, Tensor], scale: Tensor, cfg: StepConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def _terms(
+    feats: dict[str, Tensor], scale: Tensor, cfg: StepConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
     """(weighted total, unweighted terms) of this rank's features, gathered over ranks unless --skip-aggregate."""
     if cfg.aggregate:
         feats = gather_all(feats, cfg.env, cfg.gather_with_grad)
@@ -105,7 +119,9 @@ def _terms(feats: dict[str, Tensor], scale: Tensor, cfg: StepConfig) -> tuple[Te
     return total_loss(values), values
 
 
-def compute_loss(model: nn.Module, batch: Batch, cfg: StepConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def compute_loss(
+    model: nn.Module, batch: Batch, cfg: StepConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward the batch and return (weighted total, unweighted terms) over the global batch."""
     return _terms(*_encode(model, batch, cfg), cfg)
 
@@ -114,8 +130,12 @@ def _backward(total: Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
     (scaler.scale(total) if scaler is not None else total).backward()
 
 
-def accumulate_gradients(model: nn.Module, micro_batches: Sequence[Batch], cfg: StepConfig,
-                         scaler: Optional[torch.amp.GradScaler] = None) -> tuple[Tensor, dict[str, Tensor]]:
+def accumulate_gradients(
+    model: nn.Module,
+    micro_batches: Sequence[Batch],
+    cfg: StepConfig,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Add to .grad the gradient of the loss over the concatenation of `micro_batches`; return its value.
 
     One micro-batch: forward and backward. Several (--accum-freq): a no-grad pass caches every
@@ -128,23 +148,36 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[Batch], cfg: 
         total, values = compute_loss(model, micro_batches[0], cfg)
         _backward(total, scaler)
         return total, values
-    with torch.no_grad(), frozen_bn_stats(model):     # BatchNorm statistics: counted in the passes below
+    with (
+        torch.no_grad(),
+        frozen_bn_stats(model),
+    ):  # BatchNorm statistics: counted in the passes below
         cached = [_encode(model, mb, cfg)[0] for mb in micro_batches]
     last = len(micro_batches) - 1
     for i, mb in enumerate(micro_batches):
         # DDP: reduce the gradients once, in the last backward pass
-        sync = model.no_sync() if i < last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        sync = (
+            model.no_sync() if i < last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        )
         with sync:
             fresh, scale = _encode(model, mb, cfg)
-            feats = {k: torch.cat([fresh[k] if j == i else c[k] for j, c in enumerate(cached)]) for k in fresh}
+            feats = {
+                k: torch.cat([fresh[k] if j == i else c[k] for j, c in enumerate(cached)])
+                for k in fresh
+            }
             # every pass sees logit_scale; only the last one back-propagates into it, so it is counted once
             total, values = _terms(feats, scale if i == last else scale.detach(), cfg)
             _backward(total, scaler)
     return total, values
 
 
-def train_step(model: nn.Module, batch: Union[Batch, Sequence[Batch]], optimizer: torch.optim.Optimizer,
-               scaler: Optional[torch.amp.GradScaler], cfg: StepConfig) -> dict[str, float]:
+def train_step(
+    model: nn.Module,
+    batch: Union[Batch, Sequence[Batch]],
+    optimizer: torch.optim.Optimizer,
+    scaler: Optional[torch.amp.GradScaler],
+    cfg: StepConfig,
+) -> dict[str, float]:
     """One optimiser step over a batch or a list of micro-batches; returns the loss and its terms as floats."""
     micro_batches = [batch] if isinstance(batch, Mapping) else list(batch)
     optimizer.zero_grad(set_to_none=True)
@@ -152,7 +185,9 @@ def train_step(model: nn.Module, batch: Union[Batch, Sequence[Batch]], optimizer
     if cfg.grad_clip_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip_norm)
+        nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.grad is not None], cfg.grad_clip_norm
+        )
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -169,6 +204,7 @@ def train_step(model: nn.Module, batch: Union[Batch, Sequence[Batch]], optimizer
 @dataclass
 class TrainContext:
     """Everything the epoch loop uses."""
+
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
@@ -176,13 +212,19 @@ class TrainContext:
     cfg: StepConfig
     steps_per_epoch: int
     total_steps: int
-    global_batch: int            # examples per optimiser step over all ranks (batch x accum_freq x world size)
-    accum_freq: int = 1          # micro-batches (loader batches) per optimiser step
+    global_batch: (
+        int  # examples per optimiser step over all ranks (batch x accum_freq x world size)
+    )
+    accum_freq: int = 1  # micro-batches (loader batches) per optimiser step
     log_every: int = 100
-    writer: Any = None           # TensorBoard SummaryWriter (rank 0) or None
-    wandb: Any = None            # wandb module (rank 0) or None
-    on_step_end: Optional[Callable[[int, int], None]] = None   # (epoch, steps done) -> e.g. checkpointing
-    history: Optional[list] = None     # if a list: (step, losses) of every step is appended (tests, benchmarks)
+    writer: Any = None  # TensorBoard SummaryWriter (rank 0) or None
+    wandb: Any = None  # wandb module (rank 0) or None
+    on_step_end: Optional[Callable[[int, int], None]] = (
+        None  # (epoch, steps done) -> e.g. checkpointing
+    )
+    history: Optional[list] = (
+        None  # if a list: (step, losses) of every step is appended (tests, benchmarks)
+    )
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -190,15 +232,24 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _log_progress(ctx: TrainContext, epoch: int, step: int, losses: dict[str, float], lr: float, rate: float,
-                  eta: float) -> None:
+def _log_progress(
+    ctx: TrainContext,
+    epoch: int,
+    step: int,
+    losses: dict[str, float],
+    lr: float,
+    rate: float,
+    eta: float,
+) -> None:
     """One log line, and the same scalars to TensorBoard / wandb."""
     scale = unwrap(ctx.model).logit_scale.exp().item()
     in_epoch = step - epoch * ctx.steps_per_epoch
     terms = " ".join(f"{k} {v:.6f}" for k, v in losses.items() if k != "loss")
-    logging.info(f"Train Epoch: {epoch} [{in_epoch}/{ctx.steps_per_epoch}] step {step} "
-                 f"loss {losses['loss']:.6f} ({terms}) lr {lr:.4e} logit_scale {scale:.3f} "
-                 f"samples/s {rate:.1f} eta {_fmt_eta(eta)}")
+    logging.info(
+        f"Train Epoch: {epoch} [{in_epoch}/{ctx.steps_per_epoch}] step {step} "
+        f"loss {losses['loss']:.6f} ({terms}) lr {lr:.4e} logit_scale {scale:.3f} "
+        f"samples/s {rate:.1f} eta {_fmt_eta(eta)}"
+    )
     scalars = {f"train/{k}": v for k, v in losses.items()}
     scalars.update({"train/lr": lr, "train/logit_scale": scale, "train/samples_per_second": rate})
     if ctx.writer is not None:
@@ -208,7 +259,9 @@ def _log_progress(ctx: TrainContext, epoch: int, step: int, losses: dict[str, fl
         ctx.wandb.log(scalars, step=step)
 
 
-def train_one_epoch(ctx: TrainContext, loader: Iterable, epoch: int, first_step: int) -> dict[str, float]:
+def train_one_epoch(
+    ctx: TrainContext, loader: Iterable, epoch: int, first_step: int
+) -> dict[str, float]:
     """Run the steps of `epoch` from global step `first_step`; log every ctx.log_every steps."""
     ctx.model.train()
     env = ctx.cfg.env

@@ -1,4 +1,5 @@
 """Validation after each epoch: the val split's images and 5 captions each, loss and recall both ways."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,17 +23,20 @@ from training.loss import contrastive
 @dataclass
 class ValData:
     """Validation images (archive keys = index in the json) and their captions."""
+
     images: ImageArchive
     keys: list[str]
     captions: list[str]
-    caption_image: list[int]   # image index of every caption
+    caption_image: list[int]  # image index of every caption
 
 
 def load_val(path: Path, images_path: Path, caption_key: str) -> ValData:
     """Read flickr30k_val.json (list of {image, caption: [5 captions]}) and its image archive."""
     data = read_json(path)
     if not isinstance(data, list) or not data:
-        raise InputError(f"--val-data: {path} must be a non-empty JSON list of {{image, caption}} objects")
+        raise InputError(
+            f"--val-data: {path} must be a non-empty JSON list of {{image, caption}} objects"
+        )
     images = ImageArchive(images_path, "--val-data: val image archive (--val-images)")
     captions: list[str] = []
     owner: list[int] = []
@@ -44,7 +48,9 @@ def load_val(path: Path, images_path: Path, caption_key: str) -> ValData:
         caps = [caps] if isinstance(caps, str) else caps
         caps = str_list(caps, repr(caption_key), where)
         if str(i) not in images:
-            raise InputError(f"--val-images: {images_path} has no image with key {str(i)!r} (entry {i} of {path})")
+            raise InputError(
+                f"--val-images: {images_path} has no image with key {str(i)!r} (entry {i} of {path})"
+            )
         captions += caps
         owner += [i] * len(caps)
     return ValData(images, [str(i) for i in range(len(data))], captions, owner)
@@ -64,37 +70,51 @@ class ValImages(Dataset):
 
 
 @torch.no_grad()
-def encode_val(model: nn.Module, val: ValData, resolution: int, batch_size: int, workers: int,
-               device: torch.device, precision: str) -> tuple[Tensor, Tensor]:
+def encode_val(
+    model: nn.Module,
+    val: ValData,
+    resolution: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    precision: str,
+) -> tuple[Tensor, Tensor]:
     """L2-normalised features of every val image and every val caption (fp32, on `device`)."""
     model = unwrap(model)
     loader = DataLoader(ValImages(val, resolution), batch_size=batch_size, num_workers=workers)
     img = []
     for images in loader:
         with autocast(precision, device):
-            img.append(F.normalize(model.encode_image(images.to(device, weight_dtype(precision))).float(), dim=-1))
+            img.append(
+                F.normalize(
+                    model.encode_image(images.to(device, weight_dtype(precision))).float(), dim=-1
+                )
+            )
     txt = []
     for i in range(0, len(val.captions), batch_size):
-        tokens = tokenize(val.captions[i:i + batch_size]).to(device)
+        tokens = tokenize(val.captions[i : i + batch_size]).to(device)
         with autocast(precision, device):
             txt.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     return torch.cat(img), torch.cat(txt)
 
 
-def retrieval_metrics(img: Tensor, txt: Tensor, caption_image: Sequence[int], scale: float,
-                      batch_size: int) -> dict[str, float]:
+def retrieval_metrics(
+    img: Tensor, txt: Tensor, caption_image: Sequence[int], scale: float, batch_size: int
+) -> dict[str, float]:
     """Val loss and R@1/5/10 both ways (percent) from normalised features.
 
     The loss pairs each image with its k-th caption (k = 1..5), in batches of `batch_size`, and
     averages the global contrastive term over all pairs.
     """
     owner = torch.as_tensor(list(caption_image), device=img.device)
-    sim = txt @ img.t()                                     # [captions, images]
+    sim = txt @ img.t()  # [captions, images]
     # T2I: rank of the caption's own image
     gt = sim.gather(1, owner[:, None])
     t2i_rank = (sim > gt).sum(1)
     # I2T: rank of the best-scoring caption of the image
-    own = owner[None, :] == torch.arange(img.shape[0], device=img.device)[:, None]   # [images, captions]
+    own = (
+        owner[None, :] == torch.arange(img.shape[0], device=img.device)[:, None]
+    )  # [images, captions]
     best = sim.t().masked_fill(~own, float("-inf")).max(1, keepdim=True).values
     i2t_rank = (sim.t() > best).sum(1)
     out = {}
@@ -116,7 +136,7 @@ def retrieval_metrics(img: Tensor, txt: Tensor, caption_image: Sequence[int], sc
     for caps in slots:
         caps_t = torch.as_tensor(caps, device=img.device)
         for j in range(0, len(caps), batch_size):
-            c = caps_t[j:j + batch_size]
+            c = caps_t[j : j + batch_size]
             n = c.shape[0]
             total += contrastive(img[owner[c]], txt[c], scale_t).item() * n
             count += n
@@ -124,8 +144,15 @@ def retrieval_metrics(img: Tensor, txt: Tensor, caption_image: Sequence[int], sc
     return out
 
 
-def evaluate(model: nn.Module, val: ValData, resolution: int, batch_size: int, workers: int,
-             device: torch.device, precision: str) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    val: ValData,
+    resolution: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    precision: str,
+) -> dict[str, float]:
     """Validation loss and recall of the current model."""
     was_training = model.training
     model.eval()
