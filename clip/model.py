@@ -45,6 +45,15 @@ def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
                 setattr(m, n, t)
 
 
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """True when a BatchNorm layer inside `module` normalises with the statistics of its input batch
+    (train mode, or no running statistics): then what else is in the batch changes each row's output."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+        for m in module.modules()
+    )
+
+
 def _checkpointed(fn: nn.Module, *args: Optional[torch.Tensor]) -> torch.Tensor:
     """fn(*args), its activations recomputed in the backward pass (non-reentrant; BN statistics counted once)."""
     return checkpoint(
@@ -358,9 +367,19 @@ class CLIP(nn.Module):
         """Dtype of the image tower's first convolution (fp16 after convert_weights)."""
         return self.visual.conv1.weight.dtype
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Unnormalised image embeddings, (B, embed_dim)."""
-        return self.visual(image.to(self.dtype))
+    def encode_image(self, image: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Unnormalised image embeddings, (B, embed_dim).
+
+        `groups` > 1: the batch is `groups` equal consecutive parts, each encoded by its own call of the
+        image tower, in order; for a tower with BatchNorm in train mode each part then gets its own batch
+        statistics (and adds them to the running statistics in turn), as separate calls would.
+        """
+        image = image.to(self.dtype)
+        if groups == 1:
+            return self.visual(image)
+        if groups < 1 or image.shape[0] % groups:
+            raise ValueError(f"cannot cut a batch of {image.shape[0]} images into {groups} groups")
+        return torch.cat([self.visual(part) for part in image.split(image.shape[0] // groups)])
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings taken at each sequence's end-of-text token, (B, embed_dim)."""
@@ -374,16 +393,19 @@ class CLIP(nn.Module):
         x = self.ln_final(self.transformer(x, self.attn_mask[:n, :n]))
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection.to(x.dtype)
 
-    def forward(self, image: Optional[torch.Tensor], text: Optional[torch.Tensor]):
+    def forward(
+        self, image: Optional[torch.Tensor], text: Optional[torch.Tensor], image_groups: int = 1
+    ):
         """Both sides: (normalised image features, normalised text features, logit_scale.exp()).
 
         With `text=None` (`image=None`) return the unnormalised image (text) embeddings.
+        `image_groups`: see encode_image's `groups`.
         """
         if text is None:
-            return self.encode_image(image)
+            return self.encode_image(image, image_groups)
         if image is None:
             return self.encode_text(text)
-        image_features = F.normalize(self.encode_image(image), dim=-1)
+        image_features = F.normalize(self.encode_image(image, image_groups), dim=-1)
         text_features = F.normalize(self.encode_text(text), dim=-1)
         return image_features, text_features, self.logit_scale.exp()
 

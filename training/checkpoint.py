@@ -92,19 +92,41 @@ def find_latest(checkpoint_dir: str | os.PathLike) -> Optional[Path]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a training checkpoint to CPU; errors name the file."""
+    """Load a training checkpoint to CPU with torch.load(weights_only=True); errors name the file.
+
+    Only tensors and plain containers are read: a pickle that names any other Python object (a
+    function, a class) is refused before anything of it runs. The checkpoints this project writes
+    hold nothing else (see rng_state).
+    """
     p = Path(path)
     if not p.is_file():
         raise InputError(f"--resume: checkpoint not found: {p}")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # corrupt or foreign file
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file; the unpickler raises many kinds of error
+        text = str(e).strip()
+        if "Weights only load failed" in text:
+            raise InputError(
+                f"--resume: {p} holds Python objects other than tensors and plain containers "
+                f"({_refused_object(text)}); it is not loaded, because reading them could run "
+                "code (torch.load weights_only=True). The checkpoints training/main_all.py writes "
+                "hold none: resume from one of those"
+            ) from None
+        first = text.splitlines()[0] if text else type(e).__name__
         raise InputError(
-            f"--resume: cannot read checkpoint {p} ({type(e).__name__}: {e})"
+            f"--resume: cannot read checkpoint {p} ({type(e).__name__}: {first})"
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise InputError(f"--resume: {p} is not a training checkpoint (no 'state_dict')")
     return ckpt
+
+
+def _refused_object(message: str) -> str:
+    """The line of torch's weights-only error that names the refused object (else a generic phrase)."""
+    for line in message.splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip().rstrip(".")
+    return "an object the weights-only reader does not accept"
 
 
 def strip_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -17,11 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from agree.precision import autocast, weight_dtype
-from clip.model import frozen_bn_stats
+from clip.model import frozen_bn_stats, uses_batch_statistics
 from training.distributed import DistEnv, gather_features, unwrap
 from training.terms import IMAGE_SLOTS, TEXT_SLOTS, loss_terms, total_loss
 
 LOGIT_SCALE_MAX = math.log(100)
+# The release clamps to the literal 4.6052 (> ln 100 = 4.6051702): --legacy-detached-rank uses it too.
+LEGACY_LOGIT_SCALE_MAX = 4.6052
 
 
 # --------------------------------------------------------------------------- forward
@@ -35,13 +37,19 @@ def encode_batch(
 
     Images [B, K_img, 3, R, R] and texts [B, K_txt, L] are flattened to B*K rows; the returned
     features are L2-normalised, fp32 (fp64 for an fp64 model), keyed like the batch (prompts/masked as [B, S, d]).
+    An image tower whose BatchNorm layers use batch statistics (a modified ResNet in train mode) encodes
+    each image slot in its own tower call, in IMAGE_SLOTS order, so that each slot is normalised with
+    its own statistics as the release's separate calls are (see per_slot_images).
     """
     img_slots = [k for k in IMAGE_SLOTS if k in batch]
     txt_slots = [k for k in TEXT_SLOTS if k in batch]
     b = batch["image"].shape[0]
-    # each slot goes to the device as collated (pinned), then is stacked there
+    per_slot = per_slot_images(model, len(img_slots))
+    # each slot goes to the device as collated (pinned), then is stacked there: slot-major when the
+    # tower encodes slot by slot (consecutive groups), example-major otherwise
     images = torch.stack(
-        [batch[k].to(device=device, dtype=dtype, non_blocking=True) for k in img_slots], dim=1
+        [batch[k].to(device=device, dtype=dtype, non_blocking=True) for k in img_slots],
+        dim=0 if per_slot else 1,
     )
     texts = torch.cat(
         [batch[k] if batch[k].dim() == 3 else batch[k][:, None] for k in txt_slots], dim=1
@@ -51,8 +59,12 @@ def encode_batch(
     texts = texts.flatten(0, 1).to(
         device=device, non_blocking=True
     )  # the text tower cuts trailing padding
-    img_f, txt_f, scale = model(images, texts)
-    img_f = _loss_precision(img_f).view(b, len(img_slots), -1)
+    if per_slot:
+        img_f, txt_f, scale = model(images, texts, image_groups=len(img_slots))
+        img_f = _loss_precision(img_f).view(len(img_slots), b, -1).transpose(0, 1)
+    else:
+        img_f, txt_f, scale = model(images, texts)
+        img_f = _loss_precision(img_f).view(b, len(img_slots), -1)
     txt_f = _loss_precision(txt_f).view(b, sum(widths), -1)
     feats = {k: img_f[:, i] for i, k in enumerate(img_slots)}
     start = 0
@@ -60,6 +72,16 @@ def encode_batch(
         feats[k] = txt_f[:, start] if batch[k].dim() == 2 else txt_f[:, start : start + w]
         start += w
     return feats, _loss_precision(scale)
+
+
+def per_slot_images(model: nn.Module, n_slots: int) -> bool:
+    """Whether the image slots must go through the image tower one slot per call.
+
+    Only when its BatchNorm layers normalise with batch statistics (train mode and not locked): one
+    call over all slots would then normalise each slot with the statistics of the mixture. Other towers
+    (ViTs, locked or eval-mode ResNets) give every row the same output either way, in one call.
+    """
+    return n_slots > 1 and uses_batch_statistics(unwrap(model).visual)
 
 
 def _loss_precision(x: Tensor) -> Tensor:
@@ -82,10 +104,10 @@ def gather_all(feats: dict[str, Tensor], env: DistEnv, with_grad: bool) -> dict[
     return out
 
 
-def clamp_logit_scale(model: nn.Module) -> None:
-    """Keep the raw logit_scale parameter in [0, ln 100]."""
+def clamp_logit_scale(model: nn.Module, legacy: bool = False) -> None:
+    """Keep the raw logit_scale parameter in [0, ln 100] (`legacy`: [0, 4.6052], the release's bound)."""
     with torch.no_grad():
-        unwrap(model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        unwrap(model).logit_scale.clamp_(0, LEGACY_LOGIT_SCALE_MAX if legacy else LOGIT_SCALE_MAX)
 
 
 @dataclass
@@ -97,7 +119,7 @@ class StepConfig:
     precision: str = "fp32"
     aggregate: bool = True
     gather_with_grad: bool = False
-    legacy_detached_rank: bool = False
+    legacy_detached_rank: bool = False  # the release's ranking-term gradients and logit-scale clamp
     grad_clip_norm: Optional[float] = None  # clip the gradient's global L2 norm before each update
 
 
@@ -193,7 +215,7 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
-    clamp_logit_scale(model)
+    clamp_logit_scale(model, cfg.legacy_detached_rank)
     out = {"loss": total.detach()}
     out.update({k: v.detach() for k, v in values.items()})
     flat = torch.stack(list(out.values())).cpu().tolist()
