@@ -66,8 +66,11 @@ def add_extraction_args(p: argparse.ArgumentParser, resume_help: str) -> None:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="default fp32 (the release's); fp16 / bf16 = half / bfloat16 weights (fp16: CUDA, or the "
-        "CPU to measure it), amp = fp16 autocast (CUDA; fp32 on the CPU), amp_bf16 = bfloat16 autocast",
+        help="default fp32: fp32 weights, no autocast, which is what the release's extraction scripts "
+        "ran with their default --precision amp; here amp = fp32 weights with fp16 autocast (CUDA; fp32 "
+        "on the CPU), which gives fp16 features: pass fp32 (or nothing) for the release's features. "
+        "fp16 / bf16 = half / bfloat16 weights (fp16: CUDA, or the CPU to measure it), amp_bf16 = "
+        "bfloat16 autocast",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)"

@@ -1,4 +1,4 @@
-"""Feature extraction with CLIP: model loading, batched image / text / entity-slot encoding (spec 4.1)."""
+"""Feature extraction with CLIP: model loading, batched image / text / entity-slot encoding."""
 
 from __future__ import annotations
 
@@ -44,6 +44,24 @@ def resolve_extraction_precision(requested: str | None, device: torch.device) ->
         )
         return "fp16"
     return resolve_precision(requested, device, default_on_cuda=DEFAULT_PRECISION_ON_CUDA)
+
+
+# What each --precision computes, and how it relates to the release's extraction scripts, whose
+# --precision amp (their default) loads fp32 weights and runs without autocast, i.e. this project's fp32.
+PRECISION_NOTES = {
+    "fp32": "fp32 weights and activations: the release's extraction with its default --precision amp "
+    "(fp32 weights, no autocast) or fp32",
+    "amp": "fp32 weights, fp16 autocast: fp16 features, NOT the release's --precision amp (fp32 weights "
+    "without autocast; --precision fp32 gives those)",
+    "fp16": "fp16 weights and activations: the release's --precision fp16",
+    "bf16": "bfloat16 weights and activations (the release has no bf16)",
+    "amp_bf16": "fp32 weights, bfloat16 autocast (the release has no bf16)",
+}
+
+
+def describe_precision(precision: str, device: torch.device) -> str:
+    """The line the extraction scripts print about the precision they run in."""
+    return f"extraction precision: {precision} on {device}: {PRECISION_NOTES[precision]}"
 
 
 def _place(model: CLIP, device: torch.device, precision: str) -> CLIP:
@@ -406,6 +424,8 @@ def extract(args, load: Callable[[torch.device, str], CLIP], slots: bool = False
     )  # under torchrun: this rank's share and device
     try:
         precision = resolve_extraction_precision(args.precision, device)
+        if shard.is_writer:
+            print(describe_precision(precision, device), flush=True)
         plan, model = run_everywhere(
             shard, device, lambda: (plan_extraction(args, slots=slots), load(device, precision))
         )

@@ -350,3 +350,27 @@ def test_extraction_defaults_to_fp32_and_fp16_runs_half_weights_on_the_cpu(env, 
         low = read_features(tmp_path / precision / "txt.jsonl", "query_id").data
         np.testing.assert_allclose(low, full, atol=6e-2)
         assert not np.array_equal(low, full)
+
+
+def test_extraction_prints_its_precision_and_help_says_what_the_releases_amp_was(
+    env, tmp_path, capsys
+):
+    from eval.extraction import PRECISION_NOTES, describe_precision
+
+    assert FT.main(ft_args(env["dir"], tmp_path / "a")) == 0
+    out = capsys.readouterr().out
+    assert "extraction precision: fp32 on cpu: fp32 weights and activations" in out
+    assert "default --precision amp (fp32 weights, no autocast)" in out
+    # amp on a GPU is fp16 autocast here: the line says it is not the release's amp
+    line = describe_precision("amp", torch.device("cuda", 0))
+    assert line.startswith("extraction precision: amp on cuda:0: fp32 weights, fp16 autocast")
+    assert "NOT the release's --precision amp" in line
+    assert set(PRECISION_NOTES) == {"fp32", "amp", "fp16", "bf16", "amp_bf16"}
+    for script in (FT, ZS):
+        with pytest.raises(SystemExit):
+            script.main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert (
+            "what the release's extraction scripts ran with their default --precision amp" in text
+        )
+        assert "which gives fp16 features" in text

@@ -222,5 +222,6 @@ def gather_features(x: Tensor, env: DistEnv, with_grad: bool = False) -> Tensor:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    """The model inside torch.compile's and DistributedDataParallel's wrappers (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile (--torchcompile)
     return model.module if hasattr(model, "module") else model

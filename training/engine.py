@@ -268,6 +268,24 @@ def _prepare_run_dir(args: argparse.Namespace, env: DistEnv) -> tuple[Path, Path
     return run_dir, ckpt_dir, resume_path
 
 
+TORCHCOMPILE_BACKEND = "inductor"  # torch.compile's default (the tests swap in a faster one)
+
+
+def compile_model(model: nn.Module, args: argparse.Namespace, env: DistEnv) -> nn.Module:
+    """--torchcompile: the (DDP-wrapped) model through torch.compile, as OpenCLIP compiles it."""
+    if not args.torchcompile:
+        return model
+    logging.info(
+        "--torchcompile: torch.compile (backend %s); the first steps compile (again for each new "
+        "caption length until the length is made dynamic)",
+        TORCHCOMPILE_BACKEND,
+    )
+    if args.grad_checkpointing and env.distributed:
+        # as OpenCLIP: compile with checkpointing works under DDP only without dynamo's DDP optimiser
+        torch._dynamo.config.optimize_ddp = False
+    return torch.compile(model, backend=TORCHCOMPILE_BACKEND)
+
+
 def _wrap_distributed(model: nn.Module, args: argparse.Namespace, env: DistEnv) -> nn.Module:
     if not env.distributed:
         return model
@@ -401,7 +419,7 @@ def run(
         ctx = _context(
             args,
             env,
-            _wrap_distributed(model, args, env),
+            compile_model(_wrap_distributed(model, args, env), args, env),
             precision,
             terms,
             run_dir,

@@ -238,6 +238,13 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         "instead of keeping its activations.",
     )
     m.add_argument(
+        "--torchcompile",
+        action="store_true",
+        help="Compile the model with torch.compile (OpenCLIP's flag). The first steps are slower while "
+        "it compiles (again for each new caption length, until that length is made dynamic); needs "
+        "a C++ compiler on the CPU.",
+    )
+    m.add_argument(
         "--lock-image",
         action="store_true",
         help="Freeze the image tower (its BatchNorm statistics too), except --lock-image-unlocked-groups.",
@@ -270,9 +277,10 @@ def _term_flags(p: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--legacy-detached-rank",
         action="store_true",
-        help="Reproduce the released code's gradients (spec 5.1): the hinge sums of the three "
-        "ranking terms are detached (no gradient to the towers), then divided by the logit "
-        "scale tau, so tau alone receives their gradient, -S/tau^2.",
+        help="Reproduce the released code's gradients: the hinge sums of the three ranking terms "
+        "are detached (no gradient to the towers), then divided by the logit scale tau, so tau "
+        "alone receives their gradient, -S/tau^2; and its logit-scale clamp, to the literal "
+        "4.6052 instead of ln 100 = 4.6051702.",
     )
 
 
