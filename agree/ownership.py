@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Union
 
 from agree.io import InputError, read_json, write_json
@@ -29,6 +29,9 @@ class OutputFolder:
         self.path = Path(path)
         self.owner = owner
         self._claims: list[str] = []
+        self._index: set[str] = (
+            set()
+        )  # the claims, for lookups in constant time (thousands of files)
         self._loaded = False
 
     # ------------------------------------------------------------------ the record
@@ -52,10 +55,14 @@ class OutputFolder:
                 "choose another folder"
             )
         self._claims = [str(c) for c in data.get("claims", [])]
+        self._index = set(self._claims)
 
     def _save(self) -> None:
+        """Write the record; claims sorted, so that the same claims give the same bytes."""
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.marker, {"format": FORMAT, "owner": self.owner, "claims": self._claims})
+        write_json(
+            self.marker, {"format": FORMAT, "owner": self.owner, "claims": sorted(self._claims)}
+        )
 
     @property
     def claims(self) -> list[str]:
@@ -80,29 +87,42 @@ class OutputFolder:
         changed = False
         for p in paths:
             rel = self._rel(p) + ("/" if folder else "")
-            if rel not in self._claims:
+            if rel not in self._index:
                 self._claims.append(rel)
+                self._index.add(rel)
                 changed = True
         if changed or not self.marker.is_file():
+            self._save()
+
+    def forget(self, *rels: str) -> None:
+        """Drop these claims (relative paths as `claims` lists them): paths the owner no longer has there,
+        e.g. files of a sub-folder it has just replaced by a rename."""
+        self._load()
+        gone = set(rels) & self._index
+        if gone:
+            self._claims = [c for c in self._claims if c not in gone]
+            self._index -= gone
             self._save()
 
     def owns(self, rel: str) -> bool:
         """True when the relative path `rel` (posix) is a claimed file or lies in a claimed folder."""
         self._load()
-        return any(
-            rel == c or (c.endswith("/") and (rel + "/").startswith(c)) for c in self._claims
-        )
+        if rel in self._index or rel + "/" in self._index:
+            return True
+        return any(f"{parent}/" in self._index for parent in PurePosixPath(rel).parents)
 
     # ------------------------------------------------------------------ the folder's content
-    def foreign(self) -> list[str]:
-        """Files (and empty folders) in the folder that the owner did not write, sorted."""
+    def foreign(self, under: str = "") -> list[str]:
+        """Files (and empty folders) in the folder, or in its sub-folder `under`, that the owner did not
+        write, sorted, relative to the folder."""
         self._load()
-        if not self.path.exists():
+        top = self.path / under
+        if not top.exists():
             return []
-        if not self.path.is_dir():
-            return ["."]
+        if not top.is_dir():
+            return [] if under and self.owns(under) else [under or "."]
         out = []
-        for root, dirs, files in os.walk(self.path):
+        for root, dirs, files in os.walk(top):
             base = Path(root).relative_to(self.path)
             for name in files:
                 rel = (base / name).as_posix()
@@ -114,15 +134,17 @@ class OutputFolder:
                     out.append(rel + "/")
         return sorted(out)
 
-    def check_no_foreign(self, what: str = "") -> None:
-        """InputError naming the folder and its first foreign entries, if it holds anything else."""
-        foreign = self.foreign()
+    def check_no_foreign(self, what: str = "", under: str = "") -> None:
+        """InputError naming the folder (or its sub-folder `under`) and its first foreign entries, if it
+        holds anything else."""
+        foreign = self.foreign(under)
         if foreign:
             shown = ", ".join(foreign[:3]) + (
                 f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
             )
+            where = self.path / under if under else self.path
             raise InputError(
-                f"{self.path}: holds {len(foreign)} file(s) that {self.owner} did not write ({shown}); "
+                f"{where}: holds {len(foreign)} file(s) that {self.owner} did not write ({shown}); "
                 f"{what or 'it will not replace them'}: move them away or choose another folder"
             )
 
@@ -142,6 +164,7 @@ class OutputFolder:
             elif target.is_file() or target.is_symlink():
                 target.unlink()
             self._claims.remove(c)
+            self._index.discard(c)
             removed.append(c)
             self._prune_empty(target.parent)
         self._save()

@@ -1,6 +1,11 @@
 """The output folders: built under a temporary folder inside --out and renamed into place only at the end,
 so a failed run leaves no partial layout. A manifest in each finished folder marks it complete; a
 re-run with the same settings is a no-op unless --overwrite.
+
+Each finished folder also records every file it holds (agree.ownership's record, beside the manifest).
+A folder is replaced (--overwrite, or a Visual Genome folder rebuilt for one more dataset) only when it
+holds nothing else: a folder without a manifest, or with a file that prepare_data.py did not write, is
+never replaced, with or without --overwrite, and nothing in it is deleted.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from agree.io import InputError, read_json, write_json
+from agree.ownership import MARKER, OutputFolder
 
 MANIFEST = "prepare_data.json"
 FORMAT = "agree-prepare-data"
+OWNER = "scripts/prepare_data.py"
 
 
 @dataclass(frozen=True)
@@ -38,17 +45,33 @@ def read_manifest(folder: Path) -> Optional[dict]:
 
 
 def inspect(folder: Path, overwrite: bool) -> Optional[dict]:
-    """The manifest of an existing output folder, None when there is none (or --overwrite replaces a foreign one);
-    a folder that prepare_data.py did not write is an error without --overwrite."""
+    """The manifest of an existing output folder, None when there is none.
+
+    A folder that prepare_data.py did not write (no manifest) is an error, with or without --overwrite;
+    with --overwrite, so is a prepared folder that holds a file prepare_data.py did not write."""
     if not folder.exists():
         return None
     m = read_manifest(folder)
-    if m is None and not overwrite:
+    if m is None:
         raise InputError(
-            f"{folder} exists and was not written by prepare_data.py (no {MANIFEST}); "
-            "move it away, or pass --overwrite to replace it"
+            f"{folder} exists and was not written by prepare_data.py (no {MANIFEST}); it is never "
+            "replaced, not even with --overwrite: move it away or choose another --out"
         )
+    if overwrite:
+        check_replaceable(folder)
     return m
+
+
+def check_replaceable(folder: Path) -> None:
+    """InputError naming `folder` unless everything in it was written by prepare_data.py."""
+    if not (folder / MARKER).is_file():
+        raise InputError(
+            f"{folder} was prepared by an older prepare_data.py, which kept no record of the files it "
+            "wrote; it is not replaced: delete it yourself to rebuild it, or choose another --out"
+        )
+    OutputFolder(folder, OWNER).check_no_foreign(
+        "prepare_data.py replaces only folders that hold nothing else"
+    )
 
 
 def check_settings(folder: Path, manifest: Optional[dict], settings: dict, overwrite: bool) -> bool:
@@ -67,11 +90,17 @@ def check_settings(folder: Path, manifest: Optional[dict], settings: dict, overw
 
 
 def write_manifest(folder: Path, settings: dict, counts: dict, **extra) -> None:
-    """Mark a staged folder complete (written last)."""
+    """Mark a staged folder complete (written last), with the record of every file it holds."""
     write_json(
         folder / MANIFEST,
         {"format": FORMAT, "version": 1, "settings": settings, **extra, "counts": counts},
     )
+    files = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MARKER
+    )
+    OutputFolder(folder, OWNER).claim(*files)
 
 
 @contextlib.contextmanager
@@ -90,7 +119,13 @@ def staging_area(out: Path, prefix: str = ".prepare_data.") -> Iterator[Path]:
 
 
 def commit(targets: list[Target], stage: Path) -> None:
-    """Rename each staged folder into place; a folder already there (--overwrite) is moved aside, then deleted."""
+    """Rename each staged folder into place; a folder already there is moved aside, then deleted, when
+    everything in it was written by prepare_data.py (checked for every target before any is moved)."""
+    for t in targets:
+        if t.final.exists():
+            if read_manifest(t.final) is None:
+                inspect(t.final, overwrite=False)  # the error for a folder without a manifest
+            check_replaceable(t.final)
     for k, t in enumerate(targets):
         t.final.parent.mkdir(parents=True, exist_ok=True)
         if t.final.exists():

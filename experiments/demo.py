@@ -21,6 +21,7 @@ import torch
 
 from agree.io import InputError
 from agree.layout import Layout
+from agree.ownership import OutputFolder
 from clip.clip import load_checkpoint_state_dict, model_config
 from eval.extraction import load_finetuned, load_zero_shot
 from experiments.measure import EvalSplit, Scored, entities_found, score, test_split, val_split
@@ -30,6 +31,7 @@ from training import main_all
 from training.terms import AGREE_TERMS, OPTIONAL, flags_of
 
 REPO = Path(__file__).resolve().parents[1]
+OWNER = "scripts/demo.py"  # owner of the results folder (--out) and of the cache (--cache) in their records
 CODE_HASHED = (
     "synth",
     "dataprep",
@@ -229,10 +231,19 @@ def _world_ready(folder: Path) -> bool:
 
 
 def build_world(cache: Path, recipe: Recipe) -> Path:
-    """Generate the world (release layout + pre-training split + twin split) unless cached; its folder."""
+    """Generate the world (release layout + pre-training split + twin split) unless cached; its folder.
+
+    An incomplete world in its place is replaced only if the cache's record says the demo wrote it."""
     target = world_dir(cache, recipe)
     if _world_ready(target):
         return target
+    owned = OutputFolder(cache, OWNER)
+    rel = target.relative_to(cache).as_posix()
+    if target.exists() and not owned.owns(rel):
+        raise InputError(
+            f"{target}: an incomplete world that {OWNER} did not record writing; it is not "
+            "replaced: move it away or choose another --cache"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
@@ -253,8 +264,11 @@ def build_world(cache: Path, recipe: Recipe) -> Path:
             progress=False,
         )
         write_twins(tmp / "twins", c["data_seed"], c["twin_pairs"], c["resolution"])
+        owned.claim(rel, folder=True)
         if target.exists():
-            shutil.rmtree(target)
+            shutil.rmtree(
+                target
+            )  # claimed: an earlier, interrupted or outdated world of the demo's
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -302,6 +316,7 @@ def pretrain_backbone(cache: Path, recipe: Recipe, world: Path) -> Path:
             Path(tmp) / "pretrain" / "checkpoints" / f"epoch_{recipe.pretrain_epochs}.pt"
         )
         torch.save(weights, Path(tmp) / "backbone.pt")
+        OutputFolder(cache, OWNER).claim(target)
         (Path(tmp) / "backbone.pt").rename(target)
     return target
 
@@ -314,7 +329,7 @@ def _slug(label: str) -> str:
 
 
 def fine_tune(
-    out: Path,
+    out: OutputFolder,
     recipe: Recipe,
     world: Path,
     backbone: Path,
@@ -325,6 +340,7 @@ def fine_tune(
     """Fine-tune the backbone with the named terms and a training seed; the checkpoint's path."""
     lay = Layout.under(world)
     name = f"{_slug(label)}-seed{seed}"
+    out.claim(f"runs/{name}", folder=True)  # before training writes it
     _train(
         [
             f"--train-data={lay.train_jsonl}",
@@ -343,12 +359,12 @@ def fine_tune(
             f"--wd={recipe.wd}",
             f"--warmup={recipe.warmup}",
             f"--save-frequency={recipe.epochs}",
-            f"--logs={out / 'runs'}",
+            f"--logs={out.path / 'runs'}",
             f"--name={name}",
         ]
         + (["--lock-image"] if recipe.lock_image else [])
     )
-    return out / "runs" / name / "checkpoints" / f"epoch_{recipe.epochs}.pt"
+    return out.path / "runs" / name / "checkpoints" / f"epoch_{recipe.epochs}.pt"
 
 
 @dataclass
@@ -364,9 +380,11 @@ class Measured:
 
 
 def run(
-    recipe: Recipe, out: Path, cache: Path, eval_split: str = "test"
+    recipe: Recipe, out: OutputFolder, cache: Path, eval_split: str = "test"
 ) -> tuple[Measured, dict, EvalSplit]:
-    """Every stage; returns the measurements, the stage times and the evaluation split."""
+    """Every stage; returns the measurements, the stage times and the evaluation split.
+
+    `out` is the results folder: what the demo writes there is claimed in its record first."""
     if eval_split not in ("test", "val"):
         raise InputError(f"--eval-split must be test or val, got {eval_split!r}")
     expected = expected_seconds(

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 from pathlib import Path
 
 from agree.io import InputError, run_cli
-from experiments.demo import PRESETS, methods, recipe_dict, run, with_overrides
+from agree.ownership import OutputFolder
+from experiments.demo import OWNER, PRESETS, methods, recipe_dict, run, with_overrides
 from experiments.report import build_rows, draw_examples, markdown, paired, plot_rsum, write_report
 
 
@@ -45,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--out", type=Path, default=Path("tmp/demo"), help="results folder (replaced)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("tmp/demo"),
+        help="results folder: what an earlier demo wrote there is replaced; a folder that holds "
+        "anything else is refused (nothing the demo did not write is deleted)",
+    )
     p.add_argument(
         "--cache", type=Path, default=Path("tmp/cache"), help="cached worlds and backbones"
     )
@@ -85,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     recipe = with_overrides(PRESETS[args.preset], **{n: getattr(args, n) for n in names})
     if min(recipe.seeds) < 0:
         raise InputError("--seeds: seeds must be non-negative")
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
-    measured, seconds, split = run(recipe, args.out, args.cache, args.eval_split)
+    out = OutputFolder(args.out, OWNER)
+    out.replace()  # refuses, naming the folder, if it holds a file the demo did not write
+    measured, seconds, split = run(recipe, out, args.cache, args.eval_split)
     rows = build_rows(measured, split, methods(recipe), recipe.seeds)
     n_images = len(split.i2t_gt)
     record = {
@@ -101,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         "paired": paired(rows),
         "seconds": seconds,
     }
+    out.claim("rsum.png", "results.json", "results.md")
     plot_rsum(rows, args.out / "rsum.png")
     if args.eval_split == "test" and {"AGREE", "global-only"} <= set(recipe.methods):
         seed = recipe.seeds[0]
+        out.claim("retrieval_examples.png")
         record["examples"] = draw_examples(
             split,
             measured.fine_tuned[("AGREE", seed)].top1["plain"],

@@ -4,6 +4,8 @@ same pipeline as scripts/prepare_data.py; atomically and deterministically.
 Under --out: raw/ and VG_raw/ (synth.raw), datasets/flickr30k_images/ and VG/ (dataprep.pipeline.prepare),
 and the synthetic-only pretrain/ and synthetic/ (scene metadata, world.json). Everything is built in a
 staging folder inside --out and renamed into place at the end, synthetic/ (holding world.json) last.
+--out keeps a record of every file written there (agree.ownership): a part already in --out is replaced
+only if everything in it was written by this generator; otherwise nothing is touched and the error names it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm import tqdm
 from agree.io import atomic_path, atomic_write, dumps
 from agree.layout import Layout
 from agree.npz import NpzWriter
+from agree.ownership import OutputFolder
 from dataprep.pipeline import PrepareConfig, prepare
 from dataprep.staging import staging_area
 from synth import captions as C
@@ -29,6 +32,7 @@ from synth.world import COLOUR_NAMES, SHAPES, iter_split_scenes
 
 FORMAT_VERSION = 2
 DATASET = "flickr30k"
+OWNER = "scripts/make_synthetic_dataset.py"
 
 
 @dataclass
@@ -180,8 +184,26 @@ def _prepare(cfg: SynthConfig, root: Path, raw: RawPaths, progress: bool) -> dic
     }
 
 
-def _commit(stage: Path, out: Path, parts: list[str], drop: list[str]) -> None:
-    """Rename each staged part into place (an old one is moved aside into the stage); old `drop` parts go too."""
+def check_replaceable(owned: OutputFolder, rels: list[str]) -> None:
+    """InputError naming the first part of `rels` already in the output folder that holds a file this
+    generator did not write (a part is replaced whole)."""
+    for rel in rels:
+        owned.check_no_foreign("make_synthetic_dataset.py replaces only what it wrote", under=rel)
+
+
+def _commit(stage: Path, owned: OutputFolder, parts: list[str], drop: list[str]) -> None:
+    """Rename each staged part into place (an old one is moved aside into the stage); old `drop` parts go
+    too. Every part must hold only files this generator wrote; the record is updated around the renames."""
+    out = owned.path
+    check_replaceable(owned, drop + parts)
+    new = sorted(
+        p.relative_to(stage).as_posix()
+        for rel in parts
+        for p in (stage / rel).rglob("*")
+        if p.is_file()
+    )
+    old = [c for c in owned.claims if any(c.startswith(rel + "/") for rel in drop + parts)]
+    owned.claim(*new)  # before the files appear in --out
     aside = stage / ".replaced"
     aside.mkdir()
     for k, rel in enumerate(drop + parts):
@@ -191,6 +213,7 @@ def _commit(stage: Path, out: Path, parts: list[str], drop: list[str]) -> None:
         if rel in parts:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, final)
+    owned.forget(*(set(old) - set(new)))
 
 
 def _check(cfg: SynthConfig) -> None:
@@ -215,6 +238,16 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
     _check(cfg)
     t0 = time.perf_counter()
     out = Path(cfg.out)
+    owned = OutputFolder(out, OWNER)
+    final = SynthLayout.under(out)
+    check_replaceable(  # before the work; checked again before the renames
+        owned,
+        [
+            p.relative_to(out).as_posix()
+            for p in (final.raw.raw, final.raw.vg_raw, final.data_dir, final.vg_dir)
+            + (final.pretrain_jsonl.parent, final.world.parent)
+        ],
+    )
     counts: dict[str, int] = {}
     with staging_area(out, prefix=".synth.") as stage:
         lay = SynthLayout.under(stage)
@@ -261,7 +294,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
         parts += (pretrain if cfg.pretrain_images else []) + [
             rel(lay.world.parent)
         ]  # world.json last
-        _commit(stage, out, parts, [] if cfg.pretrain_images else pretrain)
+        _commit(stage, owned, parts, [] if cfg.pretrain_images else pretrain)
     counts["seconds"] = round(time.perf_counter() - t0, 2)
     return counts
 

@@ -3,13 +3,16 @@ the cache, the presets."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from experiments.demo import PRESETS, methods
+from agree.io import InputError
+from agree.ownership import MARKER, OutputFolder
+from experiments.demo import OWNER, PRESETS, methods
 from experiments.stats import RECALL_KEYS
 from training.terms import AGREE_TERMS, BY_NAME
 
@@ -130,3 +133,28 @@ def test_presets_quick_is_one_seed_and_full_adds_each_ablation_once():
         assert len(terms) == 4 and label.endswith(
             BY_NAME[(set(AGREE_TERMS) - set(terms)).pop()].label
         )
+
+
+def test_the_demo_records_what_it_writes_and_replaces_only_that(two_runs, tmp_path):
+    """The results folder and the cache record every path the demo wrote; a file put there by someone
+    else stops the next run (the demo then deletes nothing) until it is moved away."""
+    base, _, _ = two_runs
+    out = OutputFolder(base / "a", OWNER)
+    assert out.foreign() == []
+    assert {"results.json", "results.md", "rsum.png", "retrieval_examples.png"} <= set(out.claims)
+    assert {c for c in out.claims if c.startswith("runs/")} == {
+        "runs/global-only-seed0/",
+        "runs/global-only-seed1/",
+        "runs/agree-seed0/",
+        "runs/agree-seed1/",
+    }
+    assert OutputFolder(base / "cache", OWNER).foreign() == []
+    copy = tmp_path / "a"
+    shutil.copytree(base / "a", copy)
+    (copy / "runs" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"holds 1 file\(s\) that scripts/demo.py did not write"):
+        OutputFolder(copy, OWNER).replace()
+    assert (copy / "runs" / "notes.txt").is_file() and (copy / "results.json").is_file()
+    (copy / "runs" / "notes.txt").unlink()
+    OutputFolder(copy, OWNER).replace()  # what the next run does first
+    assert [p.name for p in copy.iterdir()] == [MARKER]

@@ -6,6 +6,8 @@ new tensors (so they carry no gradient), MarginRankingLoss(reduction="sum") with
 sum divided in place by the logit scale tau, which does carry gradient.
 """
 
+import math
+
 import pytest
 import torch
 from _train_data import one_torch_thread  # noqa: F401 (autouse fixture)
@@ -186,3 +188,24 @@ def test_default_sends_the_ranking_terms_gradient_to_the_towers(batch):
         n for n in release if not torch.allclose(release[n], default[n], rtol=1e-4, atol=1e-8)
     ]
     assert "visual.conv1.weight" in differs and "token_embedding.weight" in differs
+
+
+def test_legacy_flag_clamps_the_logit_scale_at_the_releases_literal():
+    """The release clamps to 4.6052, a little above ln 100 = 4.6051702 (tau 100.003 instead of 100)."""
+    from training.distributed import DistEnv
+    from training.synthetic_batch import make_batch
+    from training.train import StepConfig, train_step
+
+    model = create_model("tiny")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch = make_batch(2, 64)
+    got = {}
+    for legacy in (False, True):
+        with torch.no_grad():
+            model.logit_scale.fill_(7.0)
+        cfg = StepConfig(terms=("text_mask",), env=DistEnv(), legacy_detached_rank=legacy)
+        train_step(model, batch, opt, None, cfg)
+        got[legacy] = model.logit_scale.item()
+    assert got[True] == torch.tensor(4.6052).item()
+    assert got[False] == torch.tensor(math.log(100)).item()
+    assert got[True] > got[False]
