@@ -180,6 +180,19 @@ class OutputFolder:
                 return
             folder = folder.parent
 
+    def scratch(self, name: str) -> Path:
+        """The sub-folder `name`, claimed whole and created: where the owner writes files it deletes later
+        (`remove_owned`). A `name` already there that the owner did not claim is refused, naming it."""
+        rel = self._rel(name)
+        if (self.path / rel).exists() and not self.owns(rel):
+            raise InputError(
+                f"{self.path / rel}: exists and was not written by {self.owner}; it is not used (nor "
+                "deleted): move it away or choose another folder"
+            )
+        self.claim(rel, folder=True)
+        (self.path / rel).mkdir(parents=True, exist_ok=True)
+        return self.path / rel
+
     def replace(self) -> None:
         """Start the folder afresh: refuse if it holds anything the owner did not write, else delete what it
         wrote. A folder that does not exist is created (and owned)."""

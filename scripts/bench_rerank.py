@@ -14,7 +14,6 @@ alone with the features already in memory. The re-ranking scripts run on numpy
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,10 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from agree.io import write_jsonl
+from agree.io import run_cli, write_jsonl
+from agree.ownership import OutputFolder
 from eval.feature_io import FeatureWriter
 
 ROOT = Path(__file__).resolve().parents[1]
+OWNER = "scripts/bench_rerank.py"
+SCRATCH = (
+    "files"  # --workdir's sub-folder holding the generated files (claimed, deleted at the end)
+)
+
+
+def _work(args: argparse.Namespace) -> Path:
+    """Where the generated files go: --workdir/files/ (the parent claims it before any child writes)."""
+    return Path(args.workdir) / SCRATCH
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=10, help="prompt slots = mask slots per caption")
     p.add_argument("--top-k", type=int, default=20, help="EGR top-k (the zero-shot recipe's 20)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="the recipes' 32")
-    p.add_argument("--workdir", default=str(ROOT / "tmp" / "bench"))
+    p.add_argument(
+        "--workdir",
+        default=str(ROOT / "tmp" / "bench"),
+        help="the generated files go to its sub-folder files/ (deleted at the end"
+        + (" unless --keep" if "bench" == "bench" else "")
+        + "); nothing else in it is touched",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="runs per stage; the fastest is reported")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
@@ -143,14 +158,14 @@ def egr_in_memory(args: argparse.Namespace, work: Path) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    work = Path(args.workdir)
+    work = _work(args)
     if args.internal == "generate":
         return generate(args, work)
     if args.internal == "egr-in-memory":
         return egr_in_memory(args, work)
     # Heavy work runs in child processes: Linux reports a child's peak RSS as at least the
     # parent's at fork time, so this process stays small for the memory figures to mean anything.
-    work.mkdir(parents=True, exist_ok=True)
+    work = OutputFolder(args.workdir, OWNER).scratch(SCRATCH)  # refused if foreign
     py = [sys.executable, "-u"]
     me = (
         py
@@ -269,9 +284,9 @@ def main(argv=None) -> int:
         f"| - | python -c 'import numpy' (interpreter start-up) | {t_import[0]:.2f} | {t_import[1]:.2f} | |"
     )
     if not args.keep:
-        shutil.rmtree(work)
+        OutputFolder(args.workdir, OWNER).remove_owned()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +28,21 @@ from pathlib import Path
 
 import numpy as np
 
+from agree.io import run_cli
+from agree.ownership import OutputFolder
+
 ROOT = Path(__file__).resolve().parents[1]
+OWNER = "scripts/bench_retrieval.py"
+SCRATCH = (
+    "files"  # --workdir's sub-folder holding the generated files (claimed, deleted at the end)
+)
+
+
+def _work(args: argparse.Namespace) -> Path:
+    """Where the generated files go: --workdir/files/ (the parent claims it before any child writes)."""
+    return Path(args.workdir) / SCRATCH
+
+
 GEN_BLOCK = 8192  # rows generated (and added to FAISS) at a time
 
 
@@ -48,7 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--directions", default="t2i,i2t", help="comma-separated: t2i, i2t")
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest is reported")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=str(ROOT / "tmp" / "bench_retrieval"))
+    p.add_argument(
+        "--workdir",
+        default=str(ROOT / "tmp" / "bench_retrieval"),
+        help="the generated files go to its sub-folder files/ (deleted at the end"
+        + (" unless --keep" if "bench_retrieval" == "bench" else "")
+        + "); nothing else in it is touched",
+    )
     p.add_argument(
         "--chain",
         action="store_true",
@@ -121,7 +140,7 @@ def child(args: argparse.Namespace) -> int:
         i = np.concatenate([p[2] for p in parts])
     else:
         raise SystemExit(f"unknown method {method!r}")
-    work = Path(args.workdir)
+    work = _work(args)
     np.save(work / f"{method}_{direction}_scores.npy", s)
     np.save(work / f"{method}_{direction}_ids.npy", i.astype(np.int64))
     print(json.dumps({"seconds": seconds}))
@@ -133,7 +152,7 @@ def write_chain_files(args: argparse.Namespace) -> int:
     from agree.io import write_jsonl
     from eval.feature_io import FeatureWriter
 
-    work = Path(args.workdir)
+    work = _work(args)
     rng = np.random.default_rng(args.seed)
     n_img, n_txt, d, s = args.items, args.queries, args.dim, args.slots
     img = matrix(n_img, d, args.seed)
@@ -171,7 +190,7 @@ def write_chain_files(args: argparse.Namespace) -> int:
 
 def run_chain(args: argparse.Namespace, me: list[str]) -> int:
     """Time the README's chain scripts on --chain files, each in a fresh process."""
-    work = Path(args.workdir)
+    work = _work(args)
     subprocess.run(me + ["--internal", "chain-files"], check=True)
     py = [sys.executable, "-u"]
     feats = [
@@ -249,7 +268,7 @@ def run_chain(args: argparse.Namespace, me: list[str]) -> int:
     print(
         f"(feature files: {sizes:.0f} MB in all; load average {os.getloadavg()[0]:.1f} at the end)"
     )
-    shutil.rmtree(work)
+    OutputFolder(args.workdir, OWNER).remove_owned()
     return 0
 
 
@@ -289,8 +308,8 @@ def main(argv=None) -> int:
         return write_chain_files(args)
     if args.internal:
         return child(args)
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    work = _work(args)
+    work = OutputFolder(args.workdir, OWNER).scratch(SCRATCH)  # refused if foreign
     me = [sys.executable, "-u", str(Path(__file__).resolve())] + list(
         argv if argv is not None else sys.argv[1:]
     )
@@ -335,9 +354,9 @@ def main(argv=None) -> int:
     if "numpy" in methods and "faiss" in methods:
         for d in directions:
             print(f"{d}: numpy vs faiss: {compare(work, d, 'numpy', 'faiss')}")
-    shutil.rmtree(work)
+    OutputFolder(args.workdir, OWNER).remove_owned()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

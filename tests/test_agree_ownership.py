@@ -75,3 +75,52 @@ def test_empty_foreign_folder_counts(tmp_path):
     out.replace()
     (out.path / "empty").mkdir()
     assert out.foreign() == ["empty/"]
+
+
+def test_foreign_under_a_sub_folder_and_forget(tmp_path):
+    out = OutputFolder(tmp_path / "out", "gen")
+    out.claim("raw/a.jpg", "raw/b.jpg", "VG/x.npz")
+    for rel in ("raw/a.jpg", "raw/b.jpg", "VG/x.npz", "VG/user.txt", "other/y"):
+        (out.path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out.path / rel).write_text(rel)
+    assert out.foreign(under="raw") == []
+    assert out.foreign(under="VG") == ["VG/user.txt"]
+    assert out.foreign(under="missing") == []
+    with pytest.raises(InputError, match=r"out/VG: holds 1 file\(s\) that gen did not write"):
+        out.check_no_foreign(under="VG")
+    out.forget("raw/b.jpg", "never/claimed")
+    assert OutputFolder(tmp_path / "out", "gen").claims == ["VG/x.npz", "raw/a.jpg"]  # sorted
+    assert out.foreign(under="raw") == ["raw/b.jpg"]
+
+
+def test_scratch_folder_is_claimed_whole_and_a_foreign_one_refused(tmp_path):
+    out = OutputFolder(tmp_path / "work", "bench")
+    files = out.scratch("files")
+    (files / "big.npy").write_text("x")
+    (out.path / "mine.txt").write_text("user")
+    assert OutputFolder(tmp_path / "work", "bench").owns("files/big.npy")
+    assert OutputFolder(tmp_path / "work", "bench").remove_owned() == ["files/"]
+    assert sorted(p.name for p in out.path.iterdir()) == [MARKER, "mine.txt"]
+    (out.path / "files").mkdir()
+    (out.path / "files" / "theirs.txt").write_text("t")
+    with pytest.raises(InputError, match="work/files: exists and was not written by bench"):
+        OutputFolder(tmp_path / "work", "bench").scratch("files")
+    assert (out.path / "files" / "theirs.txt").is_file()
+
+
+def test_benchmark_workdir_keeps_what_the_benchmark_did_not_write(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    argv = [sys.executable, "scripts/bench_retrieval.py", "--items", "2000", "--queries", "300"]
+    argv += ["--dim", "8", "--methods", "numpy", "--workdir", str(work)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in work.iterdir()) == [MARKER, "notes.txt"]
