@@ -286,32 +286,36 @@ def _train(argv: list[str]) -> None:
     main_all.main(argv + ["--nproc=1", "--device=cpu", "--workers=0", "--log-every-n-steps=200"])
 
 
+def pretrain_argv(recipe: Recipe, world: Path, logs: Path) -> list[str]:
+    """training/main_all.py's flags that pre-train the backbone on the world's simple-caption split
+    (global term only) into the run logs/pretrain; the device and workers are the caller's."""
+    lay = SynthLayout.under(world)
+    return [
+        f"--train-data={lay.pretrain_jsonl}",
+        f"--train-images={lay.pretrain_npz}",
+        f"--data-root={lay.data_dir}",
+        "--model",
+        recipe.model,
+        f"--seed={recipe.data_seed}",
+        f"--epochs={recipe.pretrain_epochs}",
+        f"--batch-size={recipe.pretrain_batch}",
+        f"--lr={recipe.pretrain_lr}",
+        "--wd=0.1",
+        f"--warmup={recipe.pretrain_warmup}",
+        f"--save-frequency={recipe.pretrain_epochs}",
+        f"--logs={logs}",
+        "--name=pretrain",
+    ]
+
+
 def pretrain_backbone(cache: Path, recipe: Recipe, world: Path) -> Path:
     """Pre-train the tiny CLIP on the world's simple-caption split (global term only) unless cached."""
     target = backbone_path(cache, recipe)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    lay = SynthLayout.under(world)
     with tempfile.TemporaryDirectory(prefix=".pretraining-", dir=target.parent) as tmp:
-        _train(
-            [
-                f"--train-data={lay.pretrain_jsonl}",
-                f"--train-images={lay.pretrain_npz}",
-                f"--data-root={lay.data_dir}",
-                "--model",
-                recipe.model,
-                f"--seed={recipe.data_seed}",
-                f"--epochs={recipe.pretrain_epochs}",
-                f"--batch-size={recipe.pretrain_batch}",
-                f"--lr={recipe.pretrain_lr}",
-                "--wd=0.1",
-                f"--warmup={recipe.pretrain_warmup}",
-                f"--save-frequency={recipe.pretrain_epochs}",
-                f"--logs={tmp}",
-                "--name=pretrain",
-            ]
-        )
+        _train(pretrain_argv(recipe, world, Path(tmp)))
         weights = load_checkpoint_state_dict(
             Path(tmp) / "pretrain" / "checkpoints" / f"epoch_{recipe.pretrain_epochs}.pt"
         )

@@ -17,81 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from typing import Callable, Optional
 
+from training.memory_probe import ACCUM, LEVERS, measure
+
 GB = 1e9
-ACCUM = 4
-# lever name -> extra flags of training/main_all.py ("{k}" is the accumulation factor)
-LEVERS = {
-    "plain": [],
-    "grad-checkpointing": ["--grad-checkpointing"],
-    f"accum-freq {ACCUM}": ["--accum-freq", str(ACCUM)],
-    "amp_bf16": ["--precision", "amp_bf16"],
-    "bf16": ["--precision", "bf16"],
-    "lock-image": ["--lock-image"],
-    "checkpointing+bf16": ["--grad-checkpointing", "--precision", "bf16"],
-}
-AGREE_FLAGS = ["--is-prompt", "--is-mask", "--is-da-loss", "--is-da-mask", "--is-vg"]
 GOAL_MODEL = "ViT-L-14"
 
 
 # --------------------------------------------------------------------------- child: one measurement
-def measure(
-    model_name: str, batch: int, flags: list[str], device_name: str, steps: int = 2
-) -> dict:
-    """Build the model with `flags`, run `steps` AGREE steps at `batch` examples per step; peak memory in bytes."""
-    import torch
-
-    from agree.precision import resolve_precision
-    from training.distributed import DistEnv
-    from training.engine import build_model, build_optimizer
-    from training.params import parse_args
-    from training.synthetic_batch import make_batch
-    from training.terms import AGREE_TERMS
-    from training.train import StepConfig, train_step
-
-    device = torch.device(device_name)
-    args = parse_args(["--train-data", "unused.jsonl", "--model", model_name, *AGREE_FLAGS, *flags])
-    if batch % args.accum_freq:
-        raise ValueError(f"batch {batch} is not a multiple of --accum-freq {args.accum_freq}")
-    precision = resolve_precision(args.precision, device)
-    torch.manual_seed(0)
-    model = build_model(args, device, precision).train()
-    optimizer = build_optimizer(model, args)
-    scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
-    cfg = StepConfig(terms=AGREE_TERMS, env=DistEnv(device=device), precision=precision)
-    micro = batch // args.accum_freq
-    data = make_batch(batch, model.visual.input_resolution)
-    micro_batches = [
-        {k: v[i * micro : (i + 1) * micro] for k, v in data.items()} for i in range(args.accum_freq)
-    ]
-    before = _rss_now()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        losses = train_step(model, micro_batches, optimizer, scaler, cfg)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {
-        "peak": peak,
-        "rss_before_steps": before,
-        "seconds_per_step": (time.perf_counter() - t0) / steps,
-        "loss": losses["loss"],
-        "precision": precision,
-    }
-
-
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _child_main(spec: str) -> int:
     s = json.loads(spec)
     if s.get("threads"):
