@@ -46,6 +46,7 @@ RATES = {
     "world": 0.0013,
 }
 RATES_LOCKED_IMAGE = {"global": 0.0041, "agree": 0.0204}  # fine-tuning with --lock-image
+AUGMENT = "random-resized-crop"  # main_all.py --augment of pre-training and fine-tuning
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,16 @@ def backbone_path(cache: Path, recipe: Recipe) -> Path:
 
 def _train(argv: list[str]) -> None:
     """training/main_all.py in this process (one CPU worker)."""
-    main_all.main(argv + ["--nproc=1", "--device=cpu", "--workers=0", "--log-every-n-steps=200"])
+    main_all.main(
+        argv
+        + [
+            "--nproc=1",
+            "--device=cpu",
+            "--workers=0",
+            "--log-every-n-steps=200",
+            f"--augment={AUGMENT}",
+        ]
+    )
 
 
 def pretrain_backbone(cache: Path, recipe: Recipe, world: Path) -> Path:
