@@ -43,7 +43,11 @@ def normalise(
     Computed once per byte value and channel (a 256 x 3 table), then looked up: the same bits as
     the arithmetic on every pixel, several times faster."""
     table = _table(tuple(mean), tuple(std))
-    return np.stack([table[c][array[..., c]] for c in range(3)])
+    channels = np.moveaxis(array, -1, 0)
+    out = np.empty(channels.shape, np.float32)
+    for c in range(3):
+        np.take(table[c], channels[c], out=out[c])
+    return out
 
 
 def normalised(array: np.ndarray) -> np.ndarray:
