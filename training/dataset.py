@@ -69,12 +69,13 @@ class AgreeDataset(Dataset):
         self.records, self.images, self.resolution = records, images, resolution
         self.slots = ordered(slots_of(terms))
         self.seed, self.epoch, self.augment = seed, 0, augment
-        self.grounding, self.objects, self.vg_vocab = grounding, objects or {}, vg_vocab or {}
+        self.grounding, self.objects, self.vg_vocab = grounding, objects, vg_vocab
         self.vg_images, self.vg_masked = vg_images, vg_masked
         for inp in inputs_of(self.slots):
             for name in inp.opens:
                 if getattr(self, name) is None:
                     raise ValueError(f"the slots {self.slots} need {inp.what} ({name})")
+        self.objects, self.vg_vocab = objects or {}, vg_vocab or {}
         self.tokenizer = Tokenizer()
 
     def set_epoch(self, epoch: int) -> None:
