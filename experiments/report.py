@@ -9,9 +9,11 @@ from typing import Optional
 import numpy as np
 
 from agree.io import atomic_path, atomic_write, write_json
+from agree.metrics import ROW_KEYS
+from eval.rerankers import FINE_TUNED_CHAINS, PLAIN, ZERO_SHOT_CHAINS
+from eval.rerankers import label as chain_label
 from experiments.measure import EvalSplit, Scored
 from experiments.stats import (
-    RECALL_KEYS,
     bootstrap_rsum_se,
     duplicate_rows,
     paired_difference,
@@ -19,12 +21,14 @@ from experiments.stats import (
     verdict,
 )
 
-ZERO_SHOT_ROWS = (
-    ("CLIP", "plain"),
-    ("CLIP+TBR", "TBR"),
-    ("CLIP+EGR", "EGR"),
-    ("CLIP+EGR+TBR", "EGR+TBR"),
-)
+
+def method_label(model: str, chain: str) -> str:
+    """Row label of a model re-ranked by a chain: "CLIP", "CLIP+EGR+TBR", "AGREE+TBR"."""
+    variant = chain_label(chain)
+    return model if variant == PLAIN else f"{model}+{variant}"
+
+
+ZERO_SHOT_ROWS = tuple((method_label("CLIP", c), chain_label(c)) for c in ZERO_SHOT_CHAINS)
 EXAMPLES_PER_SIDE = 3
 TWIN_SCORES = ("text", "image", "group")
 
@@ -96,8 +100,20 @@ def build_rows(
         scored = [measured.fine_tuned[(label, s)] for s in seeds]
         section = "ablation" if label.startswith("AGREE w/o") else "fine-tuned"
         rows.append(_row(section, label, list(seeds), scored, "plain", per, True))
-        if label == "AGREE":
-            rows.append(_row(section, "AGREE+TBR", list(seeds), scored, "TBR", per, False))
+        if label == "AGREE":  # the paper re-ranks its fine-tuned AGREE model
+            for chain in FINE_TUNED_CHAINS:
+                if chain:
+                    variant = chain_label(chain)
+                    row = _row(
+                        section,
+                        method_label(label, chain),
+                        list(seeds),
+                        scored,
+                        variant,
+                        per,
+                        False,
+                    )
+                    rows.append(row)
     dups = duplicate_rows(rows)
     if dups:
         raise AssertionError(f"duplicate table rows: {dups}")
@@ -151,7 +167,7 @@ def markdown(record: dict) -> str:
         ]
         for r in rows:
             seeded = r["per_seed"][0]["seed"] is not None and len(r["per_seed"]) > 1
-            cells = [_pm(r["mean"][k], r["sd"][k], seeded) for k in RECALL_KEYS]
+            cells = [_pm(r["mean"][k], r["sd"][k], seeded) for k in ROW_KEYS]
             lines.append(
                 f"| {r['method']} | " + " | ".join(cells) + f" | {r['test_se']['rsum']:.2f} |"
             )

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from agree.images import ImageArchive
 from agree.io import InputError, read_json
+from agree.metrics import row_from_ranks
 from agree.precision import autocast, weight_dtype
 from clip.clip import tokenize
 from training.data import str_list
@@ -101,7 +102,8 @@ def encode_val(
 def retrieval_metrics(
     img: Tensor, txt: Tensor, caption_image: Sequence[int], scale: float, batch_size: int
 ) -> dict[str, float]:
-    """Val loss and R@1/5/10 both ways (percent) from normalised features.
+    """Val loss and the recall row (agree.metrics: t2i_r1 ... i2t_r10, rsum; percent) from normalised
+    features.
 
     The loss pairs each image with its k-th caption (k = 1..5), in batches of `batch_size`, and
     averages the global contrastive term over all pairs.
@@ -117,11 +119,7 @@ def retrieval_metrics(
     )  # [images, captions]
     best = sim.t().masked_fill(~own, float("-inf")).max(1, keepdim=True).values
     i2t_rank = (sim.t() > best).sum(1)
-    out = {}
-    for k in (1, 5, 10):
-        out[f"image_to_text_R@{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
-        out[f"text_to_image_R@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
-    out["mean_recall"] = sum(v for k, v in out.items() if "R@" in k) / 6
+    out = row_from_ranks(t2i_rank.cpu().numpy(), i2t_rank.cpu().numpy())
     # loss: image i with its k-th caption
     first = {}
     slots: list[list[int]] = []
