@@ -12,7 +12,7 @@ import torch
 
 from agree.entities import EVAL_SLOTS, entity_slots
 from agree.io import InputError, read_json, read_jsonl
-from agree.layout import Layout
+from agree.layout import Layout, caption_query_id, val_image_key
 from agree.metrics import as_rank_array, row_from_ranks
 from clip.model import CLIP
 from eval.array_ops import array_ops
@@ -65,17 +65,27 @@ def test_split(lay: Layout) -> EvalSplit:
 
 
 def val_split(lay: Layout) -> EvalSplit:
-    """The layout's validation split: image i (npz key str(i)) with captions 5i..5i+4; no entity phrases."""
+    """The layout's validation split: image i (npz key val_image_key(i)) with its captions as queries
+    caption_query_id(i, j), the test split's scheme; no entity phrases."""
     records = read_json(lay.val_json)
     per = len(records[0]["caption"])
+    if any(len(r["caption"]) != per for r in records):
+        raise InputError(f"{lay.val_json}: every image needs the same number of captions")
     captions = [
-        (per * i + c, text) for i, r in enumerate(records) for c, text in enumerate(r["caption"])
+        (caption_query_id(i, j), text)
+        for i, r in enumerate(records)
+        for j, text in enumerate(r["caption"])
     ]
-    t2i = as_ranked_lists(lay.val_json, "query_id", [(q, [q // per]) for q, _ in captions])
+    keys = [val_image_key(i) for i in range(len(records))]
+    t2i = as_ranked_lists(
+        lay.val_json,
+        "query_id",
+        [(caption_query_id(i, j), [keys[i]]) for i in range(len(records)) for j in range(per)],
+    )
     i2t = as_ranked_lists(
         lay.val_json,
         "image_id",
-        [(i, list(range(per * i, per * i + per))) for i in range(len(records))],
+        [(keys[i], [caption_query_id(i, j) for j in range(per)]) for i in range(len(records))],
     )
     return EvalSplit("val", lay.val_npz, captions, t2i, i2t, per)
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from agree.images import ImageArchive
 from agree.io import InputError, read_json
+from agree.layout import val_image_key
 from agree.metrics import row_from_ranks
 from agree.precision import autocast, weight_dtype
 from clip.clip import tokenize
@@ -48,13 +49,14 @@ def load_val(path: Path, images_path: Path, caption_key: str) -> ValData:
         caps = rec[caption_key]
         caps = [caps] if isinstance(caps, str) else caps
         caps = str_list(caps, repr(caption_key), where)
-        if str(i) not in images:
+        if val_image_key(i) not in images:
             raise InputError(
-                f"--val-images: {images_path} has no image with key {str(i)!r} (entry {i} of {path})"
+                f"--val-images: {images_path} has no image with key {val_image_key(i)!r} "
+                f"(entry {i} of {path})"
             )
         captions += caps
         owner += [i] * len(caps)
-    return ValData(images, [str(i) for i in range(len(data))], captions, owner)
+    return ValData(images, [val_image_key(i) for i in range(len(data))], captions, owner)
 
 
 class ValImages(Dataset):
