@@ -1,4 +1,4 @@
-"""The whole preparation: raw downloads -> every file of the release layout (spec section 1) under --out.
+"""The whole preparation: raw downloads -> every file of the release layout (docs/data.md) under --out.
 
 Order of work: read the split file (and --boxes); read Visual Genome's image list (excluding the
 dataset's val/test images) and choose VG images per vocabulary word; prepare every dataset image in
@@ -23,7 +23,14 @@ from typing import Callable, Iterator, Optional
 from tqdm import tqdm
 
 from agree.io import InputError, atomic_write, dumps, write_json
-from agree.layout import DATASETS, Layout, grounding_key, vg_masked_key
+from agree.layout import (
+    DATASETS,
+    Layout,
+    caption_query_id,
+    grounding_key,
+    val_image_key,
+    vg_masked_key,
+)
 from agree.masks import PixelBox, fill_boxes
 from agree.masks import record as mask_record
 from agree.npz import NpzWriter
@@ -437,11 +444,11 @@ class Preparation:
                         n["train_captions"] += len(e.captions)
                         n["grounding_images"] += len(res.masks)
                     elif e.split == "val":
-                        val_npz.add(str(len(val)), array)
+                        val_npz.add(val_image_key(len(val)), array)
                         val.append({"image": e.file, "caption": list(e.captions)})
                     else:
                         test_npz.add(str(e.image_id), array)
-                        ids = [5 * test_index + j for j in range(len(e.captions))]
+                        ids = [caption_query_id(test_index, j) for j in range(len(e.captions))]
                         for q, caption, caption_segs in zip(ids, e.captions, res.segs):
                             texts.write(
                                 {"query_id": q, "query_text": caption, "item_ids": [e.image_id]}
