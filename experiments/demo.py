@@ -30,10 +30,9 @@ from training import main_all
 from training.terms import AGREE_TERMS, OPTIONAL, flags_of
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_HASHED = (
-    "synth",
-    "dataprep",
-)  # the world is a function of these packages' code and its config
+# the world is a function of these packages' code (agree holds the layout, the mask fill and the pixel
+# arithmetic that dataprep writes with) and of its config
+CODE_HASHED = ("synth", "dataprep", "agree")
 # Seconds per training example (pre-training at batch 64, fine-tuning at batch 32), per generated image,
 # and per scored model (the zero-shot one also runs EGR): measured on 2 idle CPU cores with the default
 # model (tiny-rn); only used to print the expected times at the start.
