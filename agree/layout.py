@@ -1,7 +1,7 @@
-"""File names of a dataset in the release's layout (spec section 1), for any dataset name.
+"""File names of a dataset in the release's layout (docs/data.md, File formats), for any dataset name.
 
     <root>/datasets/<dataset>_images/annotation/<dataset>_train_pred.jsonl, ... (see Layout)
-    <root>/VG/VG_images.224.npz, VG_mask_images.224.npz, vocab_VG_images_objs.jsonl
+    <root>/VG/VG_images.224.npz, VG_mask_boxes.224.jsonl (or VG_mask_images.224.npz), vocab_VG_images_objs.jsonl
 
 `root` is `tmp/` in the README's recipes. Every reader and writer of the layout takes its paths
 from here, so another dataset (e.g. "coco") is one word away.
@@ -124,6 +124,11 @@ class Layout:
         return self.data_dir / f"{self.dataset}_visual_grounding.{self.resolution}.npz"
 
     @property
+    def grounding_boxes(self) -> Path:
+        """The boxes to mask in each train image instead of `grounding` (agree.masks), one line per "{stem}_{label}"."""
+        return self.data_dir / f"{self.dataset}_visual_grounding.{self.resolution}.boxes.jsonl"
+
+    @property
     def vg_images(self) -> Path:
         """Visual Genome images, key = VG image id."""
         return self.vg_dir / f"VG_images.{self.resolution}.npz"
@@ -134,6 +139,11 @@ class Layout:
         return self.vg_dir / f"VG_mask_images.{self.resolution}.npz"
 
     @property
+    def vg_mask_boxes(self) -> Path:
+        """The box to mask in each VG image instead of `vg_masked` (agree.masks), a line per "{object}_{vg id}"."""
+        return self.vg_dir / f"VG_mask_boxes.{self.resolution}.jsonl"
+
+    @property
     def vg_vocab(self) -> Path:
         """Object word -> VG images containing it."""
         return self.vg_dir / "vocab_VG_images_objs.jsonl"
@@ -141,6 +151,22 @@ class Layout:
     def test_files(self) -> tuple[Path, ...]:
         """What the evaluation recipes read."""
         return (self.test_npz, self.test_texts, self.test_images, self.test_segs)
+
+
+# ---------------------------------------------------------------------------- id schemes
+CAPTIONS_PER_IMAGE = 5  # val and test images keep their first 5 captions
+
+
+def val_image_key(index: int) -> str:
+    """npz key of the validation image at position `index` of <dataset>_val.json."""
+    return str(index)
+
+
+def caption_query_id(image_index: int, caption_index: int) -> int:
+    """Query id of caption j of the k-th test (or validation) image: 5k + j."""
+    if not 0 <= caption_index < CAPTIONS_PER_IMAGE:
+        raise ValueError(f"caption index {caption_index} outside 0..{CAPTIONS_PER_IMAGE - 1}")
+    return CAPTIONS_PER_IMAGE * image_index + caption_index
 
 
 def grounding_key(stem: str, label: str) -> str:

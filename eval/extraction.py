@@ -1,4 +1,4 @@
-"""Feature extraction with CLIP: model loading, batched image / text / entity-slot encoding."""
+"""Feature extraction with CLIP: model loading, batched image / text / entity-slot encoding (docs/method.md §5.1)."""
 
 from __future__ import annotations
 

@@ -32,10 +32,9 @@ from training.terms import AGREE_TERMS, OPTIONAL, flags_of
 
 REPO = Path(__file__).resolve().parents[1]
 OWNER = "scripts/demo.py"  # owner of the results folder (--out) and of the cache (--cache) in their records
-CODE_HASHED = (
-    "synth",
-    "dataprep",
-)  # the world is a function of these packages' code and its config
+# the world is a function of these packages' code (agree holds the layout, the mask fill and the pixel
+# arithmetic that dataprep writes with) and of its config
+CODE_HASHED = ("synth", "dataprep", "agree")
 # Seconds per training example (pre-training at batch 64, fine-tuning at batch 32), per generated image,
 # and per scored model (the zero-shot one also runs EGR): measured on 2 idle CPU cores with the default
 # model (tiny-rn); only used to print the expected times at the start.
@@ -48,6 +47,7 @@ RATES = {
     "world": 0.0013,
 }
 RATES_LOCKED_IMAGE = {"global": 0.0041, "agree": 0.0204}  # fine-tuning with --lock-image
+AUGMENT = "random-resized-crop"  # main_all.py --augment of pre-training and fine-tuning
 
 
 @dataclass(frozen=True)
@@ -265,10 +265,8 @@ def build_world(cache: Path, recipe: Recipe) -> Path:
         )
         write_twins(tmp / "twins", c["data_seed"], c["twin_pairs"], c["resolution"])
         owned.claim(rel, folder=True)
-        if target.exists():
-            shutil.rmtree(
-                target
-            )  # claimed: an earlier, interrupted or outdated world of the demo's
+        if target.exists():  # claimed: an earlier, interrupted or outdated world of the demo's
+            shutil.rmtree(target)
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -303,6 +301,7 @@ def pretrain_argv(recipe: Recipe, world: Path, logs: Path) -> list[str]:
         "--wd=0.1",
         f"--warmup={recipe.pretrain_warmup}",
         f"--save-frequency={recipe.pretrain_epochs}",
+        f"--augment={AUGMENT}",
         f"--logs={logs}",
         "--name=pretrain",
     ]
@@ -363,6 +362,7 @@ def fine_tune(
             f"--wd={recipe.wd}",
             f"--warmup={recipe.warmup}",
             f"--save-frequency={recipe.epochs}",
+            f"--augment={AUGMENT}",
             f"--logs={out.path / 'runs'}",
             f"--name={name}",
         ]
