@@ -31,6 +31,7 @@ import torch
 
 from agree.io import write_json
 from agree.layout import Layout
+from agree.metrics import retrieval_row
 from clip.clip import create_model
 from eval.array_ops import NumpyOps, TorchOps
 from eval.feature_io import Features, read_features
@@ -166,12 +167,10 @@ def _world_and_backbone(ctx: Context) -> tuple[str, dict]:
 def recall_row(split: EvalSplit, text: Features, image: Features) -> dict[str, float]:
     """R@1/5/10 both ways and RSUM of plain top-10 retrieval with these features (numpy)."""
     t2i, i2t = topk_lists(NumpyOps(), text, image, 10, 1000)
-    rt = recall(split.t2i_gt, as_ranked_lists("<t2i>", "query_id", t2i))
-    ri = recall(split.i2t_gt, as_ranked_lists("<i2t>", "image_id", i2t))
-    row = {f"t2i_r{k}": rt[f"r{k}"] for k in (1, 5, 10)}
-    row.update({f"i2t_r{k}": ri[f"r{k}"] for k in (1, 5, 10)})
-    row["rsum"] = sum(row.values())
-    return row
+    return retrieval_row(
+        recall(split.t2i_gt, as_ranked_lists("<t2i>", "query_id", t2i)),
+        recall(split.i2t_gt, as_ranked_lists("<i2t>", "image_id", i2t)),
+    )
 
 
 def _extraction(precision: str) -> Callable[[Context], tuple[str, dict]]:
