@@ -351,6 +351,12 @@ def _bookkeeping_flags(p: argparse.ArgumentParser) -> None:
         "--save-most-recent", action="store_true", help="Also keep checkpoints/epoch_latest.pt."
     )
     b.add_argument(
+        "--delete-previous-checkpoint",
+        action="store_true",
+        help="After writing checkpoints/epoch_N.pt, delete epoch_{N - --save-frequency}.pt (OpenCLIP's "
+        "flag), so that the epoch checkpoints do not pile up; epoch_latest.pt is kept.",
+    )
+    b.add_argument(
         "--save-every-n-steps",
         type=int,
         default=0,
@@ -360,7 +366,8 @@ def _bookkeeping_flags(p: argparse.ArgumentParser) -> None:
         "--resume",
         type=str,
         default=None,
-        help="Checkpoint to continue from, or 'latest' (newest checkpoint of run --name).",
+        help="Checkpoint to continue from, or 'latest': the newest checkpoint of run --name, or a new run "
+        "when it has none yet (so one command serves the first launch and every requeue).",
     )
     b.add_argument(
         "--report-to",
@@ -395,9 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_run_name(args: argparse.Namespace) -> str:
-    """The released default run name (lr, wd, aggregate, model, batch size, workers, UTC start time)."""
+    """The released default run name (lr, wd, aggregate, model, batch size, workers, UTC start time), with
+    the model's '/' written '-' (ViT-L/14 -> ViT-L-14) so that the name is one folder.
+
+    Each process computes it at its own start; `training.engine.run` replaces it on every rank by rank 0's."""
+    model = args.model.replace("/", "-")
     return strftime(
-        f"lr={args.lr}_wd={args.wd}_agg={args.aggregate}_model={args.model}_batchsize={args.batch_size}"
+        f"lr={args.lr}_wd={args.wd}_agg={args.aggregate}_model={model}_batchsize={args.batch_size}"
         f"_workers={args.workers}_date=%Y-%m-%d-%H-%M-%S",
         gmtime(),
     )
