@@ -226,7 +226,9 @@ class StageRunner:
             self.seconds.setdefault(stage.kind, []).append(seconds)
         self.remaining.pop(stage.name, None)
         eta, untimed = self.eta()
-        when = time.strftime("%H:%M", time.localtime(time.time() + eta))
+        when = time.strftime(
+            "%a %H:%M" if eta > 20 * 3600 else "%H:%M", time.localtime(time.time() + eta)
+        )
         rest = f"run ETA {format_seconds(eta)} (about {when})" if self.remaining else "nothing left"
         if untimed:
             rest += f"; not yet timed: {', '.join(untimed)}"
