@@ -136,7 +136,8 @@ def test_results_state_the_setup(tmp_path):
 
 
 # --------------------------------------------------------------------------- stages
-COPY = """import sys, pathlib
+COPY = """import sys, pathlib, time
+time.sleep(0.1)  # a stage that takes measurable time (for the ETA)
 src, dst, counter = sys.argv[1:4]
 with open(counter, "a") as f:
     f.write(dst + "\\n")
