@@ -1,4 +1,4 @@
-"""File names of a dataset in the release's layout (spec section 1), for any dataset name.
+"""File names of a dataset in the release's layout (docs/data.md, File formats), for any dataset name.
 
     <root>/datasets/<dataset>_images/annotation/<dataset>_train_pred.jsonl, ... (see Layout)
     <root>/VG/VG_images.224.npz, VG_mask_images.224.npz, vocab_VG_images_objs.jsonl

@@ -1,4 +1,4 @@
-"""Recall@K of ranked lists against ground truth, and the evaluation record (spec section 4.5)."""
+"""Recall@K of ranked lists against ground truth, and the evaluation record (docs/method.md §5.5)."""
 
 from __future__ import annotations
 
