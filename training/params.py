@@ -13,7 +13,7 @@ from training.terms import add_term_flags
 
 
 def default_hyperparams(model_name: str) -> dict:
-    """AdamW defaults when --lr/--beta1/--beta2/--eps are not given (spec 3.4)."""
+    """AdamW defaults when --lr/--beta1/--beta2/--eps are not given (docs/method.md §4)."""
     name = model_name.replace("/", "-")
     lr = 4.0e-4 if name.startswith("ViT-L") else 5.0e-4
     return {"lr": lr, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
@@ -126,7 +126,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         "grounded captions, objects lines of train images, VG (masked) images of usable VG "
         "entries. Checked over the whole training file before the first step; above it the run "
         "stops with an error naming the file and the first missing key. 0 = any miss is an "
-        "error; a larger F trains the missing ones with the spec's masked-square substitute.",
+        "error; a larger F trains the missing ones with the masked-square substitute (docs/method.md §1.3, §1.4).",
     )
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes per rank.")
 
@@ -270,7 +270,7 @@ def _term_flags(p: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--legacy-detached-rank",
         action="store_true",
-        help="Reproduce the released code's gradients (spec 5.1): the hinge sums of the three "
+        help="Reproduce the released code's gradients (docs/method.md §2.1): the hinge sums of the three "
         "ranking terms are detached (no gradient to the towers), then divided by the logit "
         "scale tau, so tau alone receives their gradient, -S/tau^2.",
     )
