@@ -213,6 +213,7 @@ class TableRunner:
     # ------------------------------------------------------------------ the plan
     def run_parts(self, parts: Sequence[str]) -> None:
         """Plan every stage of the selected parts (for the ETA), then run them in order."""
+        self._ground_truth()  # the test split's shape is checked before anything runs
         self.planning = True
         self._parts(parts)
         self.planning = False
@@ -253,7 +254,7 @@ class TableRunner:
             t2i = read_ranked_lists(self.lay.test_texts, "query_id", "ground truth")
             i2t = read_ranked_lists(self.lay.test_images, "image_id", "ground truth")
             per = {len(caps) for caps in i2t.items}
-            if len(per) != 1:
+            if len(per) != 1 or 0 in per:
                 raise InputError(
                     f"{self.lay.test_images}: images have {sorted(per)} captions; the sampling error "
                     "needs the same number for every test image"

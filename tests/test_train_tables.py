@@ -135,6 +135,23 @@ def test_results_state_the_setup(tmp_path):
     assert OutputFolder(tmp_path / "out", OWNER).owns("results.json")
 
 
+@pytest.mark.parametrize("captions", [[["q0", "q1"], ["q2"]], [["q0", "q1", "q2"], []]])
+def test_a_test_split_with_uneven_captions_is_refused_before_any_stage_runs(tmp_path, captions):
+    runner = _runner(tmp_path, "--parts", "zeroshot")
+    lay = runner.lay
+    lay.test_texts.write_text(
+        "".join(json.dumps({"query_id": f"q{i}", "item_ids": [0]}) + "\n" for i in range(3))
+    )
+    lay.test_images.write_text(
+        "".join(
+            json.dumps({"image_id": i, "item_ids": caps}) + "\n" for i, caps in enumerate(captions)
+        )
+    )
+    with pytest.raises(InputError, match="test_images.jsonl: images have .* captions"):
+        runner.run_parts(["zeroshot"])
+    assert not (tmp_path / "out" / "manifests").exists() and runner.stages.total == 0
+
+
 # --------------------------------------------------------------------------- stages
 COPY = """import sys, pathlib, time
 time.sleep(0.1)  # a stage that takes measurable time (for the ETA)
