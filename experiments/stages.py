@@ -172,6 +172,7 @@ class StageRunner:
         manifest = self._manifest(stage.name)
         start = time.time()
         if state == "done":
+            self.timings[stage.name] = float(manifest.get("seconds", 0.0))
             self._finish(stage, "done earlier, skipped", float(manifest.get("seconds", 0.0)), False)
             return state
         if state == "new":
