@@ -55,6 +55,7 @@ def setup(tmp_path_factory):
             "1e-5",
             "--wd",
             "0.1",
+            *("--augment", "random-resized-crop"),  # two distinct batches of the same images
         ]
     )
     dset = build_train_dataset(args, resolve_paths(args), enabled_terms(args), 64)
@@ -125,14 +126,34 @@ def _differing(a: nn.Module, b: nn.Module) -> list[str]:
     return [n for (n, p), q in zip(a.named_parameters(), b.parameters()) if not torch.equal(p, q)]
 
 
+def _report(case, start, tau_grad, without, s_without, with_rank, s_with, losses):
+    """The measured numbers (docs/finetuning.md quotes them; shown with pytest -s)."""
+    diff = max(
+        (p - q).abs().max().item() for p, q in zip(without.parameters(), with_rank.parameters())
+    )
+    moved = max(
+        (p - q).abs().max().item() for p, q in zip(without.parameters(), start.parameters())
+    )
+    hinges = ", ".join(f"{t} {losses[t]:.3g}" for t in RANKING if t in losses)
+    print(
+        f"\n{case}: other terms' d/d(raw scale) {[f'{g:+.2g}' for g in tau_grad]}; raw scale after "
+        f"{STEPS} steps {s_without[-1]:.7f} without, {s_with[-1]:.7f} with the ranking terms (clamp "
+        f"{CLAMP:.7f}); hinges {hinges}; {len(_differing(without, with_rank))}/"
+        f"{len(list(start.parameters()))} tensors differ, by up to {diff:.2g}; steps moved weights by up "
+        f"to {moved:.2g}"
+    )
+
+
 def test_at_the_clamp_the_ranking_terms_change_no_weight_when_the_other_terms_push_tau_up(
     setup, trained
 ):
     args, batches = setup
     start = _at_clamp(trained)
-    assert all(g < 0 for g in _tau_gradient(start, batches, ())), "the global term pushes tau up"
+    tau_grad = _tau_gradient(start, batches, ())
+    assert all(g < 0 for g in tau_grad), "the global term pushes tau up"
     without, s_without, _ = _train(start, args, batches, ())
     with_rank, s_with, losses = _train(start, args, batches, RANKING)
+    _report("trained", start, tau_grad, without, s_without, with_rank, s_with, losses)
     assert losses["text_mask"] > 0 and losses["vg_mask"] > 0  # the ranking terms are active
     assert s_without == s_with == [CLAMP] * STEPS  # tau never leaves the clamp
     assert _differing(without, with_rank) == []  # every weight bit-identical
@@ -143,9 +164,11 @@ def test_the_ranking_terms_change_every_weight_once_tau_leaves_the_clamp(setup):
     args, batches = setup
     torch.manual_seed(0)
     start = _at_clamp(create_model("tiny"))
-    assert all(g > 0 for g in _tau_gradient(start, batches, ())), "the global term pulls tau down"
+    tau_grad = _tau_gradient(start, batches, ())
+    assert all(g > 0 for g in tau_grad), "the global term pulls tau down"
     without, s_without, _ = _train(start, args, batches, ())
-    with_rank, s_with, _ = _train(start, args, batches, RANKING)
+    with_rank, s_with, losses = _train(start, args, batches, RANKING)
+    _report("random", start, tau_grad, without, s_without, with_rank, s_with, losses)
     assert max(s_without) < CLAMP and max(s_with) < CLAMP  # tau left the clamp in both runs
     assert s_with[-1] > s_without[-1]  # the ranking terms' gradient holds tau up
     names = [n for n, _ in start.named_parameters()]
@@ -157,10 +180,10 @@ def test_with_agrees_contrastive_terms_on_the_ranking_terms_change_the_trained_m
 ):
     args, batches = setup
     start = _at_clamp(trained)
-    assert all(
-        g > 0 for g in _tau_gradient(start, batches, CONTRASTIVE)
-    )  # the new terms pull tau down
+    tau_grad = _tau_gradient(start, batches, CONTRASTIVE)
+    assert all(g > 0 for g in tau_grad)  # the new terms pull tau down
     without, s_without, _ = _train(start, args, batches, CONTRASTIVE)
-    with_rank, s_with, _ = _train(start, args, batches, CONTRASTIVE + RANKING)
+    with_rank, s_with, losses = _train(start, args, batches, CONTRASTIVE + RANKING)
+    _report("trained + contrastive", start, tau_grad, without, s_without, with_rank, s_with, losses)
     assert max(s_without) < CLAMP and max(s_with) < CLAMP
     assert len(_differing(without, with_rank)) > 0.8 * len(list(start.parameters()))
