@@ -104,6 +104,8 @@ def _load(name: str, path: Path, model_class: str, device: str):
     try:
         processor = tf.AutoProcessor.from_pretrained(path, local_files_only=True)
         model = getattr(tf, model_class).from_pretrained(path, local_files_only=True)
+    except ImportError as e:  # e.g. scipy for OWLv2's image processor in transformers 4.x
+        raise InputError(f"--detector {name}: {e} (pip install -e '.[grounding]')") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"--detector-path: cannot load {name} from {path} ({e}); {HOW}") from None
     try:

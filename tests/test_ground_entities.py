@@ -63,7 +63,8 @@ def _cmd(raw: Path, model: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
