@@ -58,7 +58,7 @@ def entity_slots(
 
 
 def training_slots(caption: str, segs: Sequence[str]) -> EntitySlots:
-    """Fine-tuning's slots: the first TRAIN_SLOTS short segs (spec 3.1.2)."""
+    """Fine-tuning's slots: the first TRAIN_SLOTS short segs (docs/method.md §1.2)."""
     return entity_slots(caption, short_segs(segs), TRAIN_SLOTS)
 
 

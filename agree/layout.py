@@ -1,4 +1,4 @@
-"""File names of a dataset in the release's layout (spec section 1), for any dataset name.
+"""File names of a dataset in the release's layout (docs/data.md, File formats), for any dataset name.
 
     <root>/datasets/<dataset>_images/annotation/<dataset>_train_pred.jsonl, ... (see Layout)
     <root>/VG/VG_images.224.npz, VG_mask_images.224.npz, vocab_VG_images_objs.jsonl
@@ -141,6 +141,22 @@ class Layout:
     def test_files(self) -> tuple[Path, ...]:
         """What the evaluation recipes read."""
         return (self.test_npz, self.test_texts, self.test_images, self.test_segs)
+
+
+# ---------------------------------------------------------------------------- id schemes
+CAPTIONS_PER_IMAGE = 5  # val and test images keep their first 5 captions
+
+
+def val_image_key(index: int) -> str:
+    """npz key of the validation image at position `index` of <dataset>_val.json."""
+    return str(index)
+
+
+def caption_query_id(image_index: int, caption_index: int) -> int:
+    """Query id of caption j of the k-th test (or validation) image: 5k + j."""
+    if not 0 <= caption_index < CAPTIONS_PER_IMAGE:
+        raise ValueError(f"caption index {caption_index} outside 0..{CAPTIONS_PER_IMAGE - 1}")
+    return CAPTIONS_PER_IMAGE * image_index + caption_index
 
 
 def grounding_key(stem: str, label: str) -> str:

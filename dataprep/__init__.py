@@ -1,4 +1,4 @@
-"""Data preparation: the release layout (spec section 1) built from the official raw downloads.
+"""Data preparation: the release layout (docs/data.md, File formats) built from the official raw downloads.
 
 Inputs: Flickr30k or MSCOCO images with Karpathy's split file, optionally Flickr30k Entities, Visual
 Genome, and any detector's boxes (JSONL). Output: every file of the layout under one root, written

@@ -23,7 +23,13 @@ from typing import Callable, Iterator, Optional
 from tqdm import tqdm
 
 from agree.io import InputError, atomic_write, dumps, write_json
-from agree.layout import Layout, grounding_key, vg_masked_key
+from agree.layout import (
+    Layout,
+    caption_query_id,
+    grounding_key,
+    val_image_key,
+    vg_masked_key,
+)
 from agree.npz import NpzWriter
 from dataprep import datasets, karpathy
 from dataprep import visual_genome as vg
@@ -388,11 +394,11 @@ class Preparation:
                         n["train_captions"] += len(e.captions)
                         n["grounding_images"] += len(res.masked)
                     elif e.split == "val":
-                        val_npz.add(str(len(val)), array)
+                        val_npz.add(val_image_key(len(val)), array)
                         val.append({"image": e.file, "caption": list(e.captions)})
                     else:
                         test_npz.add(str(e.image_id), array)
-                        ids = [5 * test_index + j for j in range(len(e.captions))]
+                        ids = [caption_query_id(test_index, j) for j in range(len(e.captions))]
                         for q, caption, caption_segs in zip(ids, e.captions, res.segs):
                             texts.write(
                                 {"query_id": q, "query_text": caption, "item_ids": [e.image_id]}

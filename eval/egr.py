@@ -1,4 +1,4 @@
-"""Entity-guided re-ranking, EGR (spec section 4.3), as batched array operations (numpy or torch).
+"""Entity-guided re-ranking, EGR (docs/method.md §5.3), as batched array operations (numpy or torch).
 
 Notation: `s` = query-item dot product, `p_j` / `m_j` = dot product of the item
 image with prompt / masked-caption slot j of the text. Slots are weighted by

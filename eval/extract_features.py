@@ -1,4 +1,4 @@
-"""Image and caption features from a fine-tuned checkpoint (spec section 4.1).
+"""Image and caption features from a fine-tuned checkpoint (docs/method.md §5.1).
 
 Runs in one process, or sharded over processes with `torchrun --nproc_per_node N eval/extract_features.py ...`
 (one output file, in input order, the same as a single process writes).

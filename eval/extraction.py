@@ -1,4 +1,4 @@
-"""Feature extraction with CLIP: model loading, batched image / text / entity-slot encoding (spec 4.1)."""
+"""Feature extraction with CLIP: model loading, batched image / text / entity-slot encoding (docs/method.md §5.1)."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ class Features:
         return int(self.data.shape[1])
 
     def str_ids(self) -> list[str]:
-        """Ids in their string form (how ids are compared, spec section 1)."""
+        """Ids in their string form (two ids are the same id when their string forms are equal)."""
         return [str(i) for i in self.ids]
 
 

@@ -1,4 +1,4 @@
-"""Top-k retrieval lists both ways from image and text features (spec section 4.2)."""
+"""Top-k retrieval lists both ways from image and text features (docs/method.md §5.2)."""
 
 import argparse
 

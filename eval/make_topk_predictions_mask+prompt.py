@@ -1,4 +1,4 @@
-"""Top-k lists re-ranked with entity-guided re-ranking, EGR (spec section 4.3)."""
+"""Top-k lists re-ranked with entity-guided re-ranking, EGR (docs/method.md §5.3)."""
 
 import argparse
 

@@ -1,13 +1,12 @@
-"""Recall@K of ranked lists against ground truth, and the evaluation record (spec section 4.5)."""
+"""Recall@K of ranked lists against ground truth, and the evaluation record (docs/method.md §5.5)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from agree.io import InputError
+from agree.metrics import KS, recall_at_k
 from eval.predictions import RankedLists
-
-KS = (1, 5, 10)
 
 
 def first_gold_ranks(gt: RankedLists, pred: RankedLists) -> list[int | None]:
@@ -22,16 +21,6 @@ def first_gold_ranks(gt: RankedLists, pred: RankedLists) -> list[int | None]:
     return out
 
 
-def _summary(firsts: list[int | None], ks: tuple[int, ...]) -> dict[str, float]:
-    hits = [sum(1 for r in firsts if r is not None and r < k) for k in ks]
-    n = len(firsts)
-    # fractions first, percent last (not 100 * hits / n): bit-identical to the release's floats
-    fractions = [h / n for h in hits]
-    out = {f"r{k}": f * 100 for k, f in zip(ks, fractions)}
-    out["mean"] = sum(fractions) / len(fractions) * 100
-    return out
-
-
 def recall(gt: RankedLists, pred: RankedLists, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """Percent of ground-truth queries with a gold item in the first K predictions, for each K, plus their mean.
 
@@ -40,7 +29,7 @@ def recall(gt: RankedLists, pred: RankedLists, ks: tuple[int, ...] = KS) -> dict
     """
     firsts = first_gold_ranks(gt, pred)
     if pred.folds is None:
-        return _summary(firsts, ks)
+        return recall_at_k(firsts, ks)
     fold_of_query = _query_folds(gt, pred)
     n_folds = max(pred.folds) + 1
     per_fold = []
@@ -48,7 +37,7 @@ def recall(gt: RankedLists, pred: RankedLists, ks: tuple[int, ...] = KS) -> dict
         mine = [r for r, g in zip(firsts, fold_of_query) if g == f]
         if not mine:
             raise InputError(f"{pred.path}: fold {f} has no query of {gt.path}")
-        per_fold.append(dict(_summary(mine, ks), queries=len(mine)))
+        per_fold.append(dict(recall_at_k(mine, ks), queries=len(mine)))
     out: dict[str, Any] = {
         name: sum(p[name] for p in per_fold) / n_folds for name in [f"r{k}" for k in ks] + ["mean"]
     }

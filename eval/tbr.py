@@ -1,4 +1,4 @@
-"""Text-image bidirectional re-ranking, TBR (spec section 4.4)."""
+"""Text-image bidirectional re-ranking, TBR (docs/method.md §5.4)."""
 
 from __future__ import annotations
 

@@ -12,23 +12,28 @@ import torch
 
 from agree.entities import EVAL_SLOTS, entity_slots
 from agree.io import InputError, read_json, read_jsonl
-from agree.layout import Layout
+from agree.layout import Layout, caption_query_id, val_image_key
+from agree.metrics import as_rank_array, row_from_ranks
 from clip.model import CLIP
 from eval.array_ops import array_ops
-from eval.egr import egr_lists
 from eval.extraction import encode_images, encode_texts, open_images
 from eval.feature_io import Features
-from eval.metrics import first_gold_ranks, recall
+from eval.metrics import first_gold_ranks
 from eval.predictions import RankedLists, as_ranked_lists, read_ranked_lists
-from eval.tbr import tbr_rerank
-from eval.topk import topk_lists
+from eval.rerankers import (
+    FINE_TUNED_CHAINS,
+    ZERO_SHOT_CHAINS,
+    RankInputs,
+    features_needed,
+    parse_chain,
+    run_chains,
+)
 from eval.twins import TwinPairs, pair_outcomes, pair_similarities, read_twin_pairs, summarise
 from synth.captions import SIZE_WORDS_TARGET
 from synth.twins import TwinFiles
 from synth.world import COLOUR_NAMES, SHAPES, SIZES
 
 TOP_K, EGR_TOP_K, CHUNK, TEXT_BATCH, IMAGE_BATCH = 10, 20, 1000, 500, 250
-MISSING_RANK = 10**6  # rank of a gold item absent from a top-k list
 
 
 @dataclass
@@ -60,17 +65,27 @@ def test_split(lay: Layout) -> EvalSplit:
 
 
 def val_split(lay: Layout) -> EvalSplit:
-    """The layout's validation split: image i (npz key str(i)) with captions 5i..5i+4; no entity phrases."""
+    """The layout's validation split: image i (npz key val_image_key(i)) with its captions as queries
+    caption_query_id(i, j), the test split's scheme; no entity phrases."""
     records = read_json(lay.val_json)
     per = len(records[0]["caption"])
+    if any(len(r["caption"]) != per for r in records):
+        raise InputError(f"{lay.val_json}: every image needs the same number of captions")
     captions = [
-        (per * i + c, text) for i, r in enumerate(records) for c, text in enumerate(r["caption"])
+        (caption_query_id(i, j), text)
+        for i, r in enumerate(records)
+        for j, text in enumerate(r["caption"])
     ]
-    t2i = as_ranked_lists(lay.val_json, "query_id", [(q, [q // per]) for q, _ in captions])
+    keys = [val_image_key(i) for i in range(len(records))]
+    t2i = as_ranked_lists(
+        lay.val_json,
+        "query_id",
+        [(caption_query_id(i, j), [keys[i]]) for i in range(len(records)) for j in range(per)],
+    )
     i2t = as_ranked_lists(
         lay.val_json,
         "image_id",
-        [(i, list(range(per * i, per * i + per))) for i in range(len(records))],
+        [(keys[i], [caption_query_id(i, j) for j in range(per)]) for i in range(len(records))],
     )
     return EvalSplit("val", lay.val_npz, captions, t2i, i2t, per)
 
@@ -112,65 +127,41 @@ class Scored:
 
 
 def _recall_row(split: EvalSplit, t2i: RankedLists, i2t: RankedLists) -> tuple[dict, tuple]:
-    rt, ri = recall(split.t2i_gt, t2i), recall(split.i2t_gt, i2t)
-    row = {f"t2i_r{k}": rt[f"r{k}"] for k in (1, 5, 10)} | {
-        f"i2t_r{k}": ri[f"r{k}"] for k in (1, 5, 10)
-    }
-    row["rsum"] = sum(row.values())
     ranks = tuple(
-        np.array([MISSING_RANK if r is None else r for r in first_gold_ranks(gt, pred)])
+        as_rank_array(first_gold_ranks(gt, pred))
         for gt, pred in ((split.t2i_gt, t2i), (split.i2t_gt, i2t))
     )
-    return row, ranks
-
-
-def _ids_only(rows: list[tuple]) -> list[tuple]:
-    return [(q, [x[0] if isinstance(x, list) else x for x in items]) for q, items in rows]
+    return row_from_ranks(*ranks), ranks
 
 
 def score(
     model: CLIP, split: EvalSplit, twins: Optional[TwinFiles], egr: bool = False, tbr: bool = True
 ) -> Scored:
-    """Recall rows of `model` on `split`: "plain", "TBR", and with `egr` "EGR", "EGR+TBR"; twin scores."""
-    ops = array_ops("cpu")
+    """Recall rows of `model` on `split`: "plain", "TBR", and with `egr` "EGR", "EGR+TBR" (the chains of
+    eval.rerankers' registry; without `tbr` the chains without TBR); twin scores."""
+    chains = [
+        c
+        for c in (ZERO_SHOT_CHAINS if egr else FINE_TUNED_CHAINS)
+        if tbr or all(r.name != "TBR" for r in parse_chain(c))
+    ]
     image = _images(model, split.images)
     image.ids = _gt_ids(image.ids, split.t2i_gt)
     qids = [q for q, _ in split.captions]
     text = Features(
         Path("<captions>"), "query_id", qids, _texts(model, [t for _, t in split.captions])
     )
-    lists = {}
-    t2i, i2t = topk_lists(ops, text, image, TOP_K, CHUNK)
-    lists["plain"] = (t2i, i2t)
-    if egr:
+    extra = {}
+    if features_needed(chains):
         if split.segs is None:
             raise ValueError(f"EGR needs entity phrases; the {split.name} split has none")
-        prompt, mask = _slot_features(model, split, qids)
-        lists["EGR"] = tuple(
-            _ids_only(r) for r in egr_lists(ops, text, image, prompt, mask, EGR_TOP_K, CHUNK)
-        )
+        extra["prompt"], extra["mask"] = _slot_features(model, split, qids)
+    inputs = RankInputs(array_ops("cpu"), text, image, extra, TOP_K, EGR_TOP_K, CHUNK)
     out = Scored({}, {}, {})
-    for label, (t2i, i2t) in list(lists.items()):
-        variants = [(label, t2i, i2t)]
-        if tbr:
-            ft, fi = (
-                as_ranked_lists("<t2i>", "query_id", t2i),
-                as_ranked_lists("<i2t>", "image_id", i2t),
-            )
-            variants.append(
-                (
-                    "TBR" if label == "plain" else f"{label}+TBR",
-                    tbr_rerank(ft, fi),
-                    tbr_rerank(fi, ft),
-                )
-            )
-        for name, a, b in variants:
-            ft, fi = (
-                as_ranked_lists(f"<{name}>", "query_id", a),
-                as_ranked_lists(f"<{name}>", "image_id", b),
-            )
-            out.rows[name], out.ranks[name] = _recall_row(split, ft, fi)
-            out.top1[name] = [items[0] if items else None for _, items in a]
+    for name, (t2i, i2t) in run_chains(chains, inputs).items():
+        ft = as_ranked_lists(f"<{name}>", "query_id", t2i)
+        fi = as_ranked_lists(f"<{name}>", "image_id", i2t)
+        out.rows[name], out.ranks[name] = _recall_row(split, ft, fi)
+        out.top1[name] = [items[0] if items else None for _, items in t2i]
     if twins is not None:
         out.twins = score_twin_split(model, twins)
     return out

@@ -3,15 +3,18 @@ tables (results.md), RSUM per method with error bars (rsum.png), and wins and lo
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from agree.io import atomic_path, atomic_write, write_json
+from agree.metrics import ROW_KEYS
+from eval.rerankers import FINE_TUNED_CHAINS, PLAIN, ZERO_SHOT_CHAINS
+from eval.rerankers import label as chain_label
 from experiments.measure import EvalSplit, Scored
 from experiments.stats import (
-    RECALL_KEYS,
     bootstrap_rsum_se,
     duplicate_rows,
     paired_difference,
@@ -19,12 +22,14 @@ from experiments.stats import (
     verdict,
 )
 
-ZERO_SHOT_ROWS = (
-    ("CLIP", "plain"),
-    ("CLIP+TBR", "TBR"),
-    ("CLIP+EGR", "EGR"),
-    ("CLIP+EGR+TBR", "EGR+TBR"),
-)
+
+def method_label(model: str, chain: str) -> str:
+    """Row label of a model re-ranked by a chain: "CLIP", "CLIP+EGR+TBR", "AGREE+TBR"."""
+    variant = chain_label(chain)
+    return model if variant == PLAIN else f"{model}+{variant}"
+
+
+ZERO_SHOT_ROWS = tuple((method_label("CLIP", c), chain_label(c)) for c in ZERO_SHOT_CHAINS)
 EXAMPLES_PER_SIDE = 3
 TWIN_SCORES = ("text", "image", "group")
 
@@ -96,8 +101,20 @@ def build_rows(
         scored = [measured.fine_tuned[(label, s)] for s in seeds]
         section = "ablation" if label.startswith("AGREE w/o") else "fine-tuned"
         rows.append(_row(section, label, list(seeds), scored, "plain", per, True))
-        if label == "AGREE":
-            rows.append(_row(section, "AGREE+TBR", list(seeds), scored, "TBR", per, False))
+        if label == "AGREE":  # the paper re-ranks its fine-tuned AGREE model
+            for chain in FINE_TUNED_CHAINS:
+                if chain:
+                    variant = chain_label(chain)
+                    row = _row(
+                        section,
+                        method_label(label, chain),
+                        list(seeds),
+                        scored,
+                        variant,
+                        per,
+                        False,
+                    )
+                    rows.append(row)
     dups = duplicate_rows(rows)
     if dups:
         raise AssertionError(f"duplicate table rows: {dups}")
@@ -151,7 +168,7 @@ def markdown(record: dict) -> str:
         ]
         for r in rows:
             seeded = r["per_seed"][0]["seed"] is not None and len(r["per_seed"]) > 1
-            cells = [_pm(r["mean"][k], r["sd"][k], seeded) for k in RECALL_KEYS]
+            cells = [_pm(r["mean"][k], r["sd"][k], seeded) for k in ROW_KEYS]
             lines.append(
                 f"| {r['method']} | " + " | ".join(cells) + f" | {r['test_se']['rsum']:.2f} |"
             )
@@ -251,6 +268,23 @@ def compare_top1(split: EvalSplit, a: list, b: list) -> dict:
     return {"wins": wins, "losses": losses, "ties": int(len(gold) - len(wins) - len(losses))}
 
 
+def example_panels(
+    split: EvalSplit, a: list, b: list, shown: list[tuple[str, int]]
+) -> list[tuple[str, list[tuple[object, str]]]]:
+    """Per shown query: its whole caption, and two panels (item id, title): the correct image, which is
+    the top-1 of the method that got it right, and the other method's wrong top-1."""
+    out = []
+    for what, i in shown:
+        qid, text = split.captions[i]
+        gold = (split.t2i_gt.get(qid) or [None])[0]
+        right, wrong = ("AGREE", "global-only") if what == "win" else ("global-only", "AGREE")
+        other = b[i] if what == "win" else a[i]
+        out.append(
+            (text, [(gold, f"correct image = {right} top-1"), (other, f"{wrong} top-1 (wrong)")])
+        )
+    return out
+
+
 def draw_examples(
     split: EvalSplit, a: list, b: list, seed: int, path: Path, sample_seed: int = 0
 ) -> dict:
@@ -269,24 +303,20 @@ def draw_examples(
     shown += [("loss", int(i)) for i in rng.permutation(cmp["losses"])[:EXAMPLES_PER_SIDE]]
     archive = ImageArchive(split.images)
     keys = {str(k): k for k in archive.keys()}
+    panels = example_panels(split, a, b, shown)
     fig, axes = plt.subplots(
-        max(1, len(shown)), 3, figsize=(7.5, 2.3 * max(1, len(shown))), squeeze=False
+        max(1, len(shown)), 2, figsize=(5.5, 2.9 * max(1, len(shown))), squeeze=False
     )
-    for row, (what, i) in zip(axes, shown):
-        qid, text = split.captions[i]
-        gold = (split.t2i_gt.get(qid) or [None])[0]
-        for ax, item, title in zip(
-            row, (gold, b[i], a[i]), ("correct image", "global-only top-1", "AGREE top-1")
-        ):
+    for row, (what, _), (text, pair) in zip(axes, shown, panels):
+        for ax, (item, title) in zip(row, pair):
             ax.imshow(displayable(archive[keys[str(item)]]))
             ax.set_xticks([])
             ax.set_yticks([])
-            mark = "" if str(item) == str(gold) or title == "correct image" else " (wrong)"
-            ax.set_title(title + mark, fontsize=8)
+            ax.set_xlabel(title, fontsize=8)
         row[0].set_ylabel(
             f"{what.upper()}", fontsize=9, color="tab:green" if what == "win" else "tab:red"
         )
-        row[1].set_xlabel(text if len(text) < 70 else text[:67] + "...", fontsize=7)
+        row[0].set_title("\n".join(textwrap.wrap(f"“{text}”", 70)), loc="left", fontsize=8)
     n = len(split.captions)
     fig.suptitle(
         f"Rule: {EXAMPLES_PER_SIDE} wins and {EXAMPLES_PER_SIDE} losses of AGREE vs global-only, drawn at random "

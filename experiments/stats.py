@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-RECALL_KEYS = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "rsum")
+from agree.metrics import KS, ROW_KEYS, hits
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -19,7 +19,7 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise_seeds(
-    per_seed: Sequence[Mapping[str, float]], keys: Sequence[str] = RECALL_KEYS
+    per_seed: Sequence[Mapping[str, float]], keys: Sequence[str] = ROW_KEYS
 ) -> tuple[dict, dict]:
     """{key: mean} and {key: sd} over the per-seed records."""
     mean, sd = {}, {}
@@ -64,7 +64,7 @@ def bootstrap_rsum_se(
     """Standard error of RSUM from resampling test images (each with its captions) with replacement.
 
     `t2i_ranks` [n_images * caps_per_image] (caption j of image i at i * caps_per_image + j) and
-    `i2t_ranks` [n_images]: rank of the first correct item, or a large number when absent.
+    `i2t_ranks` [n_images]: rank of the first correct item (agree.metrics' first-gold ranks).
     The gallery stays fixed; only which queries are counted is resampled.
     """
     n = len(i2t_ranks)
@@ -72,10 +72,8 @@ def bootstrap_rsum_se(
         raise ValueError(
             f"{len(t2i_ranks)} caption ranks for {n} images x {caps_per_image} captions"
         )
-    t_hits = (
-        np.stack([t2i_ranks < k for k in (1, 5, 10)], 1).reshape(n, caps_per_image, 3).mean(1)
-    )  # [n, 3]
-    i_hits = np.stack([i2t_ranks < k for k in (1, 5, 10)], 1).astype(np.float64)  # [n, 3]
+    t_hits = hits(t2i_ranks).reshape(n, caps_per_image, len(KS)).mean(1)  # [n, K]
+    i_hits = hits(i2t_ranks).astype(np.float64)  # [n, K]
     per_image = 100 * (t_hits.sum(1) + i_hits.sum(1))  # each image's contribution to RSUM, times n
     idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
     return float(per_image[idx].mean(1).std(ddof=1))

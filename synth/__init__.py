@@ -3,5 +3,5 @@
 Modules: `world` (entities, scenes, relations), `render` (numpy rasteriser, masking,
 storage formats), `captions` (target and pretraining caption styles, segs, preds),
 `detector` (simulated detector boxes), `formats` (the raw download formats), `raw` (the world
-as raw files), `writer` (the whole dataset on disk via dataprep's pipeline, spec section 1).
+as raw files), `writer` (the whole dataset on disk via dataprep's pipeline, docs/data.md).
 """

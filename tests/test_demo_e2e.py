@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from agree.metrics import ROW_KEYS
 from experiments.demo import PRESETS, methods
-from experiments.stats import RECALL_KEYS
 from training.terms import AGREE_TERMS, BY_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,10 +76,10 @@ def test_record_has_every_row_once_with_seeds_mean_sd_and_twins(two_runs):
         ("fine-tuned", "AGREE+TBR"),
     ]
     for r in rows:
-        assert set(r["mean"]) == set(r["sd"]) == set(RECALL_KEYS)
+        assert set(r["mean"]) == set(r["sd"]) == set(ROW_KEYS)
         for e in r["per_seed"]:
             assert 0 <= e["t2i_r1"] <= e["t2i_r5"] <= e["t2i_r10"] <= 100
-            assert e["rsum"] == pytest.approx(sum(e[k] for k in RECALL_KEYS[:-1]))
+            assert e["rsum"] == pytest.approx(sum(e[k] for k in ROW_KEYS[:-1]))
     tuned = rows[4]
     assert [e["seed"] for e in tuned["per_seed"]] == [0, 1]
     assert tuned["mean"]["rsum"] == pytest.approx(sum(e["rsum"] for e in tuned["per_seed"]) / 2)

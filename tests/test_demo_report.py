@@ -14,7 +14,7 @@ from eval.predictions import as_ranked_lists
 from eval.twins import pair_outcomes, pair_similarities, read_twin_pairs, score_twins, summarise
 from experiments.demo import Measured
 from experiments.measure import EvalSplit, Scored
-from experiments.report import build_rows, compare_top1, markdown, paired
+from experiments.report import build_rows, compare_top1, example_panels, markdown, paired
 from experiments.stats import bootstrap_rsum_se, duplicate_rows, mean_sd, paired_difference, verdict
 from tests._scripts import load_script
 
@@ -344,3 +344,24 @@ def test_entities_found_follows_the_split_ground_truth_order(tmp_path):
     got = entities_found(meta, split, [0, 0, 0, 0])
     assert got["shapes"] == pytest.approx(50) and got["entities"] == pytest.approx(25)
     assert got["shapes_chance"] == pytest.approx(50) and got["entities_chance"] == pytest.approx(25)
+
+
+def test_example_panels_show_the_whole_caption_and_the_correct_image_once():
+    long_caption = (
+        "a large red circle left of a small blue star, with a purple ring in the top left corner"
+    )
+    split = _split()
+    split.captions[1] = (1, long_caption)
+    a = [0, 0, 1, 0, 2, 2, 3, 0]  # AGREE top-1 per query (gold of query q is q // 2)
+    b = [0, 1, 0, 1, 2, 2, 0, 3]  # global-only top-1
+    shown = [("win", 1), ("loss", 3)]
+    panels = example_panels(split, a, b, shown)
+    (text_win, win), (_, loss) = panels
+    assert text_win == long_caption  # whole, not cut
+    assert win == [(0, "correct image = AGREE top-1"), (1, "global-only top-1 (wrong)")]
+    assert loss == [(1, "correct image = global-only top-1"), (0, "AGREE top-1 (wrong)")]
+    for (
+        _,
+        pair,
+    ) in panels:  # the correct image appears once per row: the wrong panel is another image
+        assert pair[0][0] != pair[1][0]

@@ -72,8 +72,8 @@ def test_each_flag_alone_trains(small, tmp_path, flag, term, weight):
         )
     assert len(res.val) == 2 and set(res.val[0][1]) >= {
         "val_loss",
-        "image_to_text_R@1",
-        "text_to_image_R@10",
+        "i2t_r1",
+        "t2i_r10",
     }
     run_dir = tmp_path / "run"
     assert (run_dir / "params.txt").is_file() and (run_dir / "checkpoints" / "epoch_2.pt").is_file()
@@ -271,12 +271,12 @@ def test_retrieval_metrics_by_hand():
     txt = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0.9, 0.1], [0, 0.8, 0.2], [0.7, 0, 0.3]])
     m = retrieval_metrics(img, txt, owner, 1.0, batch_size=10)
     # T2I ranks of the own image: 0, 1 (image 1 wins), 0, 0, 1 -> R@1 = 3/5
-    assert m["text_to_image_R@1"] == pytest.approx(60.0)
-    assert m["text_to_image_R@5"] == pytest.approx(100.0)
+    assert m["t2i_r1"] == pytest.approx(60.0)
+    assert m["t2i_r5"] == pytest.approx(100.0)
     # I2T: image 0's best own caption #0 (1.0) is first: rank 0; image 1's best own #2 (0.9) is beaten by
     # #1 (1.0): rank 1; image 2 scores the captions [0, 0, .1, .2, .3], its own #4 first: rank 0
-    assert m["image_to_text_R@1"] == pytest.approx(200.0 / 3)
-    assert m["image_to_text_R@5"] == pytest.approx(100.0)
+    assert m["i2t_r1"] == pytest.approx(200.0 / 3)
+    assert m["i2t_r5"] == pytest.approx(100.0)
 
     # loss: pairs (img0,cap0),(img1,cap2),(img2,cap4) then (img0,cap1),(img1,cap3)
     def ce(rows):

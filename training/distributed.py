@@ -1,5 +1,5 @@
 """Process layout (one process, workers spawned per GPU as the release does, or torchrun's world),
-torch.distributed set-up, and feature gathering (spec 3.3)."""
+torch.distributed set-up, and feature gathering (docs/method.md §3)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""The AGREE loss terms (spec 3.2): the global contrastive term and the five entity-alignment terms.
+"""The AGREE loss terms (docs/method.md §2): the global contrastive term and the five entity-alignment terms.
 
 Each term reads L2-normalised features from a dict keyed by batch slot (see training.terms) and the
 logit scale `scale` (tau = logit_scale.exp()), and returns a scalar. Cross-entropy targets are on
 the diagonal; rank(a, b) = sum_i max(0, b_i - a_i): the unmasked score must beat the masked one.
 A ranking term is its hinge sum S (over tau-scaled scores) divided by tau; the `*_hinge` functions
-return S alone, so that --legacy-detached-rank can detach S and still divide by tau (spec 5.1).
+return S alone, so that --legacy-detached-rank can detach S and still divide by tau (docs/method.md §2.1).
 """
 
 from __future__ import annotations

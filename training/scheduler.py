@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warm-up, then cosine decay to 0 (spec 3.4)."""
+"""Learning-rate schedule: linear warm-up, then cosine decay to 0 (docs/method.md §4)."""
 
 from __future__ import annotations
 

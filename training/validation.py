@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from agree.images import ImageArchive
 from agree.io import InputError, read_json
+from agree.layout import val_image_key
+from agree.metrics import row_from_ranks
 from agree.precision import autocast, weight_dtype
 from clip.clip import tokenize
 from training.data import str_list
@@ -47,13 +49,14 @@ def load_val(path: Path, images_path: Path, caption_key: str) -> ValData:
         caps = rec[caption_key]
         caps = [caps] if isinstance(caps, str) else caps
         caps = str_list(caps, repr(caption_key), where)
-        if str(i) not in images:
+        if val_image_key(i) not in images:
             raise InputError(
-                f"--val-images: {images_path} has no image with key {str(i)!r} (entry {i} of {path})"
+                f"--val-images: {images_path} has no image with key {val_image_key(i)!r} "
+                f"(entry {i} of {path})"
             )
         captions += caps
         owner += [i] * len(caps)
-    return ValData(images, [str(i) for i in range(len(data))], captions, owner)
+    return ValData(images, [val_image_key(i) for i in range(len(data))], captions, owner)
 
 
 class ValImages(Dataset):
@@ -101,7 +104,8 @@ def encode_val(
 def retrieval_metrics(
     img: Tensor, txt: Tensor, caption_image: Sequence[int], scale: float, batch_size: int
 ) -> dict[str, float]:
-    """Val loss and R@1/5/10 both ways (percent) from normalised features.
+    """Val loss and the recall row (agree.metrics: t2i_r1 ... i2t_r10, rsum; percent) from normalised
+    features.
 
     The loss pairs each image with its k-th caption (k = 1..5), in batches of `batch_size`, and
     averages the global contrastive term over all pairs.
@@ -117,11 +121,7 @@ def retrieval_metrics(
     )  # [images, captions]
     best = sim.t().masked_fill(~own, float("-inf")).max(1, keepdim=True).values
     i2t_rank = (sim.t() > best).sum(1)
-    out = {}
-    for k in (1, 5, 10):
-        out[f"image_to_text_R@{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
-        out[f"text_to_image_R@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
-    out["mean_recall"] = sum(v for k, v in out.items() if "R@" in k) / 6
+    out = row_from_ranks(t2i_rank.cpu().numpy(), i2t_rank.cpu().numpy())
     # loss: image i with its k-th caption
     first = {}
     slots: list[list[int]] = []
