@@ -113,17 +113,22 @@ def _load(name: str, path: Path, model_class: str, device: str):
         model = model.to(device).float().eval()
     except (RuntimeError, AssertionError) as e:
         raise InputError(f"--device {device}: {e}") from None
+    fast = getattr(tf, type(processor.image_processor).__name__ + "Fast", None)
+    if not _on_device(processor.image_processor) and fast is not None:
+        # transformers 4.x: the torchvision-based image processor resizes on the GPU
+        processor.image_processor = fast.from_pretrained(path, local_files_only=True)
     return processor, model, device
+
+
+def _on_device(image_processor) -> bool:
+    """Whether the image processor is torchvision-based (takes a device)."""
+    names = {c.__name__ for c in type(image_processor).__mro__}
+    return bool(names & {"TorchvisionBackend", "BaseImageProcessorFast"})
 
 
 def _pixels(image_processor, images: Sequence[np.ndarray], device) -> dict:
     """The image processor's tensors on `device` (the torchvision-based processors resize on it)."""
-    kw = {}
-    if any(
-        c.__name__ in ("TorchvisionBackend", "BaseImageProcessorFast")
-        for c in type(image_processor).__mro__
-    ):
-        kw["device"] = device
+    kw = {"device": device} if _on_device(image_processor) else {}
     out = image_processor(images=list(images), return_tensors="pt", **kw)
     return {k: v.to(device) for k, v in out.items()}
 

@@ -44,7 +44,8 @@ def tiny_grounding_dino(folder: Path, seed: int = 0) -> Path:
     chars = [
         c for c in string.punctuation + string.digits + string.ascii_lowercase if c not in ".?"
     ]
-    vocab += chars + ["##" + c for c in string.ascii_lowercase + string.digits + "'"] + WORDS
+    vocab += chars + ["##" + c for c in string.ascii_lowercase + string.digits + "'"]
+    vocab += [w for w in WORDS if w not in vocab]
     tok_dir = folder / "_tokenizer"
     tok_dir.mkdir(exist_ok=True)
     (tok_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
