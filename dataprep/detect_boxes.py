@@ -207,9 +207,17 @@ def ground(cfg: GroundConfig) -> GroundReport:
         with bar:
             for batch in _batches(ordered_map(load_item, tasks(), cfg.workers), cfg.batch_size):
                 readable = [it for it in batch if it.image is not None]
-                found = detector.detect(
-                    [it.image for it in readable], [it.phrases for it in readable], threshold
-                )
+                try:
+                    found = detector.detect(
+                        [it.image for it in readable], [it.phrases for it in readable], threshold
+                    )
+                except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+                    if "out of memory" not in str(e).lower():
+                        raise
+                    raise InputError(
+                        f"--batch-size {cfg.batch_size}: out of memory on {cfg.device}; run again with "
+                        f"a smaller --batch-size: it continues after the last finished batch"
+                    ) from None
                 dets = dict(zip(map(id, readable), found))
                 lines = []
                 for it in batch:

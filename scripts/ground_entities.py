@@ -17,7 +17,6 @@ import argparse
 from pathlib import Path
 
 from agree.io import run_cli
-from agree.layout import DEFAULT_DATASET
 from dataprep.datasets import names as dataset_names
 from dataprep.detector import DEFAULT_THRESHOLD, DETECTORS
 
@@ -28,10 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--dataset",
-        choices=dataset_names(),
-        default=DEFAULT_DATASET,
-        help=f"which dataset RAW holds (default {DEFAULT_DATASET})",
+        "--dataset", choices=dataset_names(), required=True, help="which dataset RAW holds"
     )
     p.add_argument(
         "--raw",

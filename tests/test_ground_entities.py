@@ -203,7 +203,7 @@ def test_a_killed_run_continues_to_the_uninterrupted_output(world, tmp_path):
     try:
         deadline = time.time() + 240
         while time.time() < deadline and p.poll() is None:
-            if progress.is_file() and progress.read_text().count('"done"') >= 2:
+            if progress.is_file() and '"done"' in progress.read_text():
                 break
             time.sleep(0.005)
         assert p.poll() is None, "the run ended before it could be killed"
@@ -228,6 +228,48 @@ def test_a_killed_run_continues_to_the_uninterrupted_output(world, tmp_path):
         other.returncode == 2
         and "other settings (box_threshold: 0.25 then, 0.5 now)" in other.stderr
     )
+
+
+def test_out_of_memory_names_the_batch_size_and_the_rerun_continues(world, tmp_path, monkeypatch):
+    import dataprep.detect_boxes as job
+
+    base, _, model, _ = world
+    real = job.load_detector
+    calls = []
+
+    def load_failing_on_the_third_batch(*args, **kw):
+        det = real(*args, **kw)
+        detect = det.detect
+
+        def failing(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return detect(*a, **k)
+
+        det.detect = failing
+        return det
+
+    cfg = dict(
+        dataset="flickr30k",
+        raw=base / "raw",
+        detector="grounding-dino",
+        detector_path=model,
+        out=tmp_path / "boxes.jsonl",
+        batch_size=int(BATCH),
+        box_threshold=float(THRESHOLD),
+        workers=0,
+        progress=False,
+        log=lambda _: None,
+    )
+    monkeypatch.setattr(job, "load_detector", load_failing_on_the_third_batch)
+    with pytest.raises(InputError, match="--batch-size 2: out of memory on cpu; run again"):
+        ground(GroundConfig(**cfg))
+    monkeypatch.undo()
+    assert '"done":4' in (tmp_path / "boxes.jsonl.progress").read_text()  # two batches of 2
+    report = ground(GroundConfig(**cfg))
+    assert report.resumed_at == 4 and report.images == 8
+    assert (tmp_path / "boxes.jsonl").read_bytes() == (base / "boxes.jsonl").read_bytes()
 
 
 def test_scores_are_the_mean_token_probability_of_each_phrase(world):
