@@ -1,15 +1,19 @@
-"""Lazy, fork-safe access to images stored in an `.npz` archive (one array per key)."""
+"""Lazy, fork-safe access to images stored in an `.npz` archive (one array per key), and masked images read
+from an archive of masked copies or drawn from mask boxes (agree.masks) over an archive."""
 
 from __future__ import annotations
 
 import os
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from agree.io import InputError
+from agree.masks import MaskBoxes, fill_boxes
+from agree.pixels import normalised
 from clip.transform import array_to_tensor
 
 
@@ -68,3 +72,76 @@ class ImageArchive:
         state = self.__dict__.copy()
         state["_npz"], state["_pid"] = None, -1
         return state
+
+
+Reader = Callable[[ImageArchive, str], np.ndarray]
+
+
+def read_normalised(archive: ImageArchive, key: str) -> np.ndarray:
+    """Image `key` of `archive` as CLIP-normalised float32 (3, R, R) (agree.pixels.normalised)."""
+    try:
+        return normalised(archive[key])
+    except ValueError as e:
+        raise InputError(f"{archive.path}: image {key!r}: {e}") from None
+
+
+class MaskedImages:
+    """Masked images by key, from an archive of masked copies or from mask boxes over an archive of images.
+
+    `kind` is "images" or "boxes"; `what` names one item in messages ("grounding image", "grounding mask")."""
+
+    kind: str
+    path: Path
+
+    def __contains__(self, key: object) -> bool:
+        raise NotImplementedError
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        """The masked image as stored (uint8 or float, like its archive)."""
+        raise NotImplementedError
+
+    def normalised(self, key: str, read: Reader = read_normalised) -> np.ndarray:
+        """The masked image as CLIP-normalised float32 (3, R, R); archives are read through `read`."""
+        raise NotImplementedError
+
+
+class MaskedArchive(MaskedImages):
+    """The release's form: an `.npz` archive of masked copies."""
+
+    kind = "images"
+
+    def __init__(self, archive: ImageArchive):
+        self.archive, self.path = archive, archive.path
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.archive
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        return self.archive[key]
+
+    def normalised(self, key: str, read: Reader = read_normalised) -> np.ndarray:
+        return read(self.archive, key)
+
+
+class BoxMasks(MaskedImages):
+    """Masks drawn at load time: a mask-box file (agree.masks) over the archive of the unmasked images."""
+
+    kind = "boxes"
+
+    def __init__(self, boxes: MaskBoxes, base: ImageArchive):
+        self.boxes, self.base, self.path = boxes, base, boxes.path
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.boxes and self.boxes.image_id(key) in self.base
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        return self._fill(self.base[self.boxes.image_id(key)], key)
+
+    def normalised(self, key: str, read: Reader = read_normalised) -> np.ndarray:
+        return self._fill(read(self.base, self.boxes.image_id(key)), key)
+
+    def _fill(self, array: np.ndarray, key: object) -> np.ndarray:
+        try:
+            return fill_boxes(array, self.boxes.boxes(key))
+        except ValueError as e:
+            raise InputError(f"{self.path}: mask {str(key)!r}: {e}") from None

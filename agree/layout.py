@@ -1,7 +1,7 @@
 """File names of a dataset in the release's layout (docs/data.md, File formats), for any dataset name.
 
     <root>/datasets/<dataset>_images/annotation/<dataset>_train_pred.jsonl, ... (see Layout)
-    <root>/VG/VG_images.224.npz, VG_mask_images.224.npz, vocab_VG_images_objs.jsonl
+    <root>/VG/VG_images.224.npz, VG_mask_boxes.224.jsonl (or VG_mask_images.224.npz), vocab_VG_images_objs.jsonl
 
 `root` is `tmp/` in the README's recipes. Every reader and writer of the layout takes its paths
 from here, so another dataset (e.g. "coco") is one word away.
@@ -124,6 +124,11 @@ class Layout:
         return self.data_dir / f"{self.dataset}_visual_grounding.{self.resolution}.npz"
 
     @property
+    def grounding_boxes(self) -> Path:
+        """The boxes to mask in each train image instead of `grounding` (agree.masks), one line per "{stem}_{label}"."""
+        return self.data_dir / f"{self.dataset}_visual_grounding.{self.resolution}.boxes.jsonl"
+
+    @property
     def vg_images(self) -> Path:
         """Visual Genome images, key = VG image id."""
         return self.vg_dir / f"VG_images.{self.resolution}.npz"
@@ -132,6 +137,11 @@ class Layout:
     def vg_masked(self) -> Path:
         """Visual Genome images with one object masked, key = "{object}_{vg image id}"."""
         return self.vg_dir / f"VG_mask_images.{self.resolution}.npz"
+
+    @property
+    def vg_mask_boxes(self) -> Path:
+        """The box to mask in each VG image instead of `vg_masked` (agree.masks), a line per "{object}_{vg id}"."""
+        return self.vg_dir / f"VG_mask_boxes.{self.resolution}.jsonl"
 
     @property
     def vg_vocab(self) -> Path:

@@ -55,6 +55,10 @@ class Dataset:
     )
     vg_key: Optional[str] = None  # image_data.json key holding this dataset's id of the photo
     gold_entities: Optional[GoldEntities] = None
+    # published sizes, for the disk table of scripts/disk_usage.py (None: not in the table):
+    # Karpathy's train (restval included), val and test images
+    split_sizes: Optional[tuple[int, int, int]] = None
+    example_stem: Optional[str] = None  # a training image's file stem (the length of its keys)
 
     def split_path(self, raw: Path) -> Path:
         """RAW/<split file>."""
@@ -70,6 +74,8 @@ REGISTRY: dict[str, Dataset] = {
         heldout_id="stem",
         vg_key="flickr_id",
         gold_entities=GoldEntities("flickr30k_entities"),
+        split_sizes=(29_000, 1_014, 1_000),
+        example_stem="1000092795",
     ),
     "coco": Dataset(
         name="coco",
@@ -79,6 +85,8 @@ REGISTRY: dict[str, Dataset] = {
         folder_key="filepath",
         heldout_id="id",
         vg_key="coco_id",
+        split_sizes=(113_287, 5_000, 5_000),
+        example_stem="COCO_train2014_000000391895",
     ),
 }
 

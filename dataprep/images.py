@@ -1,29 +1,28 @@
 """Images: decode a file (any format PIL reads, EXIF orientation applied) and bring it to R x R exactly as
-clip's eval transform does (Resize(R, bicubic) + CenterCrop(R) + RGB), then mask boxes.
+clip's eval transform does (Resize(R, bicubic) + CenterCrop(R) + RGB); the pixels a box covers there.
 
 Imported by worker processes: nothing here imports torch. Workers return uint8 images (4x less to
-send); the main process stores them as they are or as float32 (`Storage`): CLIP's normalisation
-computed with numpy in float32, the same operations as clip.transform.array_to_tensor (ToTensor's
-/255, then (x - mean) / std). The tests check that both give the same bits, so a float archive holds
-exactly what evaluation computes from the uint8 one. The constants are clip.transform's MEAN and STD, copied
-so that preparing data does not import torch (2 s and ~600 MB); a test pins them to clip.transform.
+send); the main process stores them as they are or as float32 (`Storage`): agree.pixels.normalise,
+the same operations as clip.transform.array_to_tensor (ToTensor's /255, then (x - mean) / std). The
+tests check that both give the same bits, so a float archive holds exactly what evaluation computes
+from the uint8 one. Masks are filled by agree.masks.fill_boxes, the function fine-tuning uses too.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from dataprep.geometry import Box, Geometry, pixel_span
+from agree.masks import FILL_RGB, PixelBox, fill_boxes, pixel_box
+from agree.pixels import CLIP_MEAN, CLIP_STD, normalise
+from dataprep.geometry import Box, Geometry
 
 EXIF_ORIENTATION = 274
-STORAGE = ("float32", "uint8")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # = clip.transform.MEAN
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # = clip.transform.STD
+STORAGE = ("uint8", "float32")
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -74,14 +73,14 @@ def to_model_input(image: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8).copy()
 
 
-def masked(array: np.ndarray, boxes: Iterable[Box], fill: tuple[int, int, int]) -> np.ndarray:
-    """Copy of a uint8 (R, R, 3) image with every pixel that a (crop-space) box touches set to `fill`."""
-    out = array.copy()
-    r = array.shape[0]
-    for box in boxes:
-        x0, y0, x1, y1 = pixel_span(box)
-        out[max(y0, 0) : min(y1, r), max(x0, 0) : min(x1, r)] = fill
-    return out
+def mask_pixels(boxes: Iterable[Box], resolution: int) -> list[PixelBox]:
+    """The pixel boxes (agree.masks) of crop-space boxes: every pixel of the R x R image each one touches."""
+    return [p for p in (pixel_box(b, resolution, resolution) for b in boxes) if p is not None]
+
+
+def masked(array: np.ndarray, boxes: Iterable[Box]) -> np.ndarray:
+    """Copy of a uint8 (R, R, 3) image with every pixel that a (crop-space) box touches set to CLIP's mean colour."""
+    return fill_boxes(array, mask_pixels(boxes, array.shape[0]))
 
 
 @dataclass(frozen=True)
@@ -101,33 +100,11 @@ class Storage:
 
     @property
     def fill(self) -> tuple[int, int, int]:
-        """CLIP's mean colour in 0-255, used for masked regions (they normalise to about 0)."""
-        return tuple(int(round(m * 255)) for m in self.mean)
+        """CLIP's mean colour in 0-255, used for masked regions (agree.masks.FILL_RGB)."""
+        return FILL_RGB
 
     def encode(self, array: np.ndarray) -> np.ndarray:
         """The stored form of a uint8 (R, R, 3) image."""
         if self.kind == "uint8":
             return array
         return normalise(array, self.mean, self.std)
-
-
-def normalise(array: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 (R, R, 3) -> float32 (3, R, R): x / 255, then (x - mean) / std, each step in float32.
-
-    Computed once per byte value and channel (a 256 x 3 table), then looked up: the same bits as
-    the arithmetic on every pixel, several times faster."""
-    table = _table(tuple(mean), tuple(std))
-    return np.stack([table[c][array[..., c]] for c in range(3)])
-
-
-_TABLES: dict = {}
-
-
-def _table(mean: tuple, std: tuple) -> np.ndarray:
-    key = (mean, std)
-    if key not in _TABLES:
-        x = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
-        _TABLES[key] = (x - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[
-            :, None
-        ]
-    return _TABLES[key]

@@ -1,7 +1,8 @@
 """Everything about one image, computed in a worker process: its R x R array, the segs of its captions,
-and for a training image the preds of each caption and the grounding-masked copies. Also one
-Visual Genome image and its masked copies. Odd input comes back as notes and skips, never as an
-exception, so the main process counts it against --max-missing-fraction.
+and for a training image the preds of each caption and the pixel boxes of each masked label. Also one
+Visual Genome image and the pixel boxes of each of its words. Odd input comes back as notes and skips,
+never as an exception, so the main process counts it against --max-missing-fraction. The main process
+writes the boxes (--masks boxes) or the masked copies (--masks images, agree.masks.fill_boxes).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from agree.io import InputError
+from agree.masks import PixelBox
 from dataprep.entities_files import GoldBoxes, read_annotation, read_sentences
 from dataprep.geometry import Box, Geometry, clip_to_image, exif_box
 from dataprep.grounding import (
@@ -23,7 +25,7 @@ from dataprep.grounding import (
     masked_labels,
     through_crop,
 )
-from dataprep.images import Decoded, ImageReadError, decode, masked, to_model_input
+from dataprep.images import Decoded, ImageReadError, decode, mask_pixels, to_model_input
 from dataprep.karpathy import ImageEntry
 from dataprep.textual import get_extractor, gold_segs, match_sentence, unique
 from dataprep.visual_genome import qualifying_box
@@ -44,7 +46,6 @@ class ItemTask:
     entry: ImageEntry
     image_path: str
     resolution: int
-    fill: tuple[int, int, int]  # colour of masked regions (CLIP's mean)
     text: TextSettings
     sentences_path: Optional[str] = None  # Flickr30k Entities Sentences/<stem>.txt
     annotation_path: Optional[str] = None  # Flickr30k Entities Annotations/<stem>.xml (train only)
@@ -72,7 +73,9 @@ class ItemResult:
     segs: list[list[str]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)  # detector labels >= threshold (for objects)
     preds: list[list[dict]] = field(default_factory=list)
-    masked: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, list[PixelBox]] = field(
+        default_factory=dict
+    )  # masked label -> its pixel boxes
     boxes_seen: int = 0  # grounding boxes looked at (the base of the "boxes" skip budget)
 
 
@@ -212,7 +215,7 @@ def prepare_item(task: ItemTask) -> ItemResult:
             ("grounded labels dropped by the centre crop", f"{task.entry.file}: {label!r}")
         )
     for label in masked_labels(res.preds):
-        res.masked[label] = masked(res.image, crop_boxes[label], task.fill)
+        res.masks[label] = mask_pixels(crop_boxes[label], task.resolution)
     return res
 
 
@@ -226,22 +229,21 @@ class VgTask:
     size: tuple[int, int]
     words: tuple[tuple[str, Box], ...]
     resolution: int
-    fill: tuple[int, int, int]
 
 
 @dataclass
 class VgResult:
-    """The VG image and one masked copy per word (words whose box fails on the real image are left out)."""
+    """The VG image and the pixel boxes of each word (words whose box fails on the real image are left out)."""
 
     task: VgTask
     outcome: Outcome
     error: Optional[str] = None
     image: Optional[np.ndarray] = None
-    masked: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, list[PixelBox]] = field(default_factory=dict)
 
 
 def prepare_vg(task: VgTask) -> VgResult:
-    """Decode and transform one VG image; mask each of its words' boxes."""
+    """Decode and transform one VG image; the pixels to mask for each of its words."""
     out = Outcome()
     res = VgResult(task, out)
     path = next((p for p in task.paths if Path(p).is_file()), None)
@@ -272,6 +274,6 @@ def prepare_vg(task: VgTask) -> VgResult:
                 ("VG objects dropped (box unusable on the real image)", f"{path}: {word!r}")
             )
             continue
-        res.masked[word] = masked(image, [g.crop_box(b)], task.fill)
+        res.masks[word] = mask_pixels([g.crop_box(b)], task.resolution)
     res.image = image
     return res

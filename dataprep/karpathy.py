@@ -36,9 +36,8 @@ class ImageEntry:
     image_id: ImageId  # id in the annotation files (npz key: its string form)
     captions: tuple[str, ...]
     index: int  # position in the split file, for messages
-    source_id: (
-        int  # the registry's id_key value (Flickr30k imgid, COCO cocoid): duplicates are skipped
-    )
+    # the registry's id_key value (Flickr30k imgid, COCO cocoid): duplicates are skipped
+    source_id: int
 
 
 def numeric(stem: str) -> ImageId:

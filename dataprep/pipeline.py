@@ -1,4 +1,4 @@
-"""The whole preparation: raw downloads -> every file of the release layout (spec section 1) under --out.
+"""The whole preparation: raw downloads -> every file of the release layout (docs/data.md) under --out.
 
 Order of work: read the split file (and --boxes); read Visual Genome's image list (excluding the
 dataset's val/test images) and choose VG images per vocabulary word; prepare every dataset image in
@@ -30,6 +30,8 @@ from agree.layout import (
     val_image_key,
     vg_masked_key,
 )
+from agree.masks import PixelBox, fill_boxes
+from agree.masks import record as mask_record
 from agree.npz import NpzWriter
 from dataprep import datasets, karpathy
 from dataprep import visual_genome as vg
@@ -50,6 +52,8 @@ from dataprep.skips import SkipLog
 from dataprep.staging import Target, check_settings, commit, inspect, staging_area, write_manifest
 from dataprep.textual import EXTRACTORS, get_extractor
 
+MASKS = ("boxes", "images")  # --masks: mask boxes read at load time, or the release's masked copies
+
 
 @dataclass
 class PrepareConfig:
@@ -61,7 +65,8 @@ class PrepareConfig:
     out: Path
     boxes: Optional[Path] = None
     resolution: int = 224
-    storage: str = "float32"
+    storage: str = "uint8"
+    masks: str = "boxes"
     extractor: str = "textblob"
     spacy_model: str = "en_core_web_sm"
     gold_entities: bool = True
@@ -79,6 +84,7 @@ class PrepareConfig:
             "dataset": self.dataset,
             "resolution": self.resolution,
             "storage": self.storage,
+            "masks": self.masks,
             "extractor": self.extractor,
             "spacy_model": self.spacy_model if self.extractor == "spacy" else None,
             "gold_entities": self.gold_entities,
@@ -92,6 +98,7 @@ class PrepareConfig:
         return {
             "resolution": self.resolution,
             "storage": self.storage,
+            "masks": self.masks,
             "vg_per_word": self.vg_per_word,
         }
 
@@ -115,6 +122,8 @@ def _check_config(cfg: PrepareConfig) -> None:
         raise InputError(
             f"--storage: unknown storage {cfg.storage!r} (choose from {', '.join(STORAGE)})"
         )
+    if cfg.masks not in MASKS:
+        raise InputError(f"--masks: unknown choice {cfg.masks!r} (choose from {', '.join(MASKS)})")
     if cfg.extractor not in EXTRACTORS:
         raise InputError(
             f"--extractor: unknown extractor {cfg.extractor!r} (choose from {', '.join(EXTRACTORS)})"
@@ -152,6 +161,26 @@ def _npz(stack: ExitStack, path: Path) -> NpzWriter:
     w = NpzWriter(path)
     stack.callback(w.close)
     return w
+
+
+class _Masks:
+    """Where masks go: a mask-box file (--masks boxes) or an archive of masked copies (--masks images)."""
+
+    def __init__(
+        self, stack: ExitStack, kind: str, boxes_path: Path, images_path: Path, storage: Storage
+    ):
+        self.storage = storage
+        self.boxes = _Jsonl(stack, boxes_path) if kind == "boxes" else None
+        self.images = _npz(stack, images_path) if kind == "images" else None
+        self.count = 0
+
+    def add(self, key: str, image_id: object, image, pixels: list[PixelBox]) -> None:
+        """The mask `key` of the uint8 image stored under `image_id`."""
+        if self.boxes is not None:
+            self.boxes.write(mask_record(key, image_id, pixels))
+        else:
+            self.images.add(key, self.storage.encode(fill_boxes(image, pixels)))
+        self.count += 1
 
 
 class _Progress:
@@ -317,7 +346,6 @@ class Preparation:
                 e,
                 str(cfg.raw / e.file),
                 cfg.resolution,
-                self.storage.fill,
                 text,
                 sentences,
                 annotation,
@@ -351,7 +379,11 @@ class Preparation:
             train_npz, val_npz, test_npz = (
                 _npz(stack, p) for p in (lay.train_npz, lay.val_npz, lay.test_npz)
             )
-            grounding_npz = _npz(stack, lay.grounding) if self.grounding != "none" else None
+            grounding = (
+                _Masks(stack, cfg.masks, lay.grounding_boxes, lay.grounding, self.storage)
+                if self.grounding != "none"
+                else None
+            )
             texts, images, segs = (
                 _Jsonl(stack, p) for p in (lay.test_texts, lay.test_images, lay.test_segs)
             )
@@ -386,13 +418,12 @@ class Preparation:
                                     "preds": caption_preds,
                                 }
                             )
-                        for label, image in res.masked.items():
-                            grounding_npz.add(
-                                grounding_key(e.stem, label), self.storage.encode(image)
-                            )
+                        for label, pixels in res.masks.items():
+                            key = grounding_key(e.stem, label)
+                            grounding.add(key, e.image_id, res.image, pixels)
                         n["train_images"] += 1
                         n["train_captions"] += len(e.captions)
-                        n["grounding_images"] += len(res.masked)
+                        n["grounding_images"] += len(res.masks)
                     elif e.split == "val":
                         val_npz.add(val_image_key(len(val)), array)
                         val.append({"image": e.file, "caption": list(e.captions)})
@@ -446,14 +477,14 @@ class Preparation:
                 (self.vg_images[g].width, self.vg_images[g].height),
                 tuple(words_of[g]),
                 cfg.resolution,
-                self.storage.fill,
             )
             for g in ids
         )
         usable: dict[str, list[int]] = {}
         names = {(w, c.image_id): c.name for w in self.vg_words for c in self.vg_choice[w]}
         with ExitStack() as stack:
-            images, masked = _npz(stack, lay.vg_images), _npz(stack, lay.vg_masked)
+            images = _npz(stack, lay.vg_images)
+            masked = _Masks(stack, cfg.masks, lay.vg_mask_boxes, lay.vg_masked, self.storage)
             with self.progress(len(ids), "VG images") as bar:
                 res: VgResult
                 for res in ordered_map(prepare_vg, tasks, cfg.workers):
@@ -462,12 +493,12 @@ class Preparation:
                     if res.error is not None:
                         self.skips.skip("Visual Genome images", res.error)
                         continue
-                    if not res.masked:
+                    if not res.masks:
                         continue
                     g = res.task.image_id
                     images.add(str(g), self.storage.encode(res.image))
-                    for word, image in res.masked.items():
-                        masked.add(vg_masked_key(word, g), self.storage.encode(image))
+                    for word, pixels in res.masks.items():
+                        masked.add(vg_masked_key(word, g), g, res.image, pixels)
                         usable.setdefault(word, []).append(g)
         order = {(w, c.image_id): k for w in self.vg_words for k, c in enumerate(self.vg_choice[w])}
         with atomic_write(lay.vg_vocab) as f:
@@ -492,7 +523,7 @@ class Preparation:
                 len(missing),
             )
         self.counts.update(
-            {"vg_words": len(usable), "vg_images": len(images), "vg_masked_images": len(masked)}
+            {"vg_words": len(usable), "vg_images": len(images), "vg_masked_images": masked.count}
         )
         self.seconds["VG images"] = time.perf_counter() - t
 
@@ -557,10 +588,10 @@ def prepare(cfg: PrepareConfig) -> PrepareReport:
     cfg.log(
         f"wrote {final.data_dir}: {c['train_images']} train images ({c['train_captions']} captions), "
         f"{c['val_images']} val, {c['test_images']} test images ({c['test_captions']} queries), "
-        f"{c['grounding_images']} grounding images"
+        f"{c['grounding_images']} grounding masks ({cfg.masks})"
     )
     cfg.log(
-        f"wrote {final.vg_dir}: {c['vg_words']} words, {c['vg_images']} images, {c['vg_masked_images']} masked "
-        f"images; {run.seconds['total']:.1f} s ({run.seconds['dataset images/s']} dataset images/s)"
+        f"wrote {final.vg_dir}: {c['vg_words']} words, {c['vg_images']} images, {c['vg_masked_images']} masks "
+        f"({cfg.masks}); {run.seconds['total']:.1f} s ({run.seconds['dataset images/s']} dataset images/s)"
     )
     return report

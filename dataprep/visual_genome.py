@@ -38,9 +38,7 @@ class VgImage:
     width: int
     height: int
     folder: Optional[str]  # VG_100K or VG_100K_2 when the url says so
-    other_ids: dict[
-        str, int
-    ]  # the same photo's id in another dataset, by key ("coco_id", "flickr_id")
+    other_ids: dict[str, int]  # the photo's id in other datasets, by key ("coco_id", "flickr_id")
 
 
 @dataclass(frozen=True)

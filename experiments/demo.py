@@ -30,10 +30,9 @@ from training import main_all
 from training.terms import AGREE_TERMS, OPTIONAL, flags_of
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_HASHED = (
-    "synth",
-    "dataprep",
-)  # the world is a function of these packages' code and its config
+# the world is a function of these packages' code (agree holds the layout, the mask fill and the pixel
+# arithmetic that dataprep writes with) and of its config
+CODE_HASHED = ("synth", "dataprep", "agree")
 # Seconds per training example (pre-training at batch 64, fine-tuning at batch 32), per generated image,
 # and per scored model (the zero-shot one also runs EGR): measured on 2 idle CPU cores with the default
 # model (tiny-rn); only used to print the expected times at the start.
@@ -46,6 +45,7 @@ RATES = {
     "world": 0.0013,
 }
 RATES_LOCKED_IMAGE = {"global": 0.0041, "agree": 0.0204}  # fine-tuning with --lock-image
+AUGMENT = "random-resized-crop"  # main_all.py --augment of pre-training and fine-tuning
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,16 @@ def backbone_path(cache: Path, recipe: Recipe) -> Path:
 
 def _train(argv: list[str]) -> None:
     """training/main_all.py in this process (one CPU worker)."""
-    main_all.main(argv + ["--nproc=1", "--device=cpu", "--workers=0", "--log-every-n-steps=200"])
+    main_all.main(
+        argv
+        + [
+            "--nproc=1",
+            "--device=cpu",
+            "--workers=0",
+            "--log-every-n-steps=200",
+            f"--augment={AUGMENT}",
+        ]
+    )
 
 
 def pretrain_backbone(cache: Path, recipe: Recipe, world: Path) -> Path:

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{counts['train_images']} images, {counts['train_captions']} captions",
             lay.train_jsonl,
         ),
-        ("grounding", f"{counts['grounding_images']} masked images", lay.grounding),
+        ("grounding", f"{counts['grounding_images']} masks (boxes)", lay.grounding_boxes),
         ("val", f"{counts['val_images']} images x 5 captions", lay.val_json),
         (
             "test",

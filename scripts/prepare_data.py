@@ -69,11 +69,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rebuild a layout that is already there (default: a finished layout is left as is)",
     )
     p.add_argument(
+        "--masks",
+        choices=("boxes", "images"),
+        default="boxes",
+        help="boxes (default): write the pixel boxes of each mask (<dataset>_visual_grounding.<R>.boxes.jsonl, "
+        "VG/VG_mask_boxes.<R>.jsonl), filled at load time by fine-tuning; images: write the release's "
+        "archives of masked copies (<dataset>_visual_grounding.<R>.npz, VG/VG_mask_images.<R>.npz). "
+        "Fine-tuning receives the same tensors from either (docs/data.md)",
+    )
+    p.add_argument(
         "--storage",
-        choices=("float32", "uint8"),
-        default="float32",
-        help="float32: (3, R, R) CLIP-normalised arrays, as the release's archives; uint8: (R, R, 3) RGB, "
-        "4x smaller, the same features in evaluation (see the README)",
+        choices=("uint8", "float32"),
+        default="uint8",
+        help="uint8 (default): (R, R, 3) RGB; float32: (3, R, R) CLIP-normalised arrays as the release's "
+        "archives, 4x larger. Fine-tuning and evaluation receive the same tensors from either (docs/data.md)",
     )
     p.add_argument(
         "--extractor",
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             boxes=args.boxes,
             resolution=args.resolution,
             storage=args.storage,
+            masks=args.masks,
             extractor=args.extractor,
             spacy_model=args.spacy_model,
             gold_entities=not args.no_gold_entities,

@@ -2,6 +2,7 @@
 consumer of raw data (split file, image folders, ids, Visual Genome's held-out images, gold entities),
 and a new dataset is one entry: a toy third dataset registered in the test prepares end to end."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from dataprep.karpathy import read_split_file
 from dataprep.pipeline import PrepareConfig, prepare
 from dataprep.skips import SkipLog
 from tests._raw_data import make_registered, make_vg
+from tests._scripts import load_script
 
 R = 32
 TOY = Dataset(
@@ -48,6 +50,8 @@ def test_every_entry_has_every_field(name):
     assert spec.heldout_id in datasets.HELDOUT_IDS
     assert isinstance(spec.vg_key, str) and spec.vg_key.endswith("_id")  # both real ones have one
     assert spec.gold_entities is None or isinstance(spec.gold_entities, GoldEntities)
+    train, val, test = spec.split_sizes  # both real ones are in the disk table
+    assert train > val > 0 and test > 0 and spec.example_stem
 
 
 def test_the_real_entries_say_what_the_downloads_are():
@@ -70,6 +74,30 @@ def test_the_real_entries_say_what_the_downloads_are():
         "filepath",
     )
     assert (c.heldout_id, c.vg_key, c.gold_entities) == ("id", "coco_id", None)
+    # Karpathy's splits (COCO: train + restval); file stems as the downloads name them
+    assert f.split_sizes == (29_000, 1_014, 1_000) and c.split_sizes == (113_287, 5_000, 5_000)
+    assert (f.example_stem, c.example_stem) == ("1000092795", "COCO_train2014_000000391895")
+
+
+def test_the_disk_table_has_every_entry_with_published_sizes(monkeypatch):
+    script = load_script("scripts/disk_usage.py")
+    rows = script.table(224)
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| flickr30k"] * 5 + ["| coco"] * 5
+    monkeypatch.setitem(REGISTRY, TOY.name, TOY)  # no published sizes: not in the table
+    assert script.table(224) == rows
+
+    def toy_rows(stem: str) -> list[str]:
+        sized = dataclasses.replace(TOY, split_sizes=(100_000, 10, 20), example_stem=stem)
+        monkeypatch.setitem(REGISTRY, TOY.name, sized)
+        return [r.split(" | ") for r in script.table(224) if r.startswith("| toy |")]
+
+    short, long = toy_rows("1" * 10), toy_rows("1" * 40)
+    assert short[0][1] == "train + val + test images (100,030)"
+    assert short[1][1] == "grounding masks (at most 500,000)"
+    assert short[0] == long[0]  # image archives: keys are ids, not stems
+    # a mask-box line holds its key "<stem>_<label>": 30 more characters on 500,000 lines
+    grow = float(long[1][3].split()[0]) - float(short[1][3].split()[0])
+    assert abs(grow - 30 * 500_000 / 2**20) < 0.15
 
 
 def test_an_unknown_dataset_names_the_flag_and_the_choices():
@@ -120,12 +148,14 @@ def _prepare_and_check(spec: Dataset, base: Path) -> None:
     assert not {str(g) for g in marked_vg} & set(np.load(lay.vg_images).files)
     if spec.gold_entities is not None:
         # gold phrases and boxes: the labels are head words of the gold phrases ("Two dogs" -> "dogs")
-        assert lay.grounding.is_file()
+        assert lay.grounding_boxes.is_file()  # --masks boxes, the default: no masked copies
+        assert not lay.grounding.exists()
         assert any(r["preds"] for r in records)
         words = {w for im in train for o in im.objects for w in (o.word, o.word + "s")}
         assert {label for r in records for p in r["preds"] for label in p} <= words
     else:
-        assert not lay.grounding.exists() and all(r["preds"] == [] for r in records)
+        assert not lay.grounding.exists() and not lay.grounding_boxes.exists()
+        assert all(r["preds"] == [] for r in records)
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

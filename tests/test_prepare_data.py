@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from agree.entities import grounding_label
+from agree.images import BoxMasks, ImageArchive
 from agree.layout import Layout, grounding_key
+from agree.masks import MaskBoxes
 from dataprep.geometry import Geometry, pixel_span
 from dataprep.images import Storage
 from dataprep.pipeline import PrepareConfig, prepare
@@ -37,6 +39,16 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         timeout=timeout,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
+
+
+def _grounding(lay: Layout) -> BoxMasks:
+    """The grounding masks of a layout written with the default --masks boxes, drawn over its train images."""
+    return BoxMasks(MaskBoxes(lay.grounding_boxes), ImageArchive(lay.train_npz))
+
+
+def _vg_masks(lay: Layout) -> BoxMasks:
+    """The Visual Genome masks of a layout written with --masks boxes, drawn over its VG images."""
+    return BoxMasks(MaskBoxes(lay.vg_mask_boxes), ImageArchive(lay.vg_images))
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -87,13 +99,15 @@ def test_every_layout_file_is_written(flickr):
         lay.val_json,
         lay.val_npz,
         *lay.test_files(),
-        lay.grounding,
+        lay.grounding_boxes,
         lay.vg_images,
-        lay.vg_masked,
+        lay.vg_mask_boxes,
         lay.vg_vocab,
         *(lay.objects(s) for s in ("train", "val", "test")),
     ):
         assert path.is_file() and path.stat().st_size > 0, path
+    # without --masks: mask boxes, and no archive of masked copies
+    assert not lay.grounding.exists() and not lay.vg_masked.exists()
     assert not list((base / "out").glob(".prepare_data.*"))  # the staging folder is gone
     assert f"wrote {lay.data_dir}" in log
 
@@ -134,7 +148,7 @@ def test_train_records_segs_preds_and_grounding_images_agree(flickr):
     lay = report.layout
     records = _jsonl(lay.train_jsonl)
     images = np.load(lay.train_npz)
-    grounding = np.load(lay.grounding)
+    grounding = _grounding(lay)
     by_stem = {im.stem: im for im in info["images"]}
     used = set()
     for r in records:
@@ -143,11 +157,12 @@ def test_train_records_segs_preds_and_grounding_images_agree(flickr):
         assert all(s in r["caption"] for s in r["segs"])  # exact substrings (masking)
         label = grounding_label(r["preds"])
         if label is not None:
-            assert grounding_key(stem, label) in grounding.files
+            assert grounding_key(stem, label) in grounding
+            assert grounding.boxes.image_id(grounding_key(stem, label)) == str(r["image_id"])
             used.add(grounding_key(stem, label))
         im = by_stem[stem]
         assert r["image_id"] == im.source_id  # Karpathy's imgid
-    assert used == set(grounding.files)  # no unused masked image
+    assert used == set(grounding.boxes.keys())  # no unused mask
     # one image by hand: gold phrases of the tokenised Entities sentences on Karpathy's raw captions
     stem = info["odd"]["grayscale"]
     im = by_stem[stem]
@@ -178,7 +193,7 @@ def test_masked_grounding_image_hides_the_gold_box_after_resize_and_crop(flickr)
     rec = next(r for r in _jsonl(lay.train_jsonl) if Path(r["image"]).stem == stem)
     image = np.load(lay.train_npz)[str(rec["image_id"])]
     person = im.objects[0]
-    masked = np.load(lay.grounding)[grounding_key(stem, person.word)]
+    masked = _grounding(lay)[grounding_key(stem, person.word)]
     x0, y0, x1, y1 = pixel_span(Geometry(*im.size, R).crop_box(person.box))
     inside = np.zeros((R, R), bool)
     inside[max(y0, 0) : y1, max(x0, 0) : x1] = True
@@ -242,7 +257,7 @@ def test_objects_and_visual_genome(flickr):
     base, info, report, log = flickr
     lay = report.layout
     vocab = {r["vocab"]: r["objects"] for r in _jsonl(lay.vg_vocab)}
-    vg_images, vg_masked = np.load(lay.vg_images), np.load(lay.vg_masked)
+    vg_images, vg_masked = np.load(lay.vg_images), _vg_masks(lay)
     splits = {"train": [], "val": [], "test": []}
     for split in splits:
         for r in _jsonl(lay.objects(split)):
@@ -253,10 +268,7 @@ def test_objects_and_visual_genome(flickr):
     for word, entries in vocab.items():
         assert entries and all(e["object"] for e in entries)
         for e in entries:
-            assert (
-                str(e["image_id"]) in vg_images.files
-                and f"{word}_{e['image_id']}" in vg_masked.files
-            )
+            assert str(e["image_id"]) in vg_images.files and f"{word}_{e['image_id']}" in vg_masked
             assert e["image_id"] not in info["heldout_vg"]
     assert not {str(g) for g in info["heldout_vg"]} & set(vg_images.files)
     assert "excluded 2 of 10 images that are flickr30k val/test images (by flickr_id)" in log
@@ -361,7 +373,7 @@ def test_without_grounding_source_preds_are_empty_and_no_grounding_file(tmp_path
         )
     )
     lay = report.layout
-    assert not lay.grounding.exists()
+    assert not lay.grounding.exists() and not lay.grounding_boxes.exists()
     assert "no grounding source" in "\n".join(lines) and "--is-vg then needs one" in "\n".join(
         lines
     )
@@ -371,7 +383,7 @@ def test_without_grounding_source_preds_are_empty_and_no_grounding_file(tmp_path
     first = records[0]
     assert first["segs"] and all(s in first["caption"] for s in first["segs"])
     arr = np.load(lay.train_npz)[str(first["image_id"])]
-    assert arr.dtype == np.float32 and arr.shape == (3, R, R)  # the default storage
+    assert arr.dtype == np.uint8 and arr.shape == (R, R, 3)  # the default storage
 
 
 @pytest.fixture(scope="module")
@@ -430,7 +442,7 @@ def test_coco_ids_splits_and_captions(coco):
 def test_coco_grounding_from_detector_boxes(coco):
     base, info, report, log = coco
     lay = report.layout
-    grounding = np.load(lay.grounding)
+    grounding = _grounding(lay)
     by_stem = {im.stem: im for im in info["images"]}
     for r in _jsonl(lay.train_jsonl):
         stem = Path(r["image"]).stem
@@ -445,7 +457,7 @@ def test_coco_grounding_from_detector_boxes(coco):
         assert "tree" not in labels
         label = grounding_label(r["preds"])
         if label is not None:
-            assert grounding_key(stem, label) in grounding.files
+            assert grounding_key(stem, label) in grounding
     assert "not_in_the_split.jpg" in log  # reported, ignored
     assert report.odd["skipped"] == {"boxes": 1}  # the box outside its image
 

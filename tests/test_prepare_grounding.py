@@ -15,7 +15,7 @@ from dataprep.grounding import (
     mentions,
     through_crop,
 )
-from dataprep.images import masked
+from dataprep.images import mask_pixels
 from dataprep.item import ItemTask, TextSettings, prepare_item
 from dataprep.karpathy import ImageEntry
 from dataprep.skips import SkipLog
@@ -129,7 +129,6 @@ def test_entities_boxes_follow_exif_rotation_and_rescaled_annotations(tmp_path, 
         entry,
         str(tmp_path / "7.jpg"),
         32,
-        (1, 2, 3),
         TextSettings(),
         str(tmp_path / "7.txt"),
         str(tmp_path / "7.xml"),
@@ -137,5 +136,4 @@ def test_entities_boxes_follow_exif_rotation_and_rescaled_annotations(tmp_path, 
     )
     res = prepare_item(task)
     assert res.error is None and res.segs == [["A dog"]] and res.preds == [[{"dog": 1.0}]]
-    expected = masked(res.image, [Geometry(60, 80, 32).crop_box(dog.box)], (1, 2, 3))
-    assert (res.masked["dog"] == expected).all()
+    assert res.masks["dog"] == mask_pixels([Geometry(60, 80, 32).crop_box(dog.box)], 32)

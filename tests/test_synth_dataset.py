@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agree.images import BoxMasks, ImageArchive
 from agree.io import read_json, read_jsonl
+from agree.masks import MaskBoxes
 from synth.detector import THRESHOLD
 from synth.render import MASK_FILL_RAW
 from synth.world import COLOURS, SHAPES
@@ -38,6 +40,12 @@ def _npz(path):
     return {k: z[k] for k in z.files}
 
 
+def _masks(boxes, images):
+    """Masked images by key, drawn from a mask-box file (the default --masks boxes) over its image archive."""
+    m = BoxMasks(MaskBoxes(boxes), ImageArchive(images))
+    return {k: m[k] for k in m.boxes.keys()}
+
+
 # ------------------------------------------------------------------ layout and schemas (spec section 1)
 def test_every_spec_file_exists(ds):
     lay, _, _ = ds
@@ -54,15 +62,18 @@ def test_every_spec_file_exists(ds):
         "datasets/flickr30k_images/objects/flickr30k_train_imgs_objs.jsonl",
         "datasets/flickr30k_images/objects/flickr30k_val_imgs_objs.jsonl",
         "datasets/flickr30k_images/objects/flickr30k_test_imgs_objs.jsonl",
-        "datasets/flickr30k_images/flickr30k_visual_grounding.224.npz",
+        "datasets/flickr30k_images/flickr30k_visual_grounding.224.boxes.jsonl",
         "VG/VG_images.224.npz",
-        "VG/VG_mask_images.224.npz",
+        "VG/VG_mask_boxes.224.jsonl",
         "VG/vocab_VG_images_objs.jsonl",
         "pretrain/pretrain_pred.jsonl",
         "pretrain/pretrain_images.npz",
     ]
     for rel in expected:
         assert (root / rel).is_file(), rel
+    assert not list(root.rglob("*visual_grounding*.npz")) and not list(
+        root.rglob("VG_mask_images*")
+    )
     assert not list(root.rglob("*.part*")), "temporary files left behind"
 
 
@@ -72,9 +83,7 @@ def test_all_image_arrays_are_raw_uint8(ds):
         lay.train_npz,
         lay.val_npz,
         lay.test_npz,
-        lay.grounding,
         lay.vg_images,
-        lay.vg_masked,
         lay.pretrain_npz,
     ):
         arrays = _npz(path)
@@ -192,7 +201,7 @@ def test_stems_are_distinct_across_splits(ds):
 def test_vg_vocabulary_images_and_masked_keys(ds):
     lay, meta, _ = ds
     vocab = read_jsonl(lay.vg_vocab)
-    vg, vgm = _npz(lay.vg_images), _npz(lay.vg_masked)
+    vg, vgm = _npz(lay.vg_images), _masks(lay.vg_mask_boxes, lay.vg_images)
     used = {
         w
         for split in ("train", "val", "test")
@@ -228,7 +237,7 @@ def test_vg_vocabulary_images_and_masked_keys(ds):
 
 def test_grounding_keys_cover_every_first_grounded_label(ds):
     lay, meta, _ = ds
-    grounding = _npz(lay.grounding)
+    grounding = _masks(lay.grounding_boxes, lay.train_npz)
     needed = set()
     fallback = 0
     for rec in read_jsonl(lay.train_jsonl):
@@ -488,7 +497,7 @@ def _check_masked(original, masked, box, ent):
 
 def test_grounding_images_mask_the_grounded_entity(ds):
     lay, meta, _ = ds
-    train, grounding = _npz(lay.train_npz), _npz(lay.grounding)
+    train, grounding = _npz(lay.train_npz), _masks(lay.grounding_boxes, lay.train_npz)
     recs = iter(read_jsonl(lay.train_jsonl))
     keys = set()
     for m in meta["train"]:
@@ -512,7 +521,7 @@ def test_grounding_images_mask_the_grounded_entity(ds):
 
 def test_vg_masked_images_differ_exactly_where_the_object_is(ds):
     lay, meta, _ = ds
-    vg, vgm = _npz(lay.vg_images), _npz(lay.vg_masked)
+    vg, vgm = _npz(lay.vg_images), _masks(lay.vg_mask_boxes, lay.vg_images)
     words = {v["vocab"] for v in read_jsonl(lay.vg_vocab)}
     n = 0
     for m in meta["vg"]:

@@ -277,7 +277,7 @@ def test_gold_entities_boxes_also_ground_the_captions(ds, tmp_path):
         # a gold label is the head word of an entity phrase: the shape it names, in text order, score 1.0
         heads = list(dict.fromkeys(p.split()[-1] for p, _ in cap["mentions"]))
         assert rec["preds"] == [{h: 1.0} for h in heads]
-    assert SynthLayout.under(out).grounding.is_file()
+    assert SynthLayout.under(out).grounding_boxes.is_file()
 
 
 def test_a_bad_caption_phrase_is_a_clear_error():

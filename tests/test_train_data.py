@@ -21,6 +21,7 @@ from training import validation as V
 from training.distributed import DistEnv
 from training.engine import run
 from training.params import parse_args
+from training.slots import zero_square
 from training.terms import enabled_terms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,28 +45,24 @@ def _args(paths, *flags):
 def _dataset(paths, *flags, augment=False):
     args = _args(paths, *flags)
     dset = DS.build_train_dataset(args, D.resolve_paths(args), enabled_terms(args), 64)
-    dset.augment = augment
+    dset.augment = "random-resized-crop" if augment else "none"
     return dset
 
 
-@pytest.mark.parametrize("layout", ["hwc_uint8", "chw_float"])
-def test_zero_square_is_32x32_in_the_stored_space_and_clipped(layout):
+def test_zero_square_is_32x32_of_the_mean_colour_in_normalised_space_and_clipped():
     rng = np.random.default_rng(0)
-    arr = (
-        np.full((64, 64, 3), 200, np.uint8)
-        if layout == "hwc_uint8"
-        else np.ones((3, 64, 64), np.float32)
-    )
+    arr = np.ones((3, 64, 64), np.float32)
     sizes = set()
     for _ in range(50):
-        out = DS.zero_square(arr, rng)
-        zero = (out == 0).all(axis=2 if layout == "hwc_uint8" else 0)
+        out = zero_square(arr, rng)
+        zero = (out == 0).all(axis=0)  # 0 after normalisation is exactly CLIP's mean colour
         ys, xs = np.nonzero(zero)
         h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
         assert zero.sum() == h * w and h <= 32 and w <= 32
         assert (h == 32 or ys.max() == 63) and (
             w == 32 or xs.max() == 63
         )  # only the border clips it
+        assert (out[:, ~zero] == 1).all()
         sizes.add((h, w))
     assert (arr != 0).all()  # the input is untouched
     assert (32, 32) in sizes and len(sizes) > 1
@@ -75,7 +72,8 @@ def test_example_has_only_what_the_enabled_terms_need(ds):
     plain = _dataset(ds)[0]
     assert set(plain) == {"image", "text"}
     assert plain["image"].shape == (3, 64, 64) and plain["text"].shape == (77,)
-    assert set(_dataset(ds, "--is-prompt")[0]) == {"image", "text", "prompts", "masked"}
+    assert set(_dataset(ds, "--is-prompt")[0]) == {"image", "text", "prompts"}
+    assert set(_dataset(ds, "--is-mask")[0]) == {"image", "text", "masked"}
     assert set(_dataset(ds, "--is-da-loss")[0]) == {"image", "text", "vg_image", "vg_text"}
     assert set(_dataset(ds, "--is-da-mask")[0]) == {
         "image",
@@ -322,7 +320,7 @@ def test_allowed_missing_grounding_image_takes_the_masked_square(ds, tmp_path):
         and "masked-square substitute" in warnings[0]
     )
     dset = inputs.dataset(64)
-    dset.augment = False
+    dset.augment = "none"
     ex = dset[1]
     diff = (ex["grounding_masked"] != ex["image"]).any(0)
     assert 0 < diff.sum() <= 32 * 32

@@ -1,6 +1,7 @@
 """Fine-tuning's input files: where each lives (release layout, flags override) and reading the annotation files.
 
-Each loss flag loads only the files its term needs (see training.terms for the slots each term reads).
+Each loss flag loads only the files its term needs: the slots a term reads (training.terms) name their
+inputs, and the inputs their files (training.slots).
 """
 
 from __future__ import annotations
@@ -9,21 +10,19 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 from agree.entities import grounding_label
-from agree.images import ImageArchive
 from agree.io import InputError, iter_jsonl
-from agree.layout import DEFAULT_ROOT, Layout, grounding_key, vg_masked_key
+from agree.layout import DEFAULT_ROOT, Layout, grounding_key
+from training.slots import DATA_FILES, FILES, SLOTS, DataFile, Input, inputs_of, ordered
 from training.terms import BY_NAME, slots_of
-
-# The release reads the objects of every split (train, then test, then val) into one table.
-OBJECT_SPLITS = ("train", "test", "val")
 
 
 @dataclass
 class DataPaths:
-    """Every file fine-tuning may read (which are read depends on the loss flags)."""
+    """Every file fine-tuning may read (which are read depends on the loss flags; training.slots.DATA_FILES
+    declares the training inputs), and which of them a flag named."""
 
     train_data: Path
     train_images: Path
@@ -32,10 +31,19 @@ class DataPaths:
     train_objects: tuple[
         Path, ...
     ]  # read in this order; a later file's line wins for the same image
-    grounding_images: Path
-    vg_images: Path
-    vg_mask_images: Path
     vg_vocab: Path
+    vg_images: Path
+    vg_mask_boxes: Path
+    vg_mask_images: Path
+    grounding_boxes: Path
+    grounding_images: Path
+    given: frozenset = (
+        frozenset()
+    )  # dests of the files named by a flag (the rest are layout defaults)
+
+    def file(self, dest: str) -> Union[Path, tuple[Path, ...]]:
+        """The path(s) of a DataFile."""
+        return getattr(self, dest)
 
 
 def data_layout(args: argparse.Namespace) -> Layout:
@@ -53,23 +61,32 @@ def data_layout(args: argparse.Namespace) -> Layout:
 def resolve_paths(args: argparse.Namespace) -> DataPaths:
     """Apply the release-layout defaults to every data path not given by a flag."""
     lay = data_layout(args)
-
-    def pick(value: Optional[str], default: Path) -> Path:
-        return Path(value) if value is not None else default
-
+    files: dict = {}
+    given = set()
+    for f in DATA_FILES:
+        value = getattr(args, f.dest)
+        if value is not None:
+            given.add(f.dest)
+            files[f.dest] = tuple(Path(p) for p in value) if f.many else Path(value)
+        else:
+            files[f.dest] = f.default(lay)
     return DataPaths(
-        train_data=Path(args.train_data),
-        train_images=pick(args.train_images, lay.train_npz),
+        **files,
         val_data=Path(args.val_data) if args.val_data else None,
-        val_images=pick(args.val_images, lay.val_npz),
-        train_objects=tuple(Path(p) for p in args.train_objects)
-        if args.train_objects
-        else tuple(lay.objects(split) for split in OBJECT_SPLITS),
-        grounding_images=pick(args.grounding_images, lay.grounding),
-        vg_images=pick(args.vg_images, lay.vg_images),
-        vg_mask_images=pick(args.vg_mask_images, lay.vg_masked),
-        vg_vocab=pick(args.vg_vocab, lay.vg_vocab),
+        val_images=Path(args.val_images) if args.val_images is not None else lay.val_npz,
+        given=frozenset(given),
     )
+
+
+def chosen_file(paths: DataPaths, inp: Input) -> Optional[DataFile]:
+    """The file of a choice input that is read: the one a flag names, else the first present (None: none is)."""
+    named = [d for d in inp.choice if d in paths.given]
+    if len(named) > 1:
+        flags = " and ".join(FILES[d].flag for d in named)
+        raise InputError(f"{flags} name the same {inp.what} twice: give one of them")
+    if named:
+        return FILES[named[0]]
+    return next((FILES[d] for d in inp.choice if paths.file(d).is_file()), None)
 
 
 def slot_flag(terms: Iterable[str], slot: str) -> str:
@@ -77,42 +94,39 @@ def slot_flag(terms: Iterable[str], slot: str) -> str:
     return next(BY_NAME[t].flag for t in terms if slot in BY_NAME[t].slots)
 
 
+def input_flag(terms: Iterable[str], inp: Input) -> str:
+    """The flag of the first enabled term whose slots read input `inp` (for error messages)."""
+    if inp.flag is not None:
+        return inp.flag
+    terms = list(terms)
+    slots = [s for s in ordered(slots_of(terms)) if inp.name in SLOTS[s].inputs]
+    return slot_flag(terms, slots[0])
+
+
 def required_files(terms: Iterable[str], paths: DataPaths) -> list[tuple[str, str, Path]]:
     """(flag, description, path) of every file the enabled terms need."""
     terms = list(terms)
-    slots = slots_of(terms)
-    req = [
-        ("--train-data", "training captions", paths.train_data),
-        ("--train-data", "train image archive (--train-images)", paths.train_images),
-    ]
+    req = []
+    for inp in inputs_of(slots_of(terms)):
+        flag = input_flag(terms, inp)
+        for dest in inp.files:
+            f = FILES[dest]
+            what = f.what if dest == "train_data" else f"{f.what} ({f.flag})"
+            found = paths.file(dest)
+            req += [(flag, what, p) for p in (found if f.many else (found,))]
+        if inp.choice:
+            f = chosen_file(paths, inp)
+            if f is not None:
+                req.append((flag, f"{f.what} ({f.flag})", paths.file(f.dest)))
+            else:
+                first, others = FILES[inp.choice[0]], [FILES[d] for d in inp.choice[1:]]
+                alt = "".join(f", or {o.flag} {paths.file(o.dest)}" for o in others)
+                req.append((flag, f"{inp.what} ({first.flag}{alt})", paths.file(first.dest)))
     if paths.val_data is not None:
         req += [
             ("--val-data", "validation captions", paths.val_data),
             ("--val-data", "val image archive (--val-images)", paths.val_images),
         ]
-    if "vg_image" in slots:
-        flag = slot_flag(terms, "vg_image")
-        req += [(flag, "objects per image (--train-objects)", p) for p in paths.train_objects]
-        req += [
-            (flag, "Visual Genome vocabulary (--vg-vocab)", paths.vg_vocab),
-            (flag, "Visual Genome images (--vg-images)", paths.vg_images),
-        ]
-    if "vg_image_masked" in slots:
-        req.append(
-            (
-                slot_flag(terms, "vg_image_masked"),
-                "Visual Genome masked images (--vg-mask-images)",
-                paths.vg_mask_images,
-            )
-        )
-    if "grounding_masked" in slots:
-        req.append(
-            (
-                slot_flag(terms, "grounding_masked"),
-                "visual grounding images (--grounding-images)",
-                paths.grounding_images,
-            )
-        )
     return req
 
 
@@ -263,39 +277,35 @@ def enforce_missing(misses: Iterable[Misses], max_fraction: float) -> list[tuple
     return report
 
 
-def load_vg_vocab(
-    path: Path,
-    words: set[str],
-    vg_images: ImageArchive,
-    vg_masked: Optional[ImageArchive],
-    image_misses: Misses,
-    masked_misses: Optional[Misses],
-) -> dict[str, list[str]]:
-    """Object word -> VG image ids of its usable entries (non-empty 'object') whose images are present.
+@dataclass(frozen=True)
+class VgEntry:
+    """One usable Visual Genome entry of a vocabulary word: the word, the VG image id, where it is listed."""
 
-    Every usable entry of a word in `words` is looked up in the VG archives; the look-ups are counted
-    in `image_misses` (--vg-images) and `masked_misses` (--vg-mask-images, when `vg_masked` is given).
-    """
-    out: dict[str, list[str]] = {}
+    word: str
+    image_id: str
+    where: str
+
+
+def load_vg_entries(path: Path, words: set[str]) -> list[VgEntry]:
+    """The usable entries (non-empty 'object') of the words in `words`, in file order."""
+    out: list[VgEntry] = []
     for lineno, rec in iter_jsonl(path, ("vocab", "objects")):
         word = rec["vocab"]
         if word not in words:
             continue
         if not isinstance(rec["objects"], list):
             raise InputError(f"{path}:{lineno}: 'objects' must be a list")
-        ids = []
         for obj in rec["objects"]:
             if not isinstance(obj, dict) or "image_id" not in obj:
                 raise InputError(f"{path}:{lineno}: each object needs an 'image_id'")
-            if not obj.get("object"):
-                continue
-            g = str(obj["image_id"])
-            ok = image_misses.check(g in vg_images, g, f"{path}:{lineno}")
-            if vg_masked is not None and masked_misses is not None:
-                key = vg_masked_key(word, g)
-                ok = masked_misses.check(key in vg_masked, key, f"{path}:{lineno}") and ok
-            if ok:
-                ids.append(g)
-        if ids:
-            out.setdefault(word, []).extend(ids)
+            if obj.get("object"):
+                out.append(VgEntry(word, str(obj["image_id"]), f"{path}:{lineno}"))
+    return out
+
+
+def vg_vocab(entries: Iterable[VgEntry]) -> dict[str, list[str]]:
+    """Object word -> VG image ids of its entries, in order."""
+    out: dict[str, list[str]] = {}
+    for e in entries:
+        out.setdefault(e.word, []).append(e.image_id)
     return out

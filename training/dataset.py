@@ -1,4 +1,5 @@
-"""The AGREE training example of spec 3.1 as a torch Dataset, and the resumable sharded loader.
+"""The AGREE training example as a torch Dataset (its slots are built as training.slots declares them), the
+start-up pass that opens and checks the inputs the enabled terms need, and the resumable sharded loader.
 
 Per-example randomness (augmentation, Visual Genome choice, masked square) is seeded by (seed, epoch,
 index), so a batch is the same whatever the number of workers or ranks, and a resumed run sees the
@@ -12,80 +13,42 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from agree.entities import TRAIN_SLOTS, prompt, training_slots
-from agree.images import ImageArchive
+from agree.images import BoxMasks, ImageArchive, MaskedArchive, MaskedImages
 from agree.io import InputError
 from agree.layout import vg_masked_key
-from clip.clip import tokenize
-from clip.transform import array_to_tensor
+from agree.masks import MaskBoxes
+from training.augment import AUGMENTATIONS, NONE
 from training.data import (
     DataPaths,
     Misses,
     TrainRecord,
+    chosen_file,
     enforce_missing,
+    input_flag,
     load_objects,
     load_train_records,
-    load_vg_vocab,
-    slot_flag,
+    load_vg_entries,
+    required_files,
+    vg_vocab,
+)
+from training.slots import (
+    IMAGE,
+    SLOTS,
+    DataFile,
+    Example,
+    Input,
+    inputs_of,
+    ordered,
 )
 from training.terms import slots_of
-
-SQUARE = 32  # side of the zeroed square of the image fallbacks
-
-
-def zero_square(arr: np.ndarray, rng: np.random.Generator, size: int = SQUARE) -> np.ndarray:
-    """Copy of a stored image array with a random size x size square set to 0 (clipped at the border)."""
-    out = np.array(arr, copy=True)
-    channels_first = out.ndim == 3 and out.shape[0] == 3 and out.shape[-1] != 3
-    h, w = (out.shape[1], out.shape[2]) if channels_first else (out.shape[0], out.shape[1])
-    y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
-    if channels_first:
-        out[:, y : y + size, x : x + size] = 0
-    else:
-        out[y : y + size, x : x + size] = 0
-    return out
-
-
-def pick_vg_object(
-    objects: Sequence[str], vocab: dict[str, list[str]], rng: np.random.Generator
-) -> Optional[tuple[str, str]]:
-    """Shuffle the image's objects; for the first with a usable VG image return (object, VG image id)."""
-    for k in rng.permutation(len(objects)):
-        candidates = vocab.get(objects[k])
-        if candidates:
-            return objects[k], candidates[int(rng.integers(0, len(candidates)))]
-    return None
-
-
-def _image(
-    archive: ImageArchive,
-    key: str,
-    arr: Optional[np.ndarray],
-    resolution: int,
-    is_train: bool,
-    seed: int,
-) -> torch.Tensor:
-    """Preprocess a stored array with the torch RNG seeded for this example (restored afterwards)."""
-    if arr is None:
-        arr = archive[key]
-    try:
-        if not (is_train and arr.dtype == np.uint8):  # deterministic preprocessing: no RNG involved
-            return array_to_tensor(arr, resolution, is_train)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(
-                seed
-            )  # CPU generator only (torch.manual_seed also seeds CUDA)
-            return array_to_tensor(arr, resolution, is_train)
-    except ValueError as e:
-        raise InputError(f"{archive.path}: image {key!r}: {e}") from None
+from training.tokens import Tokenizer
 
 
 class AgreeDataset(Dataset):
-    """One spec-3.1 example per caption: image + caption tokens, and the slots the enabled terms read."""
+    """One AGREE example per caption: the slots the enabled terms read (image tensors, token ids)."""
 
     def __init__(
         self,
@@ -94,25 +57,26 @@ class AgreeDataset(Dataset):
         resolution: int,
         terms: Sequence[str],
         seed: int = 0,
-        grounding: Optional[ImageArchive] = None,
+        grounding: Optional[MaskedImages] = None,
         objects: Optional[dict[str, list[str]]] = None,
         vg_vocab: Optional[dict[str, list[str]]] = None,
         vg_images: Optional[ImageArchive] = None,
-        vg_masked: Optional[ImageArchive] = None,
-        augment: bool = True,
+        vg_masked: Optional[MaskedImages] = None,
+        augment: str = NONE,
     ):
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {augment!r} (choose from {AUGMENTATIONS})")
         self.records, self.images, self.resolution = records, images, resolution
-        self.slots = slots_of(terms)
+        self.slots = ordered(slots_of(terms))
         self.seed, self.epoch, self.augment = seed, 0, augment
-        self.grounding, self.objects, self.vg_vocab = grounding, objects or {}, vg_vocab or {}
+        self.grounding, self.objects, self.vg_vocab = grounding, objects, vg_vocab
         self.vg_images, self.vg_masked = vg_images, vg_masked
-        for slot, archive in (
-            ("vg_image", vg_images),
-            ("vg_image_masked", vg_masked),
-            ("grounding_masked", grounding),
-        ):
-            if slot in self.slots and archive is None:
-                raise ValueError(f"the {slot!r} slot needs its image archive")
+        for inp in inputs_of(self.slots):
+            for name in inp.opens:
+                if getattr(self, name) is None:
+                    raise ValueError(f"the slots {self.slots} need {inp.what} ({name})")
+        self.objects, self.vg_vocab = objects or {}, vg_vocab or {}
+        self.tokenizer = Tokenizer()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose per-example randomness __getitem__ uses."""
@@ -122,50 +86,24 @@ class AgreeDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rec = self.records[index]
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        seeds = rng.integers(0, 2**62, size=4)
-        res, aug = self.resolution, self.augment
-        arr = self.images[rec.image_key]
-        out = {"image": _image(self.images, rec.image_key, arr, res, aug, int(seeds[0]))}
-        texts = [rec.caption]
-        entities = "prompts" in self.slots or "masked" in self.slots
-        if entities:
-            slots = training_slots(rec.caption, rec.segs)
-            texts += slots.prompts + slots.masked
-        if "vg_image" in self.slots:
-            pick = pick_vg_object(self.objects.get(rec.stem, []), self.vg_vocab, rng)
-            if pick is not None:
-                obj, g = pick
-                out["vg_image"] = _image(self.vg_images, g, None, res, aug, int(seeds[1]))
-                texts.append(prompt(obj))
-                if "vg_image_masked" in self.slots:
-                    out["vg_image_masked"] = _image(
-                        self.vg_masked, vg_masked_key(obj, g), None, res, aug, int(seeds[2])
-                    )
-            else:  # spec 3.1.3 fallback: the example itself, and a square-masked copy of its image
-                out["vg_image"] = out["image"]
-                texts.append(rec.caption)
-                if "vg_image_masked" in self.slots:
-                    out["vg_image_masked"] = _image(
-                        self.images, rec.image_key, zero_square(arr, rng), res, aug, int(seeds[2])
-                    )
-        if "grounding_masked" in self.slots:
-            if rec.grounding_key is not None and rec.grounding_key in self.grounding:
-                out["grounding_masked"] = _image(
-                    self.grounding, rec.grounding_key, None, res, aug, int(seeds[3])
-                )
-            else:
-                out["grounding_masked"] = _image(
-                    self.images, rec.image_key, zero_square(arr, rng), res, aug, int(seeds[3])
-                )
-        tokens = tokenize(texts)
-        out["text"] = tokens[0]
-        if entities:
-            out["prompts"] = tokens[1 : 1 + TRAIN_SLOTS]
-            out["masked"] = tokens[1 + TRAIN_SLOTS : 1 + 2 * TRAIN_SLOTS]
-        if "vg_image" in self.slots:
-            out["vg_text"] = tokens[-1]
+        ex = Example(self, index)
+        out: dict[str, torch.Tensor] = {}
+        texts: list[str] = []
+        rows: list[tuple[str, int]] = []
+        for name in self.slots:
+            slot, value = SLOTS[name], ex.slot(name)
+            if slot.kind == IMAGE:
+                out[name] = value
+                continue
+            if len(value) != slot.rows:
+                raise RuntimeError(f"slot {name!r} built {len(value)} texts, not {slot.rows}")
+            texts += value
+            rows.append((name, slot.rows))
+        tokens = self.tokenizer(texts)
+        k = 0
+        for name, n in rows:
+            out[name] = tokens[k] if n == 1 else tokens[k : k + n]
+            k += n
         return out
 
 
@@ -174,13 +112,14 @@ class TrainInputs:
     """Everything the training examples are built from, read and checked before the run starts."""
 
     records: list[TrainRecord]
-    images: ImageArchive
+    images: Optional[ImageArchive]
     terms: tuple[str, ...]
-    grounding: Optional[ImageArchive] = None
+    grounding: Optional[MaskedImages] = None
     objects: Optional[dict[str, list[str]]] = None
     vg_vocab: Optional[dict[str, list[str]]] = None
     vg_images: Optional[ImageArchive] = None
-    vg_masked: Optional[ImageArchive] = None
+    vg_masked: Optional[MaskedImages] = None
+    augment: str = NONE
     report: list[tuple[int, str]] = field(
         default_factory=list
     )  # (logging level, message) of the data check
@@ -198,106 +137,164 @@ class TrainInputs:
             vg_vocab=self.vg_vocab,
             vg_images=self.vg_images,
             vg_masked=self.vg_masked,
+            augment=self.augment,
         )
 
 
-def load_train_inputs(
-    args: argparse.Namespace, paths: DataPaths, terms: Sequence[str]
-) -> TrainInputs:
-    """Read the files the enabled terms need and check, over the whole training file, that every grounding
-    image, objects line and Visual Genome image it needs is there (data.enforce_missing: an InputError
-    above --max-missing-fraction)."""
-    slots = slots_of(terms)
-    records = load_train_records(
-        paths.train_data,
-        args.img_key,
-        args.caption_key,
-        need_segs=bool(slots & {"prompts", "masked"}),
-        need_preds="grounding_masked" in slots,
-    )
-    images = ImageArchive(paths.train_images, "--train-data: train image archive (--train-images)")
-    missing = [r.image_key for r in records if r.image_key not in images]
-    if missing:
-        raise InputError(
-            f"--train-images: {paths.train_images} has no image for {len(missing)} image_id(s) "
-            f"of {paths.train_data} (first: {missing[0]!r})"
+class _Loading:
+    """The start-up pass: one `load_<input>` method per Input of training.slots, run in registry order. Each
+    opens its files and looks up, over the whole training file, every item the examples will need,
+    counting misses (data.Misses: an InputError above --max-missing-fraction)."""
+
+    def __init__(self, args: argparse.Namespace, paths: DataPaths, terms: Sequence[str]):
+        self.args, self.paths, self.terms = args, paths, tuple(terms)
+        self.slots = ordered(slots_of(terms))
+        self.inputs = TrainInputs([], None, self.terms, augment=getattr(args, "augment", NONE))
+        self.misses: list[Misses] = []
+        self.notes: list[str] = []
+        self.vg_entries: list = []
+        self.vg_found: list[bool] = []
+
+    def run(self) -> TrainInputs:
+        for inp in inputs_of(self.slots):
+            getattr(self, f"load_{inp.name}")(inp)
+        report = enforce_missing(self.misses, self.args.max_missing_fraction)
+        report += [(logging.INFO, f"start-up data check: {line}") for line in self.notes]
+        records = self.inputs.records
+        for name in self.slots:
+            slot = SLOTS[name]
+            if slot.falls_back is not None:
+                n = sum(bool(slot.falls_back(self.inputs, r)) for r in records)
+                line = f"{n} of {len(records)} {slot.falls_back_note}"
+                report.append((logging.INFO, f"start-up data check: {line}"))
+        self.inputs.report = report
+        return self.inputs
+
+    def _flag(self, inp: Input) -> str:
+        return input_flag(self.terms, inp)
+
+    def _masks(self, inp: Input, base: ImageArchive) -> tuple[MaskedImages, DataFile]:
+        """Open the file of a choice input (mask boxes over `base`, or masked copies)."""
+        f = chosen_file(self.paths, inp)
+        if f is None:  # none present: the same error as the start-up file check
+            flag, what, path = next(
+                r for r in required_files(self.terms, self.paths) if inp.what in r[1]
+            )
+            raise InputError(f"{flag}: {what} not found: {path}")
+        path, what = self.paths.file(f.dest), f"{self._flag(inp)}: {f.what} ({f.flag})"
+        self.notes.append(f"{inp.what}: {f.what} ({f.masks}) from {path}")
+        if f.masks == "boxes":
+            return BoxMasks(MaskBoxes(path, what), base), f
+        return MaskedArchive(ImageArchive(path, what)), f
+
+    def load_train(self, inp: Input) -> None:
+        needs = {k for s in self.slots for k in SLOTS[s].needs}
+        paths, args = self.paths, self.args
+        records = load_train_records(
+            paths.train_data,
+            args.img_key,
+            args.caption_key,
+            need_segs="segs" in needs,
+            need_preds="preds" in needs,
         )
-    inputs = TrainInputs(records, images, tuple(terms))
-    misses: list[Misses] = []
-    fallbacks: list[str] = []
-    if "grounding_masked" in slots:
-        flag = slot_flag(terms, "grounding_masked")
-        inputs.grounding = ImageArchive(
-            paths.grounding_images, f"{flag}: visual grounding images (--grounding-images)"
+        images = ImageArchive(
+            paths.train_images, "--train-data: train image archive (--train-images)"
         )
+        missing = [r.image_key for r in records if r.image_key not in images]
+        if missing:
+            raise InputError(
+                f"--train-images: {paths.train_images} has no image for {len(missing)} image_id(s) "
+                f"of {paths.train_data} (first: {missing[0]!r})"
+            )
+        self.inputs.records, self.inputs.images = records, images
+
+    def load_grounding_masks(self, inp: Input) -> None:
+        masks, f = self._masks(inp, self.inputs.images)
+        self.inputs.grounding = masks
         m = Misses(
-            "grounding image",
-            f"{flag} (--grounding-images)",
-            str(paths.grounding_images),
+            f.item,
+            f"{self._flag(inp)} ({f.flag})",
+            str(masks.path),
             "captions with a grounded label",
-            "the masked-square substitute of spec 3.1.4",
+            "the masked-square substitute",
         )
-        for r in records:
-            if r.grounding_key is not None:
-                m.check(r.grounding_key in inputs.grounding, r.grounding_key, r.where)
-        misses.append(m)
-        fallbacks.append(
-            f"{sum(r.grounding_key is None for r in records)} of {len(records)} captions have no "
-            "grounded label (spec 3.1.4: masked-square substitute)"
-        )
-    if "vg_image" in slots:
-        flag = slot_flag(terms, "vg_image")
-        objects = inputs.objects = load_objects(paths.train_objects)
+        for r in self.inputs.records:
+            if r.grounding_key is None:
+                continue
+            if isinstance(masks, BoxMasks) and r.grounding_key in masks.boxes:
+                drawn_on = masks.boxes.image_id(r.grounding_key)
+                if drawn_on != r.image_key:
+                    raise InputError(
+                        f"{f.flag}: {masks.path}: mask {r.grounding_key!r} is drawn on image "
+                        f"{drawn_on!r}, but {r.where} has image_id {r.image_key!r}"
+                    )
+            m.check(r.grounding_key in masks, r.grounding_key, r.where)
+        self.misses.append(m)
+
+    def load_vg_pairs(self, inp: Input) -> None:
+        flag, paths, records = self._flag(inp), self.paths, self.inputs.records
+        objects = self.inputs.objects = load_objects(paths.train_objects)
         m = Misses(
             "objects line",
             f"{flag} (--train-objects)",
             ", ".join(map(str, paths.train_objects)),
             "train images",
-            "an empty object list (spec 3.1.3's substitute pair)",
+            "an empty object list (the substitute pair)",
         )
         first_use: dict[str, str] = {}
         for r in records:
             first_use.setdefault(r.stem, r.where)
         for stem, where in first_use.items():
             m.check(stem in objects, stem, where)
-        misses.append(m)
-        inputs.vg_images = ImageArchive(
+        vg_images = self.inputs.vg_images = ImageArchive(
             paths.vg_images, f"{flag}: Visual Genome images (--vg-images)"
         )
-        image_misses = Misses(
+        images = Misses(
             "Visual Genome image",
             f"{flag} (--vg-images)",
             str(paths.vg_images),
             "usable VG entries of the train images' objects",
-            "the entry left out (an image without any usable entry takes spec 3.1.3's "
-            "substitute pair)",
+            "the entry left out (an image without any usable entry takes the substitute pair)",
         )
-        masked_misses = None
-        if "vg_image_masked" in slots:
-            mflag = slot_flag(terms, "vg_image_masked")
-            inputs.vg_masked = ImageArchive(
-                paths.vg_mask_images, f"{mflag}: Visual Genome masked images (--vg-mask-images)"
-            )
-            masked_misses = Misses(
-                "Visual Genome masked image",
-                f"{mflag} (--vg-mask-images)",
-                str(paths.vg_mask_images),
-                image_misses.unit,
-                image_misses.fallback,
-            )
         words = {o for r in records for o in objects.get(r.stem, [])}
-        vocab = inputs.vg_vocab = load_vg_vocab(
-            paths.vg_vocab, words, inputs.vg_images, inputs.vg_masked, image_misses, masked_misses
+        self.vg_entries = load_vg_entries(paths.vg_vocab, words)
+        self.vg_found = [
+            images.check(e.image_id in vg_images, e.image_id, e.where) for e in self.vg_entries
+        ]
+        self.inputs.vg_vocab = vg_vocab(e for e, ok in zip(self.vg_entries, self.vg_found) if ok)
+        self.misses += [m, images]
+
+    def load_vg_masks(self, inp: Input) -> None:
+        masks, f = self._masks(inp, self.inputs.vg_images)
+        self.inputs.vg_masked = masks
+        m = Misses(
+            f.item,
+            f"{self._flag(inp)} ({f.flag})",
+            str(masks.path),
+            "usable VG entries of the train images' objects",
+            "the entry left out (an image without any usable entry takes the substitute pair)",
         )
-        misses += [image_misses] + ([masked_misses] if masked_misses is not None else [])
-        no_object = sum(not any(vocab.get(o) for o in objects.get(r.stem, [])) for r in records)
-        fallbacks.append(
-            f"{no_object} of {len(records)} captions' images list no object with a usable VG entry "
-            "(spec 3.1.3: substitute pair)"
-        )
-    inputs.report = enforce_missing(misses, args.max_missing_fraction)
-    inputs.report += [(logging.INFO, f"start-up data check: {line}") for line in fallbacks]
-    return inputs
+        for k, e in enumerate(self.vg_entries):
+            key = vg_masked_key(e.word, e.image_id)
+            if isinstance(masks, BoxMasks) and key in masks.boxes:
+                drawn_on = masks.boxes.image_id(key)
+                if drawn_on != e.image_id:
+                    raise InputError(
+                        f"{f.flag}: {masks.path}: mask {key!r} is drawn on image {drawn_on!r}, "
+                        f"not on VG image {e.image_id!r}"
+                    )
+            self.vg_found[k] = m.check(key in masks, key, e.where) and self.vg_found[k]
+        self.inputs.vg_vocab = vg_vocab(e for e, ok in zip(self.vg_entries, self.vg_found) if ok)
+        self.misses.append(m)
+
+
+def load_train_inputs(
+    args: argparse.Namespace, paths: DataPaths, terms: Sequence[str]
+) -> TrainInputs:
+    """Read the files the enabled terms need and check, over the whole training file, that every grounding
+    mask, objects line and Visual Genome image it needs is there (data.enforce_missing: an InputError
+    above --max-missing-fraction)."""
+    return _Loading(args, paths, terms).run()
 
 
 def build_train_dataset(

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 from agree.io import InputError
 from agree.layout import DATASETS, DEFAULT_DATASET, dataset_of
 from agree.precision import PRECISIONS
+from training.augment import AUGMENTATIONS, NONE
 from training.terms import add_term_flags
 
 
@@ -92,11 +93,18 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         "<data-root>/objects/flickr30k_{train,test,val}_imgs_objs.jsonl.",
     )
     d.add_argument(
+        "--grounding-boxes",
+        type=str,
+        default=None,
+        help="Mask boxes of the grounded entities, filled at load time (--is-vg; prepare_data.py --masks boxes). "
+        "Default: <data-root>/flickr30k_visual_grounding.224.boxes.jsonl when it exists, else --grounding-images.",
+    )
+    d.add_argument(
         "--grounding-images",
         type=str,
         default=None,
-        help="Images with a grounded entity masked (--is-vg). "
-        "Default: <data-root>/flickr30k_visual_grounding.224.npz.",
+        help="Images with a grounded entity masked (--is-vg; the release's archive). "
+        "Default: <data-root>/flickr30k_visual_grounding.224.npz, used when no mask-box file is there.",
     )
     d.add_argument(
         "--vg-images",
@@ -105,10 +113,18 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         help="VG images (--is-da-loss/--is-da-mask). Default: <vg-root>/VG_images.224.npz.",
     )
     d.add_argument(
+        "--vg-mask-boxes",
+        type=str,
+        default=None,
+        help="Mask box of each VG object, filled at load time (--is-da-mask; prepare_data.py --masks boxes). "
+        "Default: <vg-root>/VG_mask_boxes.224.jsonl when it exists, else --vg-mask-images.",
+    )
+    d.add_argument(
         "--vg-mask-images",
         type=str,
         default=None,
-        help="VG images with one object masked (--is-da-mask). Default: <vg-root>/VG_mask_images.224.npz.",
+        help="VG images with one object masked (--is-da-mask; the release's archive). "
+        "Default: <vg-root>/VG_mask_images.224.npz, used when no mask-box file is there.",
     )
     d.add_argument(
         "--vg-vocab",
@@ -127,6 +143,14 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         "entries. Checked over the whole training file before the first step; above it the run "
         "stops with an error naming the file and the first missing key. 0 = any miss is an "
         "error; a larger F trains the missing ones with the spec's masked-square substitute.",
+    )
+    d.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default=NONE,
+        help="Training image augmentation, the same for uint8 and float32 archives: none (the release's "
+        "recipe) or random-resized-crop (RandomResizedCrop scale 0.9-1, as OpenCLIP's default train "
+        "transform).",
     )
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes per rank.")
 

@@ -1,6 +1,7 @@
 """The registry of AGREE's loss terms: name, flag, table label, weight, the batch slots it reads, its loss.
 
-Flags, loss, data loading, the table runner and the benchmarks all read this one table.
+Flags, loss, data loading, the table runner and the benchmarks all read this one table. The slots
+themselves (kind, input files, how each is built, fallback) are declared in training.slots.
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ from typing import Callable, Iterable, Mapping, Optional
 from torch import Tensor
 
 from training import loss as L
-
-# What a batch can hold: images [B, 3, R, R] and token ids [B, L] or [B, S, L] (entity slots).
-IMAGE_SLOTS = ("image", "vg_image", "vg_image_masked", "grounding_masked")
-TEXT_SLOTS = ("text", "prompts", "masked", "vg_text")
+from training.slots import IMAGE_SLOTS, SLOTS, TEXT_SLOTS  # noqa: F401 (the batch slots, declared there)
 
 
 @dataclass(frozen=True)
