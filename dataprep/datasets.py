@@ -2,9 +2,10 @@
 
 An entry says where the dataset's raw files are below RAW and how its ids work; every reader of raw
 data (the split file, the image folders, Visual Genome's held-out images, the gold entities) takes
-them from here, so a new dataset in Karpathy's split-file format is one `Dataset` in REGISTRY. Its
-name also goes into agree.layout.DATASETS, the names that fine-tuning and evaluation accept (the
-layer below cannot import this one); tests/test_datasets.py checks that the two agree.
+them from here (and scripts/disk_usage.py its published split sizes), so a new dataset in Karpathy's
+split-file format is one `Dataset` in REGISTRY. Its name also goes into agree.layout.DATASETS, the
+names that fine-tuning and evaluation accept (the layer below cannot import this one);
+tests/test_datasets.py checks that the two agree.
 
 Ids: a training image's id in the annotation files is the split file's `id_key` value; a val/test
 image's id is that value too, or the file stem as a number (`heldout_id = "stem"`: the release's
