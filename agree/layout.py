@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 DEFAULT_ROOT = Path("tmp")
 DEFAULT_DATASET = "flickr30k"
-DATASETS = ("flickr30k", "coco")
+DATASETS = ("flickr30k", "coco")  # = the names of dataprep.datasets.REGISTRY (a test checks it)
 FILE_RESOLUTION = 224  # the size written into the npz file names of the release (".224.npz")
 SPLITS = ("train", "val", "test")
 

@@ -97,32 +97,37 @@ def _decode_notes(d: Decoded, path: str, out: Outcome) -> None:
 
 
 def _segs(task: ItemTask, out: Outcome) -> tuple[list[list[str]], list[list[tuple[str, str]]]]:
-    """Segs of each caption, and the gold (seg, chain) phrases of each caption ([] without gold)."""
+    return caption_segs(task.entry, task.sentences_path, task.text, out)
+
+
+def caption_segs(
+    entry: ImageEntry, sentences_path: Optional[str], text: TextSettings, out: Outcome
+) -> tuple[list[list[str]], list[list[tuple[str, str]]]]:
+    """Segs of each caption (gold phrases from `sentences_path` when a sentence matches, else the
+    extractor), and the gold (seg, chain) phrases of each caption ([] without gold)."""
     sentences = None
-    if task.sentences_path is not None:
+    if sentences_path is not None:
         try:
-            sentences = read_sentences(Path(task.sentences_path))
+            sentences = read_sentences(Path(sentences_path))
         except InputError as e:
             out.skips.append(("Flickr30k Entities files", str(e)))
     segs, gold = [], []
-    for i, caption in enumerate(task.entry.captions):
+    for i, caption in enumerate(entry.captions):
         sentence = match_sentence(caption, i, sentences) if sentences else None
         if sentences and sentence is None:
             out.notes.append(
                 (
                     "captions without a matching Entities sentence (extractor used)",
-                    f"{task.sentences_path}: {caption!r}",
+                    f"{sentences_path}: {caption!r}",
                 )
             )
         phrases = gold_segs(caption, sentence) if sentence is not None else []
         if sentence is not None:
             found = unique(s for s, _ in phrases)
         else:
-            found = get_extractor(task.text.extractor, task.text.spacy_model)(caption)
+            found = get_extractor(text.extractor, text.spacy_model)(caption)
         if not found:
-            out.notes.append(
-                ("captions without any textual entity", f"{task.entry.file}: {caption!r}")
-            )
+            out.notes.append(("captions without any textual entity", f"{entry.file}: {caption!r}"))
         segs.append(found)
         gold.append(phrases)
     return segs, gold

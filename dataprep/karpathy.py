@@ -3,8 +3,9 @@
 `images[]` entries: {filename, imgid, split, sentences[].raw, ...}, COCO adds {filepath, cocoid}. The
 COCO `restval` split trains. Captions are the `raw` texts with whitespace collapsed; val and test keep
 the first CAPTIONS_PER_TEST (5) of an image (some COCO images have 6 or 7), train keeps all.
-Ids written to the annotation files: COCO -> `cocoid`; Flickr30k -> Karpathy's `imgid` for train
-(as in the release's files) and the file stem as a number for val/test (the release's test ids).
+Which key holds an image's id and folder, and how val/test images are identified, is the dataset's
+registry entry (dataprep.datasets): COCO -> `cocoid` for every split; Flickr30k -> Karpathy's `imgid`
+for train (as in the release's files) and the file stem as a number for val/test (the release's test ids).
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from pathlib import Path
 from typing import Union
 
 from agree.io import InputError
+from dataprep.datasets import Dataset
 from dataprep.jsonstream import iter_array
 from dataprep.skips import SkipLog
 
-SPLIT_FILES = {"flickr30k": "dataset_flickr30k.json", "coco": "dataset_coco.json"}
-FLICKR_FOLDER = "flickr30k-images"
 SPLIT_OF = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 CAPTIONS_PER_TEST = 5
 
@@ -36,7 +36,8 @@ class ImageEntry:
     image_id: ImageId  # id in the annotation files (npz key: its string form)
     captions: tuple[str, ...]
     index: int  # position in the split file, for messages
-    source_id: int  # Karpathy's imgid (Flickr30k) or cocoid (COCO): duplicates are skipped
+    # the registry's id_key value (Flickr30k imgid, COCO cocoid): duplicates are skipped
+    source_id: int
 
 
 def numeric(stem: str) -> ImageId:
@@ -44,11 +45,11 @@ def numeric(stem: str) -> ImageId:
     return int(stem) if stem.isdigit() and str(int(stem)) == stem else stem
 
 
-def _entry(dataset: str, rec: object, k: int, where: str, skips: SkipLog) -> ImageEntry:
+def _entry(spec: Dataset, rec: object, k: int, where: str, skips: SkipLog) -> ImageEntry:
     if not isinstance(rec, dict):
         raise InputError(f"{where}: images[{k}] is not an object")
-    need = ["filename", "split", "sentences"] + (
-        ["cocoid", "filepath"] if dataset == "coco" else ["imgid"]
+    need = ["filename", "split", "sentences", spec.id_key] + (
+        [spec.folder_key] if spec.folder_key else []
     )
     for key in need:
         if key not in rec:
@@ -76,23 +77,18 @@ def _entry(dataset: str, rec: object, k: int, where: str, skips: SkipLog) -> Ima
     if split != "train":
         captions = captions[:CAPTIONS_PER_TEST]
     stem = Path(filename).stem
-    if dataset == "coco":
-        source_id = rec["cocoid"]
-        if not isinstance(source_id, int):
-            raise InputError(f"{where}: images[{k}]: 'cocoid' must be an integer")
-        file, image_id = f"{rec['filepath']}/{filename}", source_id
-    else:
-        source_id = rec["imgid"]
-        if not isinstance(source_id, int):
-            raise InputError(f"{where}: images[{k}]: 'imgid' must be an integer")
-        file, image_id = (
-            f"{FLICKR_FOLDER}/{filename}",
-            (source_id if split == "train" else numeric(stem)),
-        )
+    source_id = rec[spec.id_key]
+    if not isinstance(source_id, int) or isinstance(source_id, bool):
+        raise InputError(f"{where}: images[{k}]: {spec.id_key!r} must be an integer")
+    folder = rec[spec.folder_key] if spec.folder_key else spec.image_folders[0]
+    if not isinstance(folder, str) or not folder:
+        raise InputError(f"{where}: images[{k}]: bad {spec.folder_key!r} {folder!r}")
+    file = f"{folder}/{filename}"
+    image_id = source_id if split == "train" or spec.heldout_id == "id" else numeric(stem)
     return ImageEntry(split, file, stem, image_id, tuple(captions), k, source_id)
 
 
-def read_split_file(path: str | os.PathLike, dataset: str, skips: SkipLog) -> list[ImageEntry]:
+def read_split_file(path: str | os.PathLike, spec: Dataset, skips: SkipLog) -> list[ImageEntry]:
     """All usable images of a Karpathy split file, in file order; duplicates and caption-less images are skipped."""
     where = str(path)
     entries: list[ImageEntry] = []
@@ -101,7 +97,7 @@ def read_split_file(path: str | os.PathLike, dataset: str, skips: SkipLog) -> li
     for k, rec in enumerate(iter_array(path, "images")):
         n += 1
         n_captions += len(rec.get("sentences") or []) if isinstance(rec, dict) else 0
-        e = _entry(dataset, rec, k, where, skips)
+        e = _entry(spec, rec, k, where, skips)
         dup = next(
             (
                 (what, seen[(what, v)])

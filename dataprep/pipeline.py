@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from agree.io import InputError, atomic_write, dumps, write_json
 from agree.layout import (
-    DATASETS,
     Layout,
     caption_query_id,
     grounding_key,
@@ -34,7 +33,7 @@ from agree.layout import (
 from agree.masks import PixelBox, fill_boxes
 from agree.masks import record as mask_record
 from agree.npz import NpzWriter
-from dataprep import karpathy
+from dataprep import datasets, karpathy
 from dataprep import visual_genome as vg
 from dataprep.boxes import read_boxes
 from dataprep.images import STORAGE, Storage
@@ -53,9 +52,7 @@ from dataprep.skips import SkipLog
 from dataprep.staging import Target, check_settings, commit, inspect, staging_area, write_manifest
 from dataprep.textual import EXTRACTORS, get_extractor
 
-ENTITIES_FOLDER = "flickr30k_entities"
 MASKS = ("boxes", "images")  # --masks: mask boxes read at load time, or the release's masked copies
-COCO_FOLDERS = ("train2014", "val2014")
 
 
 @dataclass
@@ -118,10 +115,7 @@ class PrepareReport:
 
 
 def _check_config(cfg: PrepareConfig) -> None:
-    if cfg.dataset not in DATASETS:
-        raise InputError(
-            f"--dataset: unknown dataset {cfg.dataset!r} (choose from {', '.join(DATASETS)})"
-        )
+    spec = datasets.get_dataset(cfg.dataset)
     if cfg.resolution < 1:
         raise InputError(f"--resolution must be a positive number of pixels, got {cfg.resolution}")
     if cfg.storage not in STORAGE:
@@ -138,16 +132,9 @@ def _check_config(cfg: PrepareConfig) -> None:
         raise InputError(f"--vg-per-word must be at least 1, got {cfg.vg_per_word}")
     if cfg.workers < 0:
         raise InputError(f"--workers must be >= 0, got {cfg.workers}")
-    for flag, path in (("--raw", cfg.raw), ("--vg-raw", cfg.vg_raw)):
-        if not Path(path).is_dir():
-            raise InputError(f"{flag}: folder not found: {path}")
-    split_file = cfg.raw / karpathy.SPLIT_FILES[cfg.dataset]
-    if not split_file.is_file():
-        raise InputError(f"--raw: Karpathy's split file not found: {split_file}")
-    folders = [karpathy.FLICKR_FOLDER] if cfg.dataset == "flickr30k" else list(COCO_FOLDERS)
-    for f in folders:
-        if not (cfg.raw / f).is_dir():
-            raise InputError(f"--raw: image folder not found: {cfg.raw / f}")
+    datasets.check_raw(spec, cfg.raw)
+    if not Path(cfg.vg_raw).is_dir():
+        raise InputError(f"--vg-raw: folder not found: {cfg.vg_raw}")
     for f in ("image_data.json", "objects.json"):
         if not (cfg.vg_raw / f).is_file():
             raise InputError(f"--vg-raw: Visual Genome file not found: {cfg.vg_raw / f}")
@@ -229,13 +216,14 @@ class Preparation:
         self.counts: dict = {}
         self.seconds: dict = {}
         self.storage = Storage.from_clip(cfg.storage)
+        self.spec = datasets.get_dataset(cfg.dataset)
 
     # ------------------------------------------------------------------ inputs
     def read_inputs(self) -> None:
         cfg, log = self.cfg, self.cfg.log
         t = time.perf_counter()
-        split_file = cfg.raw / karpathy.SPLIT_FILES[cfg.dataset]
-        self.entries = karpathy.read_split_file(split_file, cfg.dataset, self.skips)
+        split_file = self.spec.split_path(cfg.raw)
+        self.entries = karpathy.read_split_file(split_file, self.spec, self.skips)
         by_split = {s: sum(e.split == s for e in self.entries) for s in ("train", "val", "test")}
         log(
             f"{split_file}: {len(self.entries)} images ({by_split['train']} train, {by_split['val']} val, "
@@ -252,15 +240,8 @@ class Preparation:
                     "--boxes images not in the split file (ignored)", unknown[0], len(unknown)
                 )
             log(f"{cfg.boxes}: {n} boxes for {len(set(self.detections) & names)} images")
-        entities = cfg.raw / ENTITIES_FOLDER
-        self.sentences_dir = (
-            entities / "Sentences" if cfg.dataset == "flickr30k" and cfg.gold_entities else None
-        )
-        self.annotations_dir = entities / "Annotations" if self.sentences_dir is not None else None
-        if self.sentences_dir is not None and not self.sentences_dir.is_dir():
-            self.sentences_dir = None
-        if self.annotations_dir is not None and not self.annotations_dir.is_dir():
-            self.annotations_dir = None
+        self.sentences_dir = datasets.sentences_dir(self.spec, cfg.raw, cfg.gold_entities)
+        self.annotations_dir = datasets.annotations_dir(self.spec, cfg.raw, cfg.gold_entities)
         if cfg.boxes is not None:
             self.grounding = "boxes"
         elif self.annotations_dir is not None:
@@ -297,16 +278,16 @@ class Preparation:
         cfg, log = self.cfg, self.cfg.log
         t = time.perf_counter()
         self.vg_images = vg.read_image_data(cfg.vg_raw / "image_data.json")
-        heldout = {
-            e.stem if cfg.dataset == "flickr30k" else str(e.image_id)
-            for e in self.entries
-            if e.split != "train"
-        }
-        self.excluded = vg.heldout_images(self.vg_images, cfg.dataset, heldout)
-        key = vg.HELDOUT_KEY[cfg.dataset]
+        heldout = {str(e.image_id) for e in self.entries if e.split != "train"}
+        key = self.spec.vg_key
+        self.excluded = vg.heldout_images(self.vg_images, key, heldout)
         log(
             f"Visual Genome: excluded {len(self.excluded)} of {len(self.vg_images)} images that are {cfg.dataset} "
-            f"val/test images (by {key})"
+            + (
+                f"val/test images (by {key})"
+                if key
+                else "val/test images (no image_data.json key names them)"
+            )
         )
         excluded = set(self.excluded)
         for name, record in sorted(self.others.items()):
@@ -466,7 +447,7 @@ class Preparation:
         for split in ("train", "val", "test"):
             if not n[f"{split}_images"]:
                 raise InputError(
-                    f"no usable {split} image in {cfg.raw / karpathy.SPLIT_FILES[cfg.dataset]}; "
+                    f"no usable {split} image in {self.spec.split_path(cfg.raw)}; "
                     "the layout needs all three splits"
                 )
         self.counts.update(n)

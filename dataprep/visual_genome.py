@@ -6,8 +6,8 @@ For each word, an image qualifies when its largest box of that word, taken throu
 and centre crop as the image, passes the crop rule of dataprep.geometry and covers between
 MIN_AREA and MAX_AREA of the crop. Of the qualifying images, the `per_word` with the smallest
 CRC-32 of "word|image id" are kept (a fixed pseudo-random sample: same inputs, same choice).
-Images that are val/test images of the dataset being prepared (VG's flickr_id / coco_id) are
-excluded, so fine-tuning never sees a test image.
+Images that are val/test images of the dataset being prepared (by the key of image_data.json that its
+registry entry names: flickr_id, coco_id) are excluded, so fine-tuning never sees a test image.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ FOLDERS = ("VG_100K", "VG_100K_2")
 MIN_AREA, MAX_AREA = 0.02, 0.8
 MAX_WORDS = 3
 _WORD = re.compile(r"[a-z]+(?:[ '-][a-z]+)*")
-HELDOUT_KEY = {"flickr30k": "flickr_id", "coco": "coco_id"}
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,7 @@ class VgImage:
     width: int
     height: int
     folder: Optional[str]  # VG_100K or VG_100K_2 when the url says so
-    coco_id: Optional[int]
-    flickr_id: Optional[int]
+    other_ids: dict[str, int]  # the photo's id in other datasets, by key ("coco_id", "flickr_id")
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ def _int_or_none(v: object) -> Optional[int]:
 
 
 def read_image_data(path: str | os.PathLike) -> dict[int, VgImage]:
-    """VG image id -> its entry ('image_id' or 'id', width, height, url, coco_id, flickr_id)."""
+    """VG image id -> its entry ('image_id' or 'id', width, height, url, and every other integer '*_id')."""
     out: dict[int, VgImage] = {}
     for k, rec in enumerate(iter_array(path)):
         where = f"{path}: entry {k}"
@@ -78,26 +76,25 @@ def read_image_data(path: str | os.PathLike) -> dict[int, VgImage]:
         folder = next((f for f in FOLDERS if f"/{f}/" in url), None)
         if image_id in out:
             raise InputError(f"{where}: duplicate image id {image_id}")
+        other = {
+            k: _int_or_none(v) for k, v in rec.items() if k.endswith("_id") and k != "image_id"
+        }
         out[image_id] = VgImage(
-            image_id,
-            width,
-            height,
-            folder,
-            _int_or_none(rec.get("coco_id")),
-            _int_or_none(rec.get("flickr_id")),
+            image_id, width, height, folder, {k: v for k, v in other.items() if v is not None}
         )
     return out
 
 
-def heldout_images(images: dict[int, VgImage], dataset: str, heldout_ids: set[str]) -> set[int]:
-    """VG ids of images that are val/test images of `dataset` (by flickr_id for flickr30k, coco_id for coco)."""
-    key = HELDOUT_KEY.get(dataset)
+def heldout_images(
+    images: dict[int, VgImage], key: Optional[str], heldout_ids: set[str]
+) -> set[int]:
+    """VG ids of images whose `key` (e.g. flickr_id) is one of `heldout_ids`; none when `key` is None."""
     if key is None:
         return set()
     return {
         g
         for g, im in images.items()
-        if getattr(im, key) is not None and str(getattr(im, key)) in heldout_ids
+        if key in im.other_ids and str(im.other_ids[key]) in heldout_ids
     }
 
 

@@ -67,6 +67,14 @@ def bootstrap_rsum_se(
     `i2t_ranks` [n_images]: rank of the first correct item (agree.metrics' first-gold ranks).
     The gallery stays fixed; only which queries are counted is resampled.
     """
+    per_image = per_image_rsum(t2i_ranks, i2t_ranks, caps_per_image)
+    idx = np.random.default_rng(seed).integers(0, len(per_image), size=(draws, len(per_image)))
+    return float(per_image[idx].mean(1).std(ddof=1))
+
+
+def per_image_rsum(t2i_ranks: np.ndarray, i2t_ranks: np.ndarray, caps_per_image: int) -> np.ndarray:
+    """[n_images] each test image's contribution to RSUM, times n (its mean is the RSUM); ranks laid out
+    as in bootstrap_rsum_se."""
     n = len(i2t_ranks)
     if len(t2i_ranks) != n * caps_per_image:
         raise ValueError(
@@ -74,9 +82,36 @@ def bootstrap_rsum_se(
         )
     t_hits = hits(t2i_ranks).reshape(n, caps_per_image, len(KS)).mean(1)  # [n, K]
     i_hits = hits(i2t_ranks).astype(np.float64)  # [n, K]
-    per_image = 100 * (t_hits.sum(1) + i_hits.sum(1))  # each image's contribution to RSUM, times n
-    idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
-    return float(per_image[idx].mean(1).std(ddof=1))
+    return 100 * (t_hits.sum(1) + i_hits.sum(1))
+
+
+def paired_bootstrap_rsum(
+    a: tuple[np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray],
+    caps_per_image: int,
+    draws: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """RSUM(a) - RSUM(b) of two models on the same test images, with a percentile interval from resampling
+    the images with replacement, the same resamples for both (paired). `a`, `b`: (T2I ranks, I2T ranks) as in
+    bootstrap_rsum_se. Returns {"diff", "low", "high", "se", "level", "draws"}."""
+    pa, pb = per_image_rsum(*a, caps_per_image), per_image_rsum(*b, caps_per_image)
+    if len(pa) != len(pb):
+        raise ValueError(f"{len(pa)} and {len(pb)} test images: not the same test set")
+    delta = pa - pb
+    idx = np.random.default_rng(seed).integers(0, len(delta), size=(draws, len(delta)))
+    boot = delta[idx].mean(1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    return {
+        "diff": float(delta.mean()),
+        "low": float(low),
+        "high": float(high),
+        "se": float(boot.std(ddof=1)),
+        "level": level,
+        "draws": draws,
+    }
 
 
 def duplicate_rows(rows: Sequence[Mapping]) -> list[tuple[str, str]]:

@@ -17,13 +17,14 @@ import argparse
 from pathlib import Path
 
 from agree.io import run_cli
-from agree.layout import DATASETS, DEFAULT_DATASET, FILE_RESOLUTION, Layout
+from agree.layout import DEFAULT_DATASET, FILE_RESOLUTION, Layout
+from dataprep.datasets import REGISTRY
+from dataprep.datasets import names as dataset_names
 from dataprep.disk import Counts, check, estimate, mask_line_bytes
 
-# Karpathy's splits (train images, val, test) and the release's layout sizes; VG per 1,000 words
-SPLITS = {"flickr30k": (29_000, 1_014, 1_000), "coco": (113_287, 5_000, 5_000)}
+# the table covers every registered dataset with published split sizes; VG per 1,000 words
 MASKS_PER_IMAGE = 5
-MASK_KEY = {"flickr30k": 16, "coco": 32}  # "1000092795_man", "COCO_train2014_000000391895_man"
+LABEL_CHARS = 5  # a typical grounding label: a mask key is "<file stem>_<label>"
 TYPICAL_BOX = (
     101,
     57,
@@ -47,7 +48,11 @@ def table(resolution: int) -> list[str]:
         "| dataset | part | " + " | ".join(label for label, _, _ in FORMS) + " |",
         "|---|---|" + "---:|" * len(FORMS),
     ]
-    for dataset, (train, val, test) in SPLITS.items():
+    for dataset, spec in REGISTRY.items():
+        if spec.split_sizes is None or spec.example_stem is None:
+            continue
+        train, val, test = spec.split_sizes
+        mask_key = len(spec.example_stem) + 1 + LABEL_CHARS
         counts = Counts(
             train,
             val,
@@ -56,8 +61,8 @@ def table(resolution: int) -> list[str]:
             VG_PER_WORD * WORDS,
             VG_PER_WORD * WORDS,
             key=6,  # imgid / cocoid
-            mask_key=MASK_KEY[dataset],
-            mask_line=mask_line_bytes(MASK_KEY[dataset], 6, [TYPICAL_BOX]),
+            mask_key=mask_key,
+            mask_line=mask_line_bytes(mask_key, 6, [TYPICAL_BOX]),
         )
         est = [estimate(counts, storage, masks, resolution) for _, storage, masks in FORMS]
         for part, label in (
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "--check", type=Path, default=None, metavar="ROOT", help="a prepare_data.py --out folder"
     )
     p.add_argument(
-        "--dataset", choices=DATASETS, default=DEFAULT_DATASET, help="the dataset under ROOT"
+        "--dataset", choices=dataset_names(), default=DEFAULT_DATASET, help="the dataset under ROOT"
     )
     p.add_argument("--storage", choices=("uint8", "float32"), default="uint8", help="its --storage")
     p.add_argument("--resolution", type=int, default=FILE_RESOLUTION, help="its --resolution")

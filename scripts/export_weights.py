@@ -2,7 +2,10 @@
 
     python scripts/export_weights.py logs/run/checkpoints/epoch_10.pt tmp/pretrained_models/tiny.pt
 
-The result loads with `clip.clip.load`, `--openai-pretrained --pretrained-path` and the zero-shot extractor.
+The result loads with `clip.clip.load`, `--openai-pretrained --pretrained-path` and the zero-shot extractor,
+and in OpenCLIP-based tools: `open_clip.create_model_and_transforms(NAME, pretrained=OUT)`, where NAME is
+OpenCLIP's name of the configuration: "ViT-L-14-quickgelu" for this project's ViT-L-14 (OpenAI's QuickGELU
+models: ViT-B-32, RN50 likewise), "ViT-L-14" for its ViT-L-14-gelu.
 """
 
 from __future__ import annotations

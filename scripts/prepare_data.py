@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 
 from agree.io import run_cli
-from agree.layout import DATASETS, DEFAULT_DATASET, FILE_RESOLUTION
+from agree.layout import DEFAULT_DATASET, FILE_RESOLUTION
+from dataprep.datasets import names as dataset_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--dataset", choices=DATASETS, default=DEFAULT_DATASET, help="which dataset RAW holds"
+        "--dataset",
+        choices=dataset_names(),
+        default=DEFAULT_DATASET,
+        help="which dataset RAW holds",
     )
     p.add_argument(
         "--raw", type=Path, required=True, help="folder of the dataset's official downloads"

@@ -7,18 +7,27 @@ OpenAI's ViT-L/14, GPUs):
 
     python scripts/reproduce_tables.py --data-root tmp/datasets/flickr30k_images --vg-root tmp/VG \
         --pretrained tmp/pretrained_models/ViT-L-14.pt --model ViT-L-14 --device cuda --out tmp/tables
+
+By default it reproduces the release: the ranking terms' arithmetic of the released code and its global
+batch of 32 (4 GPUs x 8), on any number of GPUs. Running the same command again continues: finished
+stages are skipped, a killed fine-tuning run continues from its newest checkpoint (docs/tables.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-from pathlib import Path
 
 from agree.io import InputError, run_cli
 from agree.layout import DATASETS, DEFAULT_DATASET, Layout
-from experiments.tables import RECIPE_EPOCH, TableRunner, ablation_configs, evaluated_epoch
-from training.terms import AGREE_TERMS
+from experiments.tables import (
+    RANKING,
+    RECIPE_EPOCH,
+    RELEASE_GLOBAL_BATCH,
+    TableRunner,
+    evaluated_epoch,
+    fine_tune_layout,
+    open_output_folder,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="./tmp/tables",
         help="where predictions, runs, results.md and results.json go",
     )
-    p.add_argument("--overwrite", action="store_true", help="delete --out first if it exists")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh: delete what earlier runs of this script wrote under --out (nothing else); "
+        "without it a run continues the last one, skipping the stages that finished",
+    )
     p.add_argument(
         "--parts",
         default="zeroshot,finetune,ablation",
@@ -68,11 +82,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # Fine-tuning recipe: the README's values by default.
     p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        default=RELEASE_GLOBAL_BATCH,
+        help="examples per optimiser step of every fine-tuning run (default: the release's 4 GPUs x 8 = "
+        f"{RELEASE_GLOBAL_BATCH}), reached whatever the number of processes with a per-process "
+        "--batch-size and --accum-freq; an error if the processes cannot share it evenly",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="the largest batch per process and micro-batch (default: the release's 8 per GPU); the "
+        "rest of each process's share of --global-batch is accumulated (--accum-freq)",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=10000)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     p.add_argument(
         "--precision", default=None, help="amp, fp16 or fp32 (default: amp on CUDA, fp32 on CPU)"
     )
@@ -92,9 +120,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "one per visible GPU as in the release, one on the CPU)",
     )
     p.add_argument(
+        "--ranking",
+        choices=sorted(RANKING),
+        default="release",
+        help="the three ranking terms' gradients: 'release' (default; the release's arithmetic, which "
+        "produced the paper's numbers: --legacy-detached-rank on every fine-tuning run) or 'described' "
+        "(the paper's description: gradients through all six terms)",
+    )
+    p.add_argument(
         "--legacy-detached-rank",
         action="store_true",
-        help="passed to every fine-tuning run: the released code's gradients of the ranking terms",
+        help="the same as --ranking release (the default)",
+    )
+    p.add_argument(
+        "--save-every-n-steps",
+        type=int,
+        default=1000,
+        help="passed to every fine-tuning run: checkpoints/epoch_latest.pt every N steps, from which a "
+        "killed run continues (0: only at the end of each epoch); deleted when the run has finished",
     )
     p.add_argument(
         "--max-missing-fraction",
@@ -122,29 +165,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         raise InputError(f"--parts: unknown part(s) {', '.join(sorted(unknown))}")
     args.parts = parts
+    if args.legacy_detached_rank and args.ranking != "release":
+        raise InputError("--legacy-detached-rank is --ranking release; drop one of them")
+    if args.save_every_n_steps < 0:
+        raise InputError(f"--save-every-n-steps must be >= 0, got {args.save_every_n_steps}")
     args.epoch = evaluated_epoch(args.epochs, args.epoch)
+    args.layout = fine_tune_layout(args)
     if args.data_root is None:
         args.data_root = str(Layout.under("./tmp", args.dataset).data_dir)
     return args
 
 
 def main() -> int:
-    """Run the selected parts and write results.md / results.json."""
+    """Run the selected parts (finished stages are skipped) and write results.md / results.json."""
     args = parse_args()
-    out = Path(args.out)
-    if out.exists():
-        if not args.overwrite:
-            raise InputError(f"--out {out} exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    runner = TableRunner(args)
-    if "zeroshot" in args.parts:
-        runner.zero_shot()
-    if "finetune" in args.parts:
-        runner.fine_tuned("CLIP (global loss only)", ())
-        runner.fine_tuned("AGREE (all terms)", AGREE_TERMS)
-    if "ablation" in args.parts:
-        for label, terms in ablation_configs():
-            runner.fine_tuned(label, terms, tbr=False)
+    runner = TableRunner(args, open_output_folder(args.out, args.overwrite))
+    print(
+        f"fine-tuning: global batch {args.layout.global_batch} = {args.layout.describe()}; "
+        f"ranking terms: {args.ranking}",
+        flush=True,
+    )
+    runner.run_parts(sorted(args.parts, key=["zeroshot", "finetune", "ablation"].index))
     runner.write_results()
     if args.examples and "zeroshot" in args.parts:
         runner.draw_examples(args.examples)

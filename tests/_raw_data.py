@@ -283,6 +283,44 @@ def make_coco(
     return {"images": images}
 
 
+def make_registered(
+    raw: Path, spec, n_train: int = 3, n_val: int = 2, n_test: int = 2, seed: int = 3
+) -> dict:
+    """RAW of any dataset of the registry, written from its entry (dataprep.datasets.Dataset): the split
+    file with its id key (and folder key), the images in its folders, its gold entities if it has them."""
+    images = _world(
+        {"train": n_train, "val": n_val, "test": n_test}, seed, lambda k: str(2000000 + 7919 * k)
+    )
+    for folder in spec.image_folders:
+        (raw / folder).mkdir(parents=True, exist_ok=True)
+    gold = spec.gold_entities
+    if gold is not None:
+        gold.sentences_dir(raw).mkdir(parents=True, exist_ok=True)
+        gold.annotations_dir(raw).mkdir(parents=True, exist_ok=True)
+    records = []
+    for k, im in enumerate(images):
+        folder = spec.image_folders[k % len(spec.image_folders)] if spec.folder_key else None
+        im.source_id = 500 + 3 * k
+        name = f"{im.stem}.jpg"
+        (raw / (folder or spec.image_folders[0]) / name).write_bytes(
+            jpeg_bytes(draw(im.size, im.objects, seed + k))
+        )
+        rec = {
+            "filename": name,
+            "split": im.split,
+            spec.id_key: im.source_id,
+            "sentences": [{"raw": c} for c in im.captions],
+        }
+        if spec.folder_key:
+            rec[spec.folder_key] = folder
+        records.append(rec)
+        if gold is not None:
+            (gold.sentences_dir(raw) / f"{im.stem}.txt").write_text("\n".join(im.marked) + "\n")
+            (gold.annotations_dir(raw) / f"{im.stem}.xml").write_text(_entities_xml(im))
+    (raw / spec.split_file).write_text(json.dumps({"images": records, "dataset": spec.name}))
+    return {"images": images}
+
+
 def write_boxes(path: Path, images: list[RawImage], outside: Optional[str] = None) -> list[dict]:
     """Detector boxes of every image (labels = object words, one low-score box), as JSONL."""
     lines = []
@@ -317,14 +355,12 @@ def write_boxes(path: Path, images: list[RawImage], outside: Optional[str] = Non
 
 
 def make_vg(vg_raw: Path, heldout: dict[str, list[int]], n: int = 10, seed: int = 2) -> dict:
-    """Visual Genome: `n` images with named boxes; heldout = {"flickr_id": [...], "coco_id": [...]} marks some
-    images as copies of val/test images (the converter must exclude them)."""
+    """Visual Genome: `n` images with named boxes; heldout = {"flickr_id": [...], "coco_id": [...], any other
+    "<key>": [...]} marks some images as copies of val/test images (the converter must exclude them)."""
     rng = np.random.default_rng(seed)
     entries, objects = [], []
     words = PEOPLE + THINGS + ["tree"]
-    marks = [("flickr_id", v) for v in heldout.get("flickr_id", [])] + [
-        ("coco_id", v) for v in heldout.get("coco_id", [])
-    ]
+    marks = [(key, v) for key, values in heldout.items() for v in values]
     for k in range(n):
         g = 1 + 3 * k
         w, h = (100, 75) if k % 3 else (75, 100)

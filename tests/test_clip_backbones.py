@@ -203,15 +203,12 @@ def test_table_runner_passes_model_and_jit_through(tmp_path, monkeypatch):
     monkeypatch.setattr(
         TableRunner,
         "run",
-        lambda self, stage, script, *flags: commands.update({stage: (script, list(flags))}),
+        lambda self, stage: commands.update({stage.name: (stage.script, list(stage.flags))}),
     )
-    scores = {"r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0}
-    monkeypatch.setattr(
-        TableRunner, "evaluate", lambda self, stage, t, i: {"t2i": scores, "i2t": scores}
-    )
+    monkeypatch.setattr(TableRunner, "evaluate", lambda self, name, t, i: None)  # no rows
     runner = TableRunner(args)
     runner.zero_shot()
-    runner.fine_tuned("AGREE", ())
+    runner.fine_tuned("AGREE", (), ("",), "Fine-tuning")
     for stage, script in (
         ("zeroshot.extract", "eval/extract_features_zs_mask+prompt.py"),
         ("agree.train", "training/main_all.py"),

@@ -91,6 +91,26 @@ def find_latest(checkpoint_dir: str | os.PathLike) -> Optional[Path]:
     return best[1]
 
 
+def epoch_path(checkpoint_dir: str | os.PathLike, epoch: int) -> Path:
+    """checkpoints/epoch_N.pt."""
+    return Path(checkpoint_dir) / f"epoch_{epoch}.pt"
+
+
+def delete_previous(
+    checkpoint_dir: str | os.PathLike, epoch: int, save_frequency: int
+) -> Optional[Path]:
+    """--delete-previous-checkpoint (OpenCLIP's rule): once epoch_N.pt is written, delete
+    epoch_{N - save_frequency}.pt if it exists; return what was deleted."""
+    previous = epoch - save_frequency
+    if save_frequency <= 0 or previous <= 0:
+        return None
+    path = epoch_path(checkpoint_dir, previous)
+    if not path.is_file():
+        return None
+    path.unlink()
+    return path
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a training checkpoint to CPU with torch.load(weights_only=True); errors name the file.
 

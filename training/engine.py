@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from agree.io import InputError, atomic_write
@@ -128,15 +129,25 @@ def write_params(args: argparse.Namespace, path: Path) -> None:
         f.writelines(lines)
 
 
-def _resume_path(args: argparse.Namespace, ckpt_dir: Path) -> Optional[Path]:
+def _resume_path(args: argparse.Namespace, ckpt_dir: Path, env: DistEnv) -> Optional[Path]:
+    """The checkpoint to continue from: --resume PATH, or with --resume latest the newest one of the run
+    (rank 0 looks, every rank takes its answer), None when the run has none yet (a new run, as OpenCLIP)."""
     if args.resume is None:
         return None
     if args.resume == "latest":
-        found = ckpt_io.find_latest(ckpt_dir)
-        if found is None:
-            raise InputError(f"--resume latest: no checkpoint in {ckpt_dir}")
-        return found
+        found = ckpt_io.find_latest(ckpt_dir) if env.is_master else None
+        found = broadcast_from_master(env, None if found is None else str(found))
+        return None if found is None else Path(found)
     return Path(args.resume)
+
+
+def broadcast_from_master(env: DistEnv, value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object; the value itself in one process)."""
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _reporters(args: argparse.Namespace, run_dir: Path, env: DistEnv) -> tuple[Any, Any]:
@@ -238,9 +249,13 @@ def _end_of_epoch(
     last = args.stop_after_epoch or args.epochs
     if args.save_frequency > 0 and (epochs_done % args.save_frequency == 0 or epochs_done == last):
         saved = ckpt_io.save_checkpoint(
-            _checkpoint(args, ctx, epochs_done, step), ckpt_dir / f"epoch_{epochs_done}.pt"
+            _checkpoint(args, ctx, epochs_done, step), ckpt_io.epoch_path(ckpt_dir, epochs_done)
         )
         logging.info("saved %s", saved)
+        if args.delete_previous_checkpoint:
+            gone = ckpt_io.delete_previous(ckpt_dir, epochs_done, args.save_frequency)
+            if gone is not None:
+                logging.info("deleted %s (--delete-previous-checkpoint)", gone)
     if args.save_most_recent or args.save_every_n_steps:
         if saved is not None:
             ckpt_io.link_or_copy(saved, ckpt_dir / ckpt_io.LATEST)
@@ -259,9 +274,11 @@ def _prepare_run_dir(args: argparse.Namespace, env: DistEnv) -> tuple[Path, Path
             f"--name: run directory {run_dir} already exists; choose another --name "
             "or continue it with --resume latest"
         )
-    resume_path = _resume_path(args, ckpt_dir)
+    resume_path = _resume_path(args, ckpt_dir, env)
     barrier(env)
     setup_logging(run_dir / "out.log", args.debug, env.is_master, env.rank)
+    if args.resume == "latest" and resume_path is None:
+        logging.info("--resume latest: no checkpoint in %s yet; starting a new run", ckpt_dir)
     if env.is_master:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_params(args, run_dir / "params.txt")
@@ -327,6 +344,7 @@ def _context(
         ),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
+        end_step=steps_per_epoch * (args.stop_after_epoch or args.epochs),
         global_batch=args.batch_size * args.accum_freq * env.world_size,
         accum_freq=args.accum_freq,
         log_every=args.log_every_n_steps,
@@ -358,6 +376,9 @@ def run(
     describe = describe or ("one process" if env.world_size == 1 else f"{env.world_size} processes")
     if "wandb" in args.report and importlib.util.find_spec("wandb") is None:
         raise InputError("--report-to wandb needs the wandb package (pip install wandb)")
+    args.name = broadcast_from_master(
+        env, args.name
+    )  # a default name holds each process's start time
     terms = enabled_terms(args)
     paths = resolve_paths(args)
     check_files(args, terms, paths)

@@ -14,7 +14,7 @@ from training.terms import add_term_flags
 
 
 def default_hyperparams(model_name: str) -> dict:
-    """AdamW defaults when --lr/--beta1/--beta2/--eps are not given (spec 3.4)."""
+    """AdamW defaults when --lr/--beta1/--beta2/--eps are not given (docs/method.md §4)."""
     name = model_name.replace("/", "-")
     lr = 4.0e-4 if name.startswith("ViT-L") else 5.0e-4
     return {"lr": lr, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
@@ -142,7 +142,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         "grounded captions, objects lines of train images, VG (masked) images of usable VG "
         "entries. Checked over the whole training file before the first step; above it the run "
         "stops with an error naming the file and the first missing key. 0 = any miss is an "
-        "error; a larger F trains the missing ones with the spec's masked-square substitute.",
+        "error; a larger F trains the missing ones with the masked-square substitute (docs/method.md §1.3, §1.4).",
     )
     d.add_argument(
         "--augment",
@@ -301,10 +301,10 @@ def _term_flags(p: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--legacy-detached-rank",
         action="store_true",
-        help="Reproduce the released code's gradients: the hinge sums of the three ranking terms "
-        "are detached (no gradient to the towers), then divided by the logit scale tau, so tau "
-        "alone receives their gradient, -S/tau^2; and its logit-scale clamp, to the literal "
-        "4.6052 instead of ln 100 = 4.6051702.",
+        help="Reproduce the released code's gradients (docs/method.md §2.1): the hinge sums of the three "
+        "ranking terms are detached (no gradient to the towers), then divided by the logit "
+        "scale tau, so tau alone receives their gradient, -S/tau^2; and its logit-scale clamp, to "
+        "the literal 4.6052 instead of ln 100 = 4.6051702.",
     )
 
 
@@ -383,6 +383,12 @@ def _bookkeeping_flags(p: argparse.ArgumentParser) -> None:
         "--save-most-recent", action="store_true", help="Also keep checkpoints/epoch_latest.pt."
     )
     b.add_argument(
+        "--delete-previous-checkpoint",
+        action="store_true",
+        help="After writing checkpoints/epoch_N.pt, delete epoch_{N - --save-frequency}.pt (OpenCLIP's "
+        "flag), so that the epoch checkpoints do not pile up; epoch_latest.pt is kept.",
+    )
+    b.add_argument(
         "--save-every-n-steps",
         type=int,
         default=0,
@@ -392,7 +398,8 @@ def _bookkeeping_flags(p: argparse.ArgumentParser) -> None:
         "--resume",
         type=str,
         default=None,
-        help="Checkpoint to continue from, or 'latest' (newest checkpoint of run --name).",
+        help="Checkpoint to continue from, or 'latest': the newest checkpoint of run --name, or a new run "
+        "when it has none yet (so one command serves the first launch and every requeue).",
     )
     b.add_argument(
         "--report-to",
@@ -427,9 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_run_name(args: argparse.Namespace) -> str:
-    """The released default run name (lr, wd, aggregate, model, batch size, workers, UTC start time)."""
+    """The released default run name (lr, wd, aggregate, model, batch size, workers, UTC start time), with
+    the model's '/' written '-' (ViT-L/14 -> ViT-L-14) so that the name is one folder.
+
+    Each process computes it at its own start; `training.engine.run` replaces it on every rank by rank 0's."""
+    model = args.model.replace("/", "-")
     return strftime(
-        f"lr={args.lr}_wd={args.wd}_agg={args.aggregate}_model={args.model}_batchsize={args.batch_size}"
+        f"lr={args.lr}_wd={args.wd}_agg={args.aggregate}_model={model}_batchsize={args.batch_size}"
         f"_workers={args.workers}_date=%Y-%m-%d-%H-%M-%S",
         gmtime(),
     )

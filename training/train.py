@@ -233,7 +233,7 @@ class TrainContext:
     set_lr: Callable[[int], float]
     cfg: StepConfig
     steps_per_epoch: int
-    total_steps: int
+    total_steps: int  # steps of the whole --epochs schedule (the learning rate follows it)
     global_batch: (
         int  # examples per optimiser step over all ranks (batch x accum_freq x world size)
     )
@@ -247,6 +247,7 @@ class TrainContext:
     history: Optional[list] = (
         None  # if a list: (step, losses) of every step is appended (tests, benchmarks)
     )
+    end_step: int = 0  # the step this run stops after (--stop-after-epoch); 0 = total_steps
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -313,7 +314,7 @@ def train_one_epoch(
         if env.is_master and (step % ctx.log_every == 0 or step == end_step):
             now = time.time()
             rate = n_since * ctx.global_batch / max(now - t_last, 1e-9)
-            eta = (now - t_start) / steps_timed * (ctx.total_steps - step)
+            eta = (now - t_start) / steps_timed * ((ctx.end_step or ctx.total_steps) - step)
             _log_progress(ctx, epoch, step, losses, lr, rate, eta)
             t_last, n_since = now, 0
         if ctx.on_step_end is not None:
