@@ -2,8 +2,9 @@
 
 With --legacy-detached-rank (the release's arithmetic) the three ranking terms send no gradient to the
 towers; their only gradient goes to the logit scale tau, -S/tau per term (weighted), which pushes tau up.
-OpenAI's checkpoints start with the raw logit scale at its clamp ln 100, and it is clamped after every
-step. So the terms can change a weight only through the steps on which tau leaves the clamp. Measured
+OpenAI's checkpoints start with the raw logit scale at (or just above) ln 100, and the release clamps it
+to 4.6052 after every step. So the terms can change a weight only through the steps on which tau leaves
+that clamp. The runs here start at the clamp. Measured
 here, fp64, tiny model, the recipe's AdamW at a constant lr of 1e-5, 4 steps from the same weights on
 the same batches (all slots present in both runs, so the forward passes are identical):
 
@@ -16,7 +17,6 @@ the same batches (all slots present in both runs, so the forward passes are iden
 """
 
 import copy
-import math
 
 import pytest
 import torch
@@ -31,11 +31,11 @@ from training.distributed import DistEnv
 from training.engine import build_optimizer
 from training.params import parse_args
 from training.terms import AGREE_TERMS, BY_NAME, enabled_terms
-from training.train import StepConfig, compute_loss, train_step
+from training.train import LEGACY_LOGIT_SCALE_MAX, StepConfig, compute_loss, train_step
 
 RANKING = tuple(t for t in AGREE_TERMS if BY_NAME[t].ranking)  # text_mask, vg_mask, grounding_mask
 CONTRASTIVE = tuple(t for t in AGREE_TERMS if not BY_NAME[t].ranking)  # prompt, vg_contrastive
-CLAMP = math.log(100)
+CLAMP = LEGACY_LOGIT_SCALE_MAX  # the release's clamp, which --legacy-detached-rank applies
 STEPS = 4
 
 
