@@ -107,7 +107,7 @@ def make_dataset(
         masked[: res // 2] = 0
         grounding[f"{stem}_{animal}"] = masked
         # the last image has no object with a usable VG entry ('unicorn' has only an empty region, 'thing' no
-        # vocabulary line at all): exercises the spec 3.1.3 fallback
+        # vocabulary line at all): exercises the fallback of docs/method.md §1.3
         objs = ["unicorn", "thing"] if i == n_images - 1 else [OBJECTS[i % len(OBJECTS)], "unicorn"]
         objects.append({"image_id": stem, "image_objects": objs})
 

@@ -198,7 +198,7 @@ def test_cpu_device_needs_no_torch_and_other_devices_are_named():
 
 
 def reference_egr(txt, img, prm, msk, n_real, real_only, pool, top_k):
-    """Spec 4.3 with plain Python loops in float64 (test oracle)."""
+    """EGR (docs/method.md §5.3) with plain Python loops in float64 (test oracle)."""
     txt, img, prm, msk = (np.asarray(x, dtype=np.float64) for x in (txt, img, prm, msk))
     n_slots = prm.shape[1]
 

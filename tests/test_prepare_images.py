@@ -26,7 +26,7 @@ def test_stored_uint8_and_float_equal_clips_eval_transform(size, mode, resolutio
     expected = image_transform(resolution)(image)  # clip's eval transform on the raw image
     arr = to_model_input(image, resolution)
     assert arr.dtype == np.uint8 and arr.shape == (resolution, resolution, 3)
-    # what training's and evaluation's readers compute from each stored form (spec section 1)
+    # what training's and evaluation's readers compute from each stored form (docs/data.md, File formats)
     assert torch.equal(array_to_tensor(arr, resolution, is_train=False), expected)
     stored = Storage.from_clip("float32").encode(
         arr

@@ -1,4 +1,4 @@
-"""The generated synthetic dataset: spec-1 files and schemas, truthful captions, real masks, hard negatives.
+"""The generated synthetic dataset: the layout's files and schemas, truthful captions, real masks, hard negatives.
 
 The layout is built from the generator's raw files by prepare_data's pipeline, so segs are the Entities
 phrases (the captions' entity mentions), preds come from the simulated detector's boxes, images went
@@ -46,7 +46,7 @@ def _masks(boxes, images):
     return {k: m[k] for k in m.boxes.keys()}
 
 
-# ------------------------------------------------------------------ layout and schemas (spec section 1)
+# ------------------------------------------------------------------ layout and schemas (docs/data.md, File formats)
 def test_every_spec_file_exists(ds):
     lay, _, _ = ds
     root = lay.root

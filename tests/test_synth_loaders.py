@@ -1,4 +1,4 @@
-"""The synthetic dataset passes the project's own loaders: fine-tuning data (spec 3.1) and the eval readers."""
+"""The synthetic dataset passes the project's own loaders: fine-tuning data (docs/method.md §1) and the eval readers."""
 
 import json
 import logging

@@ -1,4 +1,4 @@
-"""Spec 3.1 example construction, per-flag file loading and input errors of the training data."""
+"""The training example (docs/method.md §1): construction, per-flag file loading and input errors of the training data."""
 
 import json
 import logging
@@ -272,7 +272,7 @@ def test_complete_data_passes_the_check_and_reports_the_spec_fallbacks(ds):
     assert "Visual Genome masked image: 0 of 6" in report
     assert (
         "1 of 4 captions' images list no object with a usable VG entry" in report
-    )  # the spec's own fallback
+    )  # the documented fallback (docs/method.md §1.3)
     assert "0 of 4 captions have no grounded label" in report
 
 

@@ -1,6 +1,6 @@
-"""--legacy-detached-rank gives the released code's gradients (spec 5.1), the logit scale included.
+"""--legacy-detached-rank gives the released code's gradients (docs/method.md §2.1), the logit scale included.
 
-The released arithmetic is rebuilt here from the spec, the way the release writes it: every slot
+The released arithmetic is rebuilt here from docs/method.md, the way the release writes it: every slot
 encoded by its own model call, the diagonal scores of the ranking terms copied as Python scalars into
 new tensors (so they carry no gradient), MarginRankingLoss(reduction="sum") with target 1, and the
 sum divided in place by the logit scale tau, which does carry gradient.
@@ -18,7 +18,7 @@ from clip.clip import create_model, tokenize
 from training import terms as T
 
 N, SLOTS = 4, 5
-# spec 3.2 table: global, prompt, text mask, VG contrastive, VG mask, grounding mask
+# docs/method.md §2 table: global, prompt, text mask, VG contrastive, VG mask, grounding mask
 WEIGHTS = {
     "global": 0.90,
     "prompt": 0.03,
@@ -78,7 +78,7 @@ def _norm(x):
 
 
 def _release_loss(model, b):
-    """The released loss, slot by slot (spec 3.2 with the ranking scores detached, spec 5.1)."""
+    """The released loss, slot by slot (docs/method.md §2 with the ranking scores detached, §2.1)."""
     img, txt = _norm(model.encode_image(b["image"])), _norm(model.encode_text(b["text"]))
     da_img, da_txt = (
         _norm(model.encode_image(b["vg_image"])),

@@ -251,7 +251,7 @@ def enforce_missing(misses: Iterable[Misses], max_fraction: float) -> list[tuple
     """Raise InputError for the first kind whose missing fraction is above `max_fraction`, else return
     (logging level, message) lines that report each kind's count.
 
-    With `max_fraction` 0 any miss is an error; a miss allowed by a larger fraction takes the spec's
+    With `max_fraction` 0 any miss is an error; a miss allowed by a larger fraction takes the
     masked-square substitute (reported as a warning).
     """
     report = []

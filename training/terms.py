@@ -18,7 +18,7 @@ from training.slots import IMAGE_SLOTS, SLOTS, TEXT_SLOTS  # noqa: F401 (the bat
 
 @dataclass(frozen=True)
 class Term:
-    """One loss term of spec 3.2."""
+    """One loss term (docs/method.md §2)."""
 
     name: str  # key of the term's value in logs and loss dicts
     label: str  # row label in the tables ("AGREE w/o <label>")
@@ -135,7 +135,7 @@ def loss_terms(
 ) -> dict[str, Tensor]:
     """Unweighted value of the global term and of each named term.
 
-    With `legacy_detached_rank` a ranking term is computed as the released code computes it (spec 5.1):
+    With `legacy_detached_rank` a ranking term is computed as the released code computes it (docs/method.md §2.1):
     its hinge sum S is detached (no gradient to the towers), then divided by tau, which keeps its
     gradient, so the logit scale still receives d(S/tau)/dtau = -S/tau^2 from the term.
     """
