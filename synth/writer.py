@@ -1,5 +1,5 @@
-"""Writes a synthetic dataset: raw downloads, then the release layout (docs/data.md, File formats) built from them by the
-same pipeline as scripts/prepare_data.py; atomically and deterministically.
+"""Writes a synthetic dataset: raw downloads, then the release layout (docs/data.md, File formats)
+built from them by the same pipeline as scripts/prepare_data.py; atomically and deterministically.
 
 Under --out: raw/ and VG_raw/ (synth.raw), datasets/flickr30k_images/ and VG/ (dataprep.pipeline.prepare),
 and the synthetic-only pretrain/ and synthetic/ (scene metadata, world.json). Everything is built in a

@@ -1,4 +1,4 @@
-"""The training example (docs/method.md §1): construction, per-flag file loading and input errors of the training data."""
+"""The training example (docs/method.md §1): its construction, per-flag file loading, input errors."""
 
 import json
 import logging
