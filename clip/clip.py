@@ -23,6 +23,7 @@ __all__ = [
     "create_model",
     "load",
     "load_checkpoint_state_dict",
+    "read_checkpoint",
     "load_model",
     "model_config",
     "model_from_state_dict",
@@ -206,6 +207,12 @@ def load_checkpoint_state_dict(path: Union[str, os.PathLike], jit: bool = False)
     An archive (e.g. OpenAI's) is read without running its code (clip.archive); ``jit=True`` reads it
     with torch.jit.load instead, which runs the archive's TorchScript code.
     """
+    return read_checkpoint(path, jit)[0]
+
+
+def read_checkpoint(path: Union[str, os.PathLike], jit: bool = False) -> tuple[dict, Optional[str]]:
+    """(state dict, the model config name a training checkpoint records under "model", or None); see
+    load_checkpoint_state_dict."""
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"checkpoint file not found: {path}")
@@ -220,7 +227,8 @@ def load_checkpoint_state_dict(path: Union[str, os.PathLike], jit: bool = False)
     bad = [k for k, v in state_dict.items() if not torch.is_tensor(v)]
     if bad:
         raise LoadError(f"{path}: entry {bad[0]!r} of the state dict is not a tensor")
-    return state_dict
+    name = obj.get("model") if "state_dict" in obj else None
+    return state_dict, name if isinstance(name, str) else None
 
 
 def load_state_dict_into(

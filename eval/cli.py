@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from agree.cli import HelpFormatter, model_help
 from agree.precision import PRECISIONS
+
+
+def script_parser(description: str) -> argparse.ArgumentParser:
+    """An eval script's parser: its module docstring as description, the project's help format."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
 def add_prediction_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +34,8 @@ def add_prediction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device",
         default="cpu",
-        help="cpu (default: numpy, torch is not imported), cuda or cuda:N (torch), auto (cuda when available)",
+        help="cpu (numpy; torch is not imported), cuda or cuda:N (torch), auto (cuda when available); "
+        "default: cpu",
     )
     p.add_argument(
         "--folds",
@@ -44,29 +51,47 @@ def add_prediction_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_extraction_args(p: argparse.ArgumentParser, resume_help: str) -> None:
+def add_extraction_args(
+    p: argparse.ArgumentParser, resume_help: str, pretrained_alias: bool = False
+) -> None:
     """Flags of extract_features.py, shared with extract_features_zs_mask+prompt.py."""
     p.add_argument("--extract-image-feats", action="store_true", help="write image features")
     p.add_argument("--extract-text-feats", action="store_true", help="write caption features")
     p.add_argument("--image-data", default=None, help="test images (.npz, key = image id)")
     p.add_argument("--text-data", default=None, help="test captions JSONL (query_id, query_text)")
-    p.add_argument("--img-batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--text-batch-size", type=int, default=32, help="captions per forward pass")
-    p.add_argument("--resume", required=True, help=resume_help)
+    p.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=32,
+        help="images and captions per forward pass (what --img-batch-size and --text-batch-size "
+        "set apart)",
+    )
+    p.add_argument(
+        "--img-batch-size",
+        type=int,
+        default=None,
+        help="images per forward pass (the release's name; default: --eval-batch-size)",
+    )
+    p.add_argument(
+        "--text-batch-size",
+        type=int,
+        default=None,
+        help="captions per forward pass (the release's name; default: --eval-batch-size)",
+    )
+    names = ("--resume", "--pretrained") if pretrained_alias else ("--resume",)
+    p.add_argument(*names, dest="resume", required=True, help=resume_help)
     p.add_argument(
         "--image-feat-output-path", default=None, help="image features to write (.jsonl, or .npy)"
     )
     p.add_argument(
         "--text-feat-output-path", default=None, help="caption features to write (.jsonl, or .npy)"
     )
-    p.add_argument(
-        "--model", default=None, help="model config, e.g. ViT-L-14, ViT-B-32 (or ViT-L/14)"
-    )
+    p.add_argument("--model", default=None, help=model_help("model config"))
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="default fp32: fp32 weights, no autocast, which is what the release's extraction scripts "
+        help="fp32 (the default): fp32 weights, no autocast, which is what the release's extraction scripts "
         "ran with their default --precision amp; here amp = fp32 weights with fp16 autocast (CUDA; fp32 "
         "on the CPU), which gives fp16 features: pass fp32 (or nothing) for the release's features. "
         "fp16 / bf16 = half / bfloat16 weights (fp16: CUDA, or the CPU to measure it), amp_bf16 = "

@@ -3,20 +3,26 @@
 import argparse
 
 from agree.io import run_cli
+from eval.cli import script_parser
 from eval.metrics import recall, recall_list
 from eval.predictions import as_ranked_lists, read_ranked_lists, write_ranked_lists
 from eval.tbr import tbr_rerank
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The script's positional arguments."""
+    p = script_parser(__doc__)
     p.add_argument("image_gt", help="I2T ground truth (test images JSONL)")
     p.add_argument("image_pred", help="I2T predictions (keyed by image_id)")
     p.add_argument("text_gt", help="T2I ground truth (test texts JSONL)")
     p.add_argument("text_pred", help="T2I predictions (keyed by query_id)")
     p.add_argument("image_out", help="re-ranked I2T predictions to write")
     p.add_argument("text_out", help="re-ranked T2I predictions to write")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

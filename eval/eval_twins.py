@@ -10,14 +10,14 @@ in percent, per kind and over all pairs ("all").
 import argparse
 
 from agree.io import run_cli, write_json
+from eval.cli import script_parser
 from eval.feature_io import read_retrieval_features
 from eval.twins import read_twin_pairs, score_twins
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """Feature files, pairs, output."""
+    p = script_parser(__doc__)
     p.add_argument(
         "--image-feats", required=True, help="image features (.jsonl, or .npy + .ids.json)"
     )
@@ -26,7 +26,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--pairs", required=True, help="twin pairs JSONL")
     p.add_argument("--output", required=True, help="where to write the scores (JSON)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     pairs = read_twin_pairs(args.pairs)
     image, text = read_retrieval_features(args.image_feats, args.text_feats)
     scores = score_twins(pairs, image, text, args.pairs)

@@ -8,17 +8,23 @@ import argparse
 import json
 
 from agree.io import InputError, atomic_write, run_cli
+from eval.cli import script_parser
 from eval.metrics import failure_record, recall, success_record
 from eval.predictions import check_key, read_ranked_lists
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The script's positional arguments."""
+    p = script_parser(__doc__)
     p.add_argument("ground_truth", help="ground-truth JSONL (test texts or test images)")
     p.add_argument("predictions", help="prediction JSONL to score")
     p.add_argument("output", help="where to write the score JSON")
     p.add_argument("key", help="query key: query_id (text queries) or image_id (image queries)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

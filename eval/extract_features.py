@@ -6,21 +6,24 @@ Runs in one process, or sharded over processes with `torchrun --nproc_per_node N
 
 import argparse
 
-from agree.io import InputError, run_cli
-from eval.cli import add_extraction_args
+from agree.io import run_cli
+from eval.cli import add_extraction_args, script_parser
 from eval.extraction import extract, load_finetuned
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The extraction flags (the release's names and the project's)."""
+    p = script_parser(__doc__)
     add_extraction_args(
-        p, "fine-tuned training checkpoint (checkpoints/epoch_N.pt), built with --model"
+        p,
+        "fine-tuned training checkpoint (checkpoints/epoch_N.pt); its config is --model, or the one "
+        "the checkpoint records when --model is not given",
     )
-    args = p.parse_args(argv)
-    if not args.model:
-        raise InputError(
-            "--model is required (the config the checkpoint was trained with, e.g. ViT-L-14)"
-        )
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     extract(
         args, lambda device, precision: load_finetuned(args.resume, args.model, device, precision)
     )

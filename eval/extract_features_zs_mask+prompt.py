@@ -9,16 +9,19 @@ import argparse
 
 from agree.entities import EVAL_SLOTS, PROMPT_TEMPLATE
 from agree.io import run_cli
-from eval.cli import add_extraction_args
+from eval.cli import add_extraction_args, script_parser
 from eval.extraction import extract, load_zero_shot
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The extraction flags plus the entity slots'."""
+    p = script_parser(__doc__)
     add_extraction_args(
         p,
         "pre-trained CLIP checkpoint: OpenAI archive (e.g. tmp/pretrained_models/ViT-L-14.pt), "
-        "OpenCLIP state dict (with --model, e.g. ViT-B-32-gelu), or a model name",
+        "OpenCLIP state dict (with --model, e.g. ViT-B-32-gelu), or a model name; --pretrained is "
+        "OpenCLIP's name for it",
+        pretrained_alias=True,
     )
     p.add_argument(
         "--jit",
@@ -41,12 +44,16 @@ def main(argv=None) -> int:
         "--slots",
         type=int,
         default=EVAL_SLOTS,
-        help='entity slots per caption, padded with "" (release: 10)',
+        help='entity slots per caption, padded with "" (the release\'s 10)',
     )
     p.add_argument(
         "--prompt-template", default=PROMPT_TEMPLATE, help="prompt built from each entity"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     extract(
         args,
         lambda device, precision: load_zero_shot(

@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from agree.images import ImageArchive
 from agree.io import InputError, iter_jsonl
 from agree.precision import autocast, resolve_device, resolve_precision, weight_dtype
 from agree.pretrained import clip_errors_as_input_errors, load_pretrained
-from clip.clip import create_model, load_checkpoint_state_dict, load_state_dict_into, tokenize
+from clip.clip import create_model, load_state_dict_into, read_checkpoint, tokenize
 from clip.model import CLIP, convert_weights
 from eval.distributed import Shard, close_shard, init_shard, rows_in_order, run_everywhere
 from eval.feature_io import FeatureWriter
@@ -73,12 +73,22 @@ def _place(model: CLIP, device: torch.device, precision: str) -> CLIP:
 
 
 def load_finetuned(
-    resume: str | os.PathLike, model_name: str, device: torch.device, precision: str
+    resume: str | os.PathLike, model_name: Optional[str], device: torch.device, precision: str
 ) -> CLIP:
-    """Model of config `model_name` with the weights of a training checkpoint (or any CLIP state dict)."""
+    """Model of config `model_name` (None: the config the training checkpoint records) with the weights
+    of a training checkpoint (or any CLIP state dict)."""
     with clip_errors_as_input_errors():
+        state_dict, recorded = read_checkpoint(resume)
+        if model_name is None:
+            if recorded is None:
+                raise InputError(
+                    f"--resume: {resume} records no model config; pass --model (the config it was "
+                    "trained with, e.g. ViT-L-14)"
+                )
+            model_name = recorded
+            print(f"--model {model_name} (recorded in {resume})", flush=True)
         model = create_model(model_name, device="cpu", precision="fp32")
-        load_state_dict_into(model, load_checkpoint_state_dict(resume), resume)
+        load_state_dict_into(model, state_dict, resume)
     return _place(model, device, precision)
 
 
@@ -276,6 +286,12 @@ def plan_extraction(args, slots: bool = False) -> ExtractionPlan:
             ", --extract-prompt-feats, --extract-mask-feats" if slots else ""
         )
         raise InputError(f"nothing to extract: give at least one of {flags}")
+    for name in (
+        "img_batch_size",
+        "text_batch_size",
+    ):  # the release's two names, or --eval-batch-size
+        if getattr(args, name, None) is None:
+            setattr(args, name, getattr(args, "eval_batch_size", 32))
     check_batch_size("--img-batch-size", args.img_batch_size)
     check_batch_size("--text-batch-size", args.text_batch_size)
     if args.extract_image_feats:

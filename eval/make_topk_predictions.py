@@ -4,17 +4,22 @@ import argparse
 
 from agree.io import run_cli
 from eval.array_ops import array_ops
-from eval.cli import add_prediction_args
+from eval.cli import add_prediction_args, script_parser
 from eval.feature_io import read_retrieval_features
 from eval.folds import split_folds, tag_fold
 from eval.predictions import write_ranked_lists
 from eval.topk import topk_lists
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The release's flags and the project's (--device, --folds, --faiss)."""
+    p = script_parser(__doc__)
     add_prediction_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     ops = array_ops(args.device)
     image, text = read_retrieval_features(args.image_feats, args.text_feats)
     t2i, i2t = [], []

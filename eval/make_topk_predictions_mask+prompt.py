@@ -4,15 +4,16 @@ import argparse
 
 from agree.io import run_cli
 from eval.array_ops import array_ops
-from eval.cli import add_prediction_args
+from eval.cli import add_prediction_args, script_parser
 from eval.egr import POOL, egr_lists
 from eval.feature_io import read_retrieval_features, read_slot_features
 from eval.folds import split_folds, tag_fold
 from eval.predictions import write_ranked_lists
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The top-k flags plus the slot features and EGR's options."""
+    p = script_parser(__doc__)
     add_prediction_args(p)
     p.add_argument("--mask-feats", required=True, help="masked-caption slot features per query")
     p.add_argument("--prompt-feats", required=True, help="prompt slot features per query")
@@ -22,10 +23,15 @@ def main(argv=None) -> int:
     p.add_argument(
         "--real-slots-only",
         action="store_true",
-        help='compute EGR over real entity slots only (default: release behaviour, the "" pads take part); '
+        help='compute EGR over real entity slots only (default: the release\'s behaviour, the "" pads '
+        "take part); "
         "needs the n_real_slots that extract_features_zs_mask+prompt.py records",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     ops = array_ops(args.device)
     image, text = read_retrieval_features(args.image_feats, args.text_feats)
     prompt = read_slot_features(args.prompt_feats, text)

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from agree.cli import HelpFormatter
 from dataprep.datasets import get_dataset
 from dataprep.detect_boxes import PhraseTask, load_item
 from dataprep.images import decode
@@ -43,14 +44,17 @@ def _rate(fn, items) -> float:
     return len(items) / (time.perf_counter() - start)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--images", type=int, default=300, help="images generated (default 300; 90%% train)"
     )
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _make_raw()(root, args.images, n_vg=1)

@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from agree.cli import HelpFormatter
+
 CONFIGS = [  # (storage, masks, augment); the first is prepare_data.py's default layout
     ("uint8", "boxes", "none"),
     ("uint8", "images", "none"),
@@ -50,11 +52,9 @@ PARTS = ("reading", "decoding/masking", "transform", "tokenising", "collating")
 BATCH = 32
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The flags."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--images", type=int, default=200, help="training images of the world (x5 captions)"
     )
@@ -77,7 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeat", type=int, default=3, help="passes per rate (the best counts)")
     p.add_argument("--measure", nargs=2, metavar=("TRAIN_JSONL", "AUGMENT"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_layouts(work: Path, images: int, resolution: int) -> dict:

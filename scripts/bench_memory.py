@@ -21,6 +21,7 @@ import subprocess
 import sys
 from typing import Callable, Optional
 
+from agree.cli import HelpFormatter
 from training.memory_probe import ACCUM, LEVERS, measure
 
 GB = 1e9
@@ -189,13 +190,9 @@ def goal(device: str, threads: Optional[int]) -> int:
     return 0 if ok1 and n >= 32 else 1
 
 
-def main() -> int:
-    """Parse flags; run the children; print the tables (or the goal check)."""
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        return _child_main(sys.argv[2])
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--models",
         nargs="+",
@@ -237,7 +234,14 @@ def main() -> int:
         action="store_true",
         help=f"CUDA only: check {GOAL_MODEL} batch 8 <= 40 GB and >= 32 in 80 GB with checkpointing",
     )
-    a = p.parse_args()
+    return p
+
+
+def main() -> int:
+    """Parse flags; run the children; print the tables (or the goal check)."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        return _child_main(sys.argv[2])
+    a = build_parser().parse_args()
 
     import torch
 

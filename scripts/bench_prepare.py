@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from agree.cli import HelpFormatter
+
 WORDS = ["man", "woman", "dog", "shirt", "ball", "car", "tree", "hat", "bike", "boat"]
 
 
@@ -179,21 +181,33 @@ def measure(args: argparse.Namespace) -> None:
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--images", type=int, default=1000, help="Flickr30k-sized JPEGs generated")
+    p.add_argument("--resolution", type=int, default=224, help="prepare_data.py --resolution")
     p.add_argument(
-        "--storage", nargs="+", default=["float32", "uint8"], choices=["float32", "uint8"]
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="prepare_data.py --workers (default: one per CPU)",
     )
-    p.add_argument("--vg-per-word", type=int, default=10)
+    p.add_argument(
+        "--storage",
+        nargs="+",
+        default=["float32", "uint8"],
+        choices=["float32", "uint8"],
+        help="the storages timed, one preparation each",
+    )
+    p.add_argument("--vg-per-word", type=int, default=10, help="prepare_data.py --vg-per-word")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.measure:
         measure(args)
         return

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agree.cli import HelpFormatter
 from agree.io import run_cli, write_jsonl
 from agree.ownership import OutputFolder
 from eval.feature_io import FeatureWriter
@@ -37,15 +38,13 @@ def _work(args: argparse.Namespace) -> Path:
     return Path(args.workdir) / SCRATCH
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--images", type=int, default=1000)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--images", type=int, default=1000, help="test images (Flickr30k's 1,000)")
     p.add_argument(
         "--captions", type=int, default=5000, help="total captions (spread evenly over the images)"
     )
-    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--dim", type=int, default=768, help="feature dimension (ViT-L/14's 768)")
     p.add_argument("--slots", type=int, default=10, help="prompt slots = mask slots per caption")
     p.add_argument("--top-k", type=int, default=20, help="EGR top-k (the zero-shot recipe's 20)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="the recipes' 32")
@@ -56,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         + (" unless --keep" if "bench" == "bench" else "")
         + "); nothing else in it is touched",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated features")
     p.add_argument("--repeat", type=int, default=1, help="runs per stage; the fastest is reported")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     p.add_argument(
@@ -65,7 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="use the files a --keep run left in --workdir (same sizes)",
     )
     p.add_argument("--internal", choices=["generate", "egr-in-memory"], help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def generate(args: argparse.Namespace, work: Path) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agree.cli import HelpFormatter
 from agree.io import run_cli
 from agree.ownership import OutputFolder
 
@@ -46,21 +47,19 @@ def _work(args: argparse.Namespace) -> Path:
 GEN_BLOCK = 8192  # rows generated (and added to FAISS) at a time
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--items", type=int, default=100_000, help="gallery size (e.g. images)")
     p.add_argument("--queries", type=int, default=25_000, help="queries (e.g. captions)")
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--dim", type=int, default=768, help="feature dimension (ViT-L/14's 768)")
+    p.add_argument("--top-k", type=int, default=10, help="items kept per query")
     p.add_argument(
         "--eval-batch-size", type=int, default=256, help="queries scored at once by chunked_topk"
     )
     p.add_argument("--methods", default="numpy,faiss", help="comma-separated: numpy, faiss")
     p.add_argument("--directions", default="t2i,i2t", help="comma-separated: t2i, i2t")
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest is reported")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated features")
     p.add_argument(
         "--workdir",
         default=str(ROOT / "tmp" / "bench_retrieval"),
@@ -76,7 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--slots", type=int, default=10, help="entity slots per caption (--chain)")
     p.add_argument("--internal", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

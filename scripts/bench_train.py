@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from agree.cli import HelpFormatter
 from agree.precision import autocast, resolve_precision, weight_dtype
 from clip.clip import create_model
 from training.distributed import DistEnv
@@ -91,20 +92,30 @@ def bench(
     return out
 
 
-def main() -> int:
-    """Parse flags, run the benchmarks, print one block per model."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--models", nargs="+", default=None, help="default: tiny, plus ViT-B-32 on a GPU"
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed steps per case (the median is shown)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", choices=["amp", "fp16", "fp32"], default=None)
+    p.add_argument(
+        "--precision",
+        choices=["amp", "fp16", "fp32"],
+        default=None,
+        help="default: amp on a GPU, fp32 on the CPU",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on the CPU")
-    a = p.parse_args()
+    return p
+
+
+def main() -> int:
+    """Parse flags, run the benchmarks, print one block per model."""
+    a = build_parser().parse_args()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.threads:
         torch.set_num_threads(a.threads)

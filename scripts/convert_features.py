@@ -7,19 +7,23 @@ python3 scripts/convert_features.py IN.npy OUT.jsonl
 import argparse
 from pathlib import Path
 
+from agree.cli import HelpFormatter
 from agree.io import InputError, run_cli
 from eval.feature_io import detect_layout, is_binary, read_features, write_features
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("input", help="feature file to read (.jsonl or .npy)")
     p.add_argument(
         "output", help="feature file to write (.npy for binary, anything else for JSONL)"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise InputError("input and output are the same file")
     key, slots = detect_layout(args.input)

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from agree.cli import HelpFormatter, add_hidden_alias
 from agree.io import InputError, run_cli
 from agree.ownership import OutputFolder
 from experiments.demo import OWNER, PRESETS, methods, recipe_dict, run, with_overrides
@@ -33,18 +34,29 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _flag(text: str) -> bool:
-    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected 1 or 0, got {text!r}")
-    return text.lower() in ("1", "true", "yes")
+def flag_name(field: str) -> str:
+    """The flag of a recipe setting: counts of images are --num-*-images (--train-images names an
+    archive in main_all.py), the rest --<setting>."""
+    name = field.replace("_", "-")
+    return f"--num-{name}" if field.endswith("_images") else f"--{name}"
+
+
+SWITCHES = {
+    "ablation": "also run AGREE minus each term",
+    "lock_image": "fine-tune the text tower only",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """--preset, --out, --cache, --eval-split, and one flag per recipe setting (default: the preset's)."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="default (3 seeds), quick (a first look, 1 seed, no claims) or full (the default preset "
+        "and the ablation)",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument(
         "--out",
         type=Path,
@@ -55,32 +67,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache", type=Path, default=Path("tmp/cache"), help="cached worlds and backbones"
     )
-    p.add_argument("--eval-split", choices=("test", "val"), default="test")
-    for f in dataclasses.fields(PRESETS["default"]):
-        flag = "--" + f.name.replace("_", "-")
+    p.add_argument(
+        "--eval-split",
+        choices=("test", "val"),
+        default="test",
+        help="the split scored: test, or val (how the recipe was chosen)",
+    )
+    standard = PRESETS["default"]
+    for f in dataclasses.fields(standard):
+        flag, value = flag_name(f.name), getattr(standard, f.name)
         if f.name == "seeds":
-            p.add_argument(flag, type=_seeds, default=None, help="training seeds, comma-separated")
+            p.add_argument(
+                flag,
+                type=_seeds,
+                default=None,
+                help=f"training seeds, comma-separated (default: the preset's; {value} in the "
+                "standard preset)",
+            )
         elif f.name == "methods":
             p.add_argument(
                 flag,
                 type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
                 default=None,
-                help="fine-tuned methods, comma-separated: global-only, AGREE (default both)",
+                help="fine-tuned methods, comma-separated: global-only, AGREE (default: both)",
             )
-        elif f.name in ("ablation", "lock_image"):
-            what = (
-                "also run AGREE minus each term"
-                if f.name == "ablation"
-                else "fine-tune the text tower only"
+        elif f.name in SWITCHES:
+            on = "on" if value else "off"
+            p.add_argument(
+                flag,
+                dest=f.name,
+                action="store_true",
+                default=None,
+                help=f"{SWITCHES[f.name]} (default: the preset's; {on} in the standard preset)",
             )
-            p.add_argument(flag, type=_flag, default=None, help=f"{what} (1/0)")
+            p.add_argument(
+                f"--no-{f.name.replace('_', '-')}",
+                dest=f.name,
+                action="store_false",
+                help=f"the opposite of {flag}",
+            )
         else:
             p.add_argument(
                 flag,
+                dest=f.name,
                 type=type(f.default),
                 default=None,
-                help=f"(default: the preset's, {f.default} in default)",
+                help=f"{f.name.replace('_', ' ')} (default: the preset's; {value} in the standard "
+                "preset)",
             )
+            if flag != f"--{f.name.replace('_', '-')}":  # the demo's earlier name keeps working
+                add_hidden_alias(p, f"--{f.name.replace('_', '-')}", f.name, type=type(f.default))
     return p
 
 

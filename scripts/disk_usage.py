@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from agree.cli import HelpFormatter
 from agree.io import run_cli
 from agree.layout import DEFAULT_DATASET, FILE_RESOLUTION, Layout
 from dataprep.datasets import REGISTRY
@@ -81,11 +82,9 @@ def table(resolution: int) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the table, or check a prepared layout."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--check", type=Path, default=None, metavar="ROOT", help="a prepare_data.py --out folder"
     )
@@ -94,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--storage", choices=("uint8", "float32"), default="uint8", help="its --storage")
     p.add_argument("--resolution", type=int, default=FILE_RESOLUTION, help="its --resolution")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table, or check a prepared layout."""
+    args = build_parser().parse_args(argv)
     if args.check is None:
         print("\n".join(table(args.resolution)))
         return 0

@@ -14,19 +14,23 @@ import argparse
 
 import torch
 
+from agree.cli import HelpFormatter
 from agree.io import atomic_path, run_cli
 from agree.pretrained import clip_errors_as_input_errors
 from clip.clip import load_checkpoint_state_dict, model_from_state_dict
 
 
-def main() -> int:
-    """Read the checkpoint, check that it builds a CLIP, write its state dict atomically."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="training checkpoint, OpenAI archive or state dict")
     p.add_argument("output", help="where to write the state dict (.pt)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    """Read the checkpoint, check that it builds a CLIP, write its state dict atomically."""
+    args = build_parser().parse_args()
     with clip_errors_as_input_errors():
         state_dict = load_checkpoint_state_dict(args.checkpoint)
         model_from_state_dict(

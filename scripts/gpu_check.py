@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from agree.cli import HelpFormatter
 from agree.io import InputError, run_cli
 from agree.ownership import OutputFolder
 
@@ -28,9 +29,7 @@ OWNER = "scripts/gpu_check.py"
 
 def build_parser() -> argparse.ArgumentParser:
     """--out, --device, --cache, --work, --only, --list, --keep."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON record")
     p.add_argument(
         "--device",

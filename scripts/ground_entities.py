@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from agree.cli import HelpFormatter
 from agree.io import run_cli
 from dataprep.datasets import names as dataset_names
 from dataprep.detector import DEFAULT_THRESHOLD, DETECTORS
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The flags."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--dataset", choices=dataset_names(), required=True, help="which dataset RAW holds"
     )
@@ -60,7 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_THRESHOLD.items())
         + ")",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

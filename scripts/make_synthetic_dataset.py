@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from agree.cli import HelpFormatter, add_hidden_alias
 from agree.io import InputError, run_cli
 from synth.writer import SynthConfig, SynthLayout, generate
 
@@ -27,7 +28,7 @@ def _int_in(lo: int, hi: int):
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (all sizes settable; defaults suit a tiny 64-px CLIP on CPU)."""
     d = SynthConfig(out=Path("."))
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--out",
         required=True,
@@ -40,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.seed,
         help="random seed (default %(default)s)",
     )
+    add_hidden_alias(p, "--train-images", "train_images", type=_int_in(1, 1_000_000))
     p.add_argument(
-        "--train-images",
+        "--num-train-images",
+        dest="train_images",
         type=_int_in(1, 1_000_000),
         default=d.train_images,
         help="training images (default %(default)s)",
@@ -52,20 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.train_captions,
         help="captions per training image, one jsonl record each (default %(default)s)",
     )
+    add_hidden_alias(p, "--val-images", "val_images", type=_int_in(1, 1_000_000))
     p.add_argument(
-        "--val-images",
+        "--num-val-images",
+        dest="val_images",
         type=_int_in(1, 1_000_000),
         default=d.val_images,
         help="validation images, 5 captions each (default %(default)s)",
     )
+    add_hidden_alias(p, "--test-images", "test_images", type=_int_in(1, 1_000_000))
     p.add_argument(
-        "--test-images",
+        "--num-test-images",
+        dest="test_images",
         type=_int_in(1, 1_000_000),
         default=d.test_images,
         help="test images, 5 queries each (default %(default)s)",
     )
+    add_hidden_alias(p, "--pretrain-images", "pretrain_images", type=_int_in(0, 1_000_000))
     p.add_argument(
-        "--pretrain-images",
+        "--num-pretrain-images",
+        dest="pretrain_images",
         type=_int_in(0, 1_000_000),
         default=d.pretrain_images,
         help="images of the simple-caption pretraining split, 0 = none (default %(default)s)",

@@ -15,16 +15,15 @@ import argparse
 import os
 from pathlib import Path
 
+from agree.cli import HelpFormatter
 from agree.io import run_cli
 from agree.layout import DEFAULT_DATASET, FILE_RESOLUTION
 from dataprep.datasets import names as dataset_names
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The flags (the contract of issue 13, plus tuning flags with documented defaults)."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--dataset",
         choices=dataset_names(),
@@ -116,7 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="processes that decode images (0 = all in this process)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

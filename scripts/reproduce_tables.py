@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 
+from agree.cli import HelpFormatter, add_hidden_alias, model_help
 from agree.io import InputError, run_cli
 from agree.layout import DATASETS, DEFAULT_DATASET, Layout
 from experiments.tables import (
@@ -30,11 +31,9 @@ from experiments.tables import (
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """Flags: data, checkpoint, model, device, and the fine-tuning recipe (README values by default)."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--dataset",
         choices=DATASETS,
@@ -44,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data-root",
         default=None,
-        help="dataset folder in the release layout (default ./tmp/datasets/<dataset>_images)",
+        help="dataset folder in the release layout (default: ./tmp/datasets/<dataset>_images)",
     )
     p.add_argument("--vg-root", default="./tmp/VG", help="Visual Genome entity data folder")
     p.add_argument(
@@ -55,8 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model",
         default="ViT-L-14",
-        help="model config name: ViT-L-14, ViT-B-32, RN50, tiny (OpenAI's, QuickGELU) or ViT-L-14-gelu, "
-        "ViT-B-32-gelu, RN50-gelu (OpenCLIP's GELU checkpoints)",
+        help=model_help("model config of --pretrained"),
     )
     p.add_argument(
         "--jit",
@@ -81,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated subset of zeroshot, finetune, ablation",
     )
     # Fine-tuning recipe: the README's values by default.
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=50, help="epochs of the learning-rate schedule")
     p.add_argument(
         "--global-batch",
         type=int,
@@ -97,14 +95,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the largest batch per process and micro-batch (default: the release's 8 per GPU); the "
         "rest of each process's share of --global-batch is accumulated (--accum-freq)",
     )
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--wd", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=10000)
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    p.add_argument("--wd", type=float, default=0.1, help="weight decay")
+    p.add_argument("--warmup", type=int, default=10000, help="warm-up steps")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     p.add_argument(
         "--precision", default=None, help="amp, fp16 or fp32 (default: amp on CUDA, fp32 on CPU)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every fine-tuning run")
     p.add_argument(
         "--epoch",
         type=int,
@@ -123,9 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ranking",
         choices=sorted(RANKING),
         default="release",
-        help="the three ranking terms' gradients: 'release' (default; the release's arithmetic, which "
-        "produced the paper's numbers: --legacy-detached-rank on every fine-tuning run) or 'described' "
-        "(the paper's description: gradients through all six terms)",
+        help="the three ranking terms' gradients: 'release' (the release's arithmetic, which produced "
+        "the paper's numbers: --legacy-detached-rank on every fine-tuning run) or 'described' (the "
+        "paper's description: gradients through all six terms)",
     )
     p.add_argument(
         "--legacy-detached-rank",
@@ -147,19 +145,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # Evaluation recipe.
     p.add_argument(
-        "--top-k", type=int, default=10, help="top-k of the plain predictions (README: 10)"
+        "--top-k", type=int, default=10, help="top-k of the plain predictions (the README's)"
     )
     p.add_argument(
-        "--egr-top-k", type=int, default=20, help="top-k of the EGR predictions (README: 20)"
+        "--egr-top-k", type=int, default=20, help="top-k of the EGR predictions (the README's)"
     )
-    p.add_argument("--batch-size-eval", type=int, default=32, help="--img/--text/--eval-batch-size")
+    p.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=32,
+        help="batch of feature extraction and of the top-k scripts; --batch-size-eval is accepted too",
+    )
+    add_hidden_alias(p, "--batch-size-eval", "eval_batch_size", type=int)
     p.add_argument(
         "--examples",
         type=int,
         default=4,
         help="test captions drawn in retrieval_examples.png (0 = no picture)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the flags and derive the fine-tuning layout, the evaluated epoch and the data folder."""
+    args = build_parser().parse_args(argv)
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
     unknown = parts - {"zeroshot", "finetune", "ablation"}
     if unknown:

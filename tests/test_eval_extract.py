@@ -374,3 +374,30 @@ def test_extraction_prints_its_precision_and_help_says_what_the_releases_amp_was
             "what the release's extraction scripts ran with their default --precision amp" in text
         )
         assert "which gives fp16 features" in text
+
+
+def test_finetuned_extraction_reads_the_model_from_the_checkpoint(env, tmp_path, capsys):
+    """Without --model, extract_features.py builds the config the training checkpoint records; a
+    checkpoint that records none is an error asking for --model. --eval-batch-size sets both batches."""
+    d = env["dir"]
+    ckpt = torch.load(d / "epoch_2.pt", weights_only=True)
+    named = tmp_path / "named.pt"
+    torch.save(dict(ckpt, model="tiny"), named)
+    args = [
+        a
+        for a in ft_args(d, tmp_path, resume=named)
+        if not a.startswith(("--model", "--img-", "--text-b"))
+    ]
+    assert FT.main(args + ["--eval-batch-size=2"]) == 0
+    assert "--model tiny (recorded in" in capsys.readouterr().out
+    with_model = tmp_path / "with_model"
+    with_model.mkdir()
+    assert FT.main(ft_args(d, with_model)) == 0
+    for name in ("img.jsonl", "txt.jsonl"):
+        a = read_features(tmp_path / name, "image_id" if name == "img.jsonl" else "query_id")
+        b = read_features(with_model / name, "image_id" if name == "img.jsonl" else "query_id")
+        assert a.ids == b.ids
+        np.testing.assert_allclose(a.data, b.data, atol=1e-6)
+    bare = [a for a in ft_args(d, tmp_path / "x") if not a.startswith("--model")]
+    with pytest.raises(InputError, match="records no model config; pass --model"):
+        FT.main(bare)

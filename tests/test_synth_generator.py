@@ -160,13 +160,13 @@ def test_cli_writes_dataset_and_prints_summary(tmp_path):
         str(out),
         "--seed",
         "2",
-        "--train-images",
+        "--num-train-images",
         "4",
-        "--val-images",
+        "--num-val-images",
         "2",
-        "--test-images",
+        "--num-test-images",
         "3",
-        "--pretrain-images",
+        "--num-pretrain-images",
         "2",
         "--vg-per-object",
         "1",
@@ -186,11 +186,12 @@ def test_cli_writes_dataset_and_prints_summary(tmp_path):
 @pytest.mark.parametrize(
     "flag,value",
     [
-        ("--train-images", "0"),
+        ("--num-train-images", "0"),
+        ("--train-images", "0"),  # the earlier name, still accepted
         ("--resolution", "16"),
         ("--seed", "-1"),
         ("--train-captions", "6"),
-        ("--test-images", "many"),
+        ("--num-test-images", "many"),
     ],
 )
 def test_cli_rejects_bad_flags_by_name(tmp_path, flag, value):

@@ -24,7 +24,7 @@ SCRIPT = ROOT / "scripts" / "reproduce_tables.py"
 RECIPE = (
     *("--model", "tiny", "--device", "cpu", "--epochs", "3", "--epoch", "3"),
     *("--global-batch", "4", "--batch-size", "2", "--warmup", "1", "--lr", "1e-3"),
-    *("--save-every-n-steps", "1", "--examples", "0", "--batch-size-eval", "16"),
+    *("--save-every-n-steps", "1", "--examples", "0", "--eval-batch-size", "16"),
 )
 
 

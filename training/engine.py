@@ -231,7 +231,7 @@ def _end_of_epoch(
             ctx.model,
             val,
             unwrap(ctx.model).visual.input_resolution,
-            args.batch_size_eval,
+            args.eval_batch_size,
             args.workers,
             ctx.cfg.env.device,
             ctx.cfg.precision,

@@ -6,6 +6,7 @@ import argparse
 from time import gmtime, strftime
 from typing import Optional, Sequence
 
+from agree.cli import HelpFormatter, add_hidden_alias, model_help
 from agree.io import InputError
 from agree.layout import DATASETS, DEFAULT_DATASET, dataset_of
 from agree.precision import PRECISIONS
@@ -33,7 +34,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--train-data",
         type=str,
-        default=None,
+        required=True,
         help="Training captions + entities (flickr30k_train_pred.jsonl).",
     )
     d.add_argument(
@@ -172,11 +173,12 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
         "the batch-size x accum-freq x ranks examples of a step, in the memory of one micro-batch.",
     )
     o.add_argument(
-        "--batch-size-eval",
+        "--eval-batch-size",
         type=int,
         default=None,
-        help="Validation batch size (default: --batch-size).",
+        help="Validation batch size (default: --batch-size); --batch-size-eval is accepted too.",
     )
+    add_hidden_alias(o, "--batch-size-eval", "eval_batch_size", type=int)
     o.add_argument("--epochs", type=int, default=32, help="Number of epochs.")
     o.add_argument(
         "--stop-after-epoch",
@@ -212,8 +214,8 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="amp (fp16 autocast, default on GPU), amp_bf16 (bfloat16 autocast), bf16 (bfloat16 "
-        "weights), fp16 (fp16 weights, GPU only) or fp32 (default on CPU).",
+        help="amp (fp16 autocast), amp_bf16 (bfloat16 autocast), bf16 (bfloat16 weights), fp16 (fp16 "
+        "weights, GPU only) or fp32; default: amp on a GPU, fp32 on the CPU.",
     )
     o.add_argument(
         "--grad-clip-norm",
@@ -233,15 +235,21 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         "--model",
         type=str,
         default="ViT-L/14",
-        help="Model config: ViT-L/14 (the recipe's and the paper's), ViT-B/32, RN50 (or ViT-L-14, "
-        "ViT-B-32), tiny: OpenAI's (QuickGELU); ViT-L-14-gelu, ViT-B-32-gelu, RN50-gelu, tiny-gelu: "
-        "OpenCLIP's GELU models (e.g. its LAION-2B weights).",
+        help=model_help("Model config (ViT-L/14 is the recipe's and the paper's)"),
     )
     m.add_argument(
         "--openai-pretrained",
         action="store_true",
         help="Start from the pre-trained --model weights at --pretrained-path (an OpenAI archive "
         "or an OpenCLIP state dict) instead of random weights.",
+    )
+    m.add_argument(
+        "--pretrained",
+        type=str,
+        default=None,
+        metavar="PATH",
+        help="OpenCLIP's name for starting from pre-trained weights: the same as --openai-pretrained "
+        "--pretrained-path PATH.",
     )
     m.add_argument(
         "--pretrained-path",
@@ -287,10 +295,12 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument(
         "--lock-text-unlocked-groups",
+        "--lock-text-unlocked-layers",
         type=int,
         default=0,
         help="With --lock-text: leave the last N layer groups trainable (groups: token + position "
-        "embeddings, each transformer block, head = final norm + projection).",
+        "embeddings, each transformer block, head = final norm + projection); the second name is "
+        "OpenCLIP's.",
     )
 
 
@@ -331,7 +341,7 @@ def _distributed_flags(p: argparse.ArgumentParser) -> None:
         "--dist-backend",
         type=str,
         default=None,
-        help="nccl (default on GPU) or gloo (default on CPU).",
+        help="nccl or gloo; default: nccl on a GPU, gloo on the CPU.",
     )
     t.add_argument(
         "--skip-aggregate",
@@ -405,9 +415,11 @@ def _bookkeeping_flags(p: argparse.ArgumentParser) -> None:
         "--report-to",
         type=str,
         default="",
-        help="'tensorboard', 'wandb', 'all' or '' (log file only).",
+        help="tensorboard, wandb or all (comma-separated); default: the log file only.",
     )
-    b.add_argument("--wandb-notes", type=str, default="", help="Notes for a wandb run.")
+    b.add_argument(
+        "--wandb-notes", type=str, default="", help="Notes for a wandb run (default: none)."
+    )
     b.add_argument(
         "--log-every-n-steps", type=int, default=100, help="Log line and scalars every N steps."
     )
@@ -419,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="training/main_all.py",
         description="AGREE fine-tuning of CLIP (global contrastive loss plus the five entity-alignment terms).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     for add in (
         _data_flags,
@@ -455,11 +467,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.aggregate = not args.skip_aggregate
-    if args.batch_size_eval is None:
-        args.batch_size_eval = args.batch_size
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size
+    if args.pretrained is not None:  # OpenCLIP's spelling of --openai-pretrained --pretrained-path
+        if args.pretrained_path is not None and args.pretrained_path != args.pretrained:
+            raise InputError(
+                f"--pretrained {args.pretrained} and --pretrained-path {args.pretrained_path} name "
+                "different checkpoints; give one"
+            )
+        args.openai_pretrained, args.pretrained_path = True, args.pretrained
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
-        ("--batch-size-eval", args.batch_size_eval, 1),
+        ("--eval-batch-size", args.eval_batch_size, 1),
         ("--accum-freq", args.accum_freq, 1),
         ("--lock-image-unlocked-groups", args.lock_image_unlocked_groups, 0),
         ("--lock-text-unlocked-groups", args.lock_text_unlocked_groups, 0),
@@ -495,8 +514,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             f"--report-to: unknown target(s) {sorted(unknown)} (use tensorboard, wandb or all)"
         )
     args.report = report
-    if args.train_data is None:
-        raise InputError("--train-data is required (path to flickr30k_train_pred.jsonl)")
     if args.resume == "latest" and args.name is None:
         raise InputError(
             "--resume latest needs --name (the run whose newest checkpoint to continue)"
